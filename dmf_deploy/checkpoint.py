@@ -1,0 +1,191 @@
+"""Checkpoints: our own format, and the official chmxu/Dynamic-Meta-filter `.pth.tar` files.
+
+Loading always uses `torch.load(..., weights_only=True)`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmf_deploy.atomic import atomic_write_with
+from dmf_deploy.config import ModelConfig
+from dmf_deploy.model import DMFNet
+
+FORMAT = "dmf-deploy-checkpoint"
+FORMAT_VERSION = 1
+DEMO_NAME = "demo"
+DEMO_PATH = Path(__file__).parent / "assets" / "demo.pt"
+
+# Official key -> our key. Everything under `base.` keeps its name.
+_OFFICIAL_RENAMES = {
+    "global_clasifier.": "global_classifier.",  # sic, the official spelling
+    "dw_gen.off_conv.": "head.off_conv.",
+    "dw_gen.kernel_conv.": "head.kernel_conv.",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason."""
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Map the reserved name "demo" to the packaged demo checkpoint; check the file exists."""
+    if str(path) == DEMO_NAME:
+        if not DEMO_PATH.is_file():
+            raise CheckpointError(
+                f"the demo checkpoint is not installed (expected {DEMO_PATH}); reinstall dmf-deploy"
+            )
+        return DEMO_PATH
+    resolved = Path(path)
+    if not resolved.is_file():
+        raise CheckpointError(f"checkpoint {resolved} does not exist")
+    return resolved
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A digest of the weights that matter for inference (names, shapes, values; counters excluded)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key]
+        if not tensor.is_floating_point():
+            continue
+        data = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(data.shape)};".encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: DMFNet, path: str | os.PathLike[str], **metadata: Any) -> Path:
+    """Write config + weights + metadata atomically. Metadata values must be plain JSON-like data."""
+    from dmf_deploy import __version__
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": {"package_version": __version__, **metadata},
+    }
+    atomic_write_with(path, lambda handle: torch.save(payload, handle))
+    return Path(path)
+
+
+def _read(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects that safe loading (weights_only=True) refuses to run; "
+                "only tensors and plain containers are accepted"
+            ) from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> DMFNet:
+    """Load our checkpoint or an official DMF one; returns the model in eval mode, on the CPU."""
+    model, _ = load_checkpoint_with_metadata(path)
+    return model
+
+
+def load_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[DMFNet, dict[str, Any]]:
+    resolved = resolve_checkpoint(path)
+    payload = _read(resolved)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"{resolved} is not a DMF checkpoint: no 'state_dict' entry")
+    if payload.get("format") == FORMAT:
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{resolved} has checkpoint format version {payload.get('format_version')}; "
+                f"this dmf-deploy reads {FORMAT_VERSION}"
+            )
+        try:
+            config = ModelConfig.from_dict(payload["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{resolved} has an invalid model config: {exc}") from exc
+        state = payload["state_dict"]
+        metadata = dict(payload.get("metadata", {}))
+    else:
+        state = _official_state(payload["state_dict"])
+        config = _official_config(state, resolved)
+        metadata = {"source": "official", "acc": payload.get("acc"), "epoch": payload.get("epoch")}
+    model = DMFNet(config)
+    _load_state(model, state, resolved)
+    metadata.setdefault("weights_sha256", weights_sha256(model.state_dict()))
+    return model.eval(), metadata
+
+
+def _official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for old, new in _OFFICIAL_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        renamed[key] = value
+    return renamed
+
+
+def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
+    """Infer the official model's config from its weights (DESIGN.md: the G, k rule)."""
+    needed = ("head.kernel_conv.weight", "global_classifier.weight", "base.layer4.0.conv1.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is neither a dmf-deploy nor an official DMF checkpoint; missing keys: {missing}"
+        )
+    kernel_out, channels = state["head.kernel_conv.weight"].shape[:2]
+    if kernel_out > 0 and channels % kernel_out == 0:
+        groups, kernel = kernel_out, 1
+    elif kernel_out % 9 == 0 and channels % (kernel_out // 9) == 0:
+        groups, kernel = kernel_out // 9, 3
+    else:
+        raise CheckpointError(
+            f"{path}: dw_gen.kernel_conv.weight has {kernel_out} output channels, which matches neither "
+            f"G (k = 1) nor 9G (k = 3) for {channels} feature channels"
+        )
+    widths = tuple(
+        int(state[f"base.layer{i}.0.conv1.weight"].shape[0])
+        for i in range(1, 5)
+        if f"base.layer{i}.0.conv1.weight" in state
+    )
+    return ModelConfig(
+        backbone="resnet12",
+        widths=widths,
+        groups=groups,
+        kernel=kernel,
+        num_classes=int(state["global_classifier.weight"].shape[0]),
+        solver="rk4-38",  # odeint(method='rk4') with no step size: one 3/8-rule step
+        steps=1,
+        official_score_scale=True,
+        official_filter_order=kernel == 3,
+    )
+
+
+def _load_state(model: DMFNet, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the {model.config.backbone} DMF layout; "
+            f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+            f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{path} has tensors of the wrong shape: {'; '.join(wrong[:5])}")
+    model.load_state_dict(state, strict=True)

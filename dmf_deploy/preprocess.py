@@ -1,0 +1,82 @@
+"""The one preprocessing function shared by training, export and the runtime.
+
+A frame is HxWx3 uint8 in BGR order (OpenCV's) or HxW uint8 grey, of any size. It is resized by the
+model's rule, converted to RGB, scaled to [0, 1] and normalised with the model's mean and std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from dmf_deploy.config import PreprocessConfig
+
+_INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+
+class InvalidFrame(ValueError):
+    pass
+
+
+def check_frame(frame: object, index: int | None = None) -> np.ndarray:
+    """Return the frame as HxWx3 BGR uint8, or raise InvalidFrame naming what is wrong."""
+    where = "frame" if index is None else f"frame {index}"
+    if not isinstance(frame, np.ndarray):
+        raise InvalidFrame(f"{where} must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise InvalidFrame(f"{where} must be uint8 (0..255), got dtype {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    elif frame.ndim != 3 or frame.shape[2] != 3:
+        raise InvalidFrame(f"{where} has shape {frame.shape}; expected HxWx3 (BGR) or HxW (grey)")
+    if frame.shape[0] < 2 or frame.shape[1] < 2:
+        raise InvalidFrame(f"{where} is too small: {frame.shape[1]}x{frame.shape[0]} pixels")
+    return frame
+
+
+def resize_frame(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    size = config.image_size
+    interp = _INTERPOLATION[config.interpolation]
+    if config.resize == "center-crop":
+        h, w = bgr.shape[:2]
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        bgr = cv2.resize(bgr, (nw, nh), interpolation=interp)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return bgr[top : top + size, left : left + size]
+    return cv2.resize(bgr, (size, size), interpolation=interp)
+
+
+def normalize(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """HxWx3 BGR uint8 of the final size -> 3xHxW float32, RGB, normalised."""
+    rgb = bgr[:, :, ::-1].astype(np.float32) * np.float32(config.scale)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    return np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess_frame(frame: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    return normalize(resize_frame(check_frame(frame), config), config)
+
+
+def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed."""
+    if (
+        isinstance(frames, np.ndarray)
+        and frames.ndim in (2, 3)
+        and (frames.ndim == 2 or frames.shape[2] in (1, 3))
+    ):
+        raise InvalidFrame(
+            f"expected a sequence of frames but got a single frame of shape {frames.shape}; wrap it in a list"
+        )
+    if len(frames) == 0:
+        raise InvalidFrame("no frames given")
+    size = config.image_size
+    out = np.empty((len(frames), 3, size, size), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        out[i] = normalize(resize_frame(check_frame(frame, i), config), config)
+    return out

@@ -1,0 +1,1 @@
+"""Export: ONNX graphs, bundle writer, parity reports, TensorRT builder, Triton repository."""

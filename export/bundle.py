@@ -1,0 +1,187 @@
+"""export_bundle: checkpoint -> a verified bundle folder (three ONNX graphs + manifest.json).
+
+The bundle is assembled in a temporary folder beside the destination and moved into place only when
+complete, so a failed export never leaves a partial bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+from dmf_deploy.export.graphs import export_all
+from dmf_deploy.export.lint import lint_file
+
+from dmf_deploy import __version__
+from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
+from dmf_deploy.config import SOLVERS
+from dmf_deploy.manifest import (
+    DEFAULT_OPSET,
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_NAMES,
+    MANIFEST_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
+    graph_io,
+    model_fingerprint,
+    sha256_file,
+)
+
+EXPORTABLE_SOLVERS = tuple(s for s in SOLVERS if s != "dopri5-adaptive")
+Progress = Callable[[str], None]
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; nothing was written."""
+
+
+class ParityError(RuntimeError):
+    """The bundle was written but broke a parity tolerance (see its parity.json)."""
+
+
+def validate_export_args(solver: str, steps: int, opset: int) -> None:
+    if solver == "dopri5-adaptive":
+        raise ExportError(
+            "dopri5-adaptive cannot be exported: its step count depends on the data. Use the fixed-step "
+            "'dopri5' with --steps (8 reaches ~1e-6 of exact), or 'exact' for k = 1"
+        )
+    if solver not in EXPORTABLE_SOLVERS:
+        raise ExportError(f"unknown solver {solver!r}; choose one of {', '.join(EXPORTABLE_SOLVERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ExportError(f"--steps must be a positive integer, got {steps!r}")
+    if opset >= 20:
+        raise ExportError(
+            f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
+            f"silently samples with nearest (NVIDIA/TensorRT#4646); use {MIN_OPSET}..{MAX_OPSET}"
+        )
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
+        )
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the output folder {parent}: {exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"the output folder {parent} is not writable")
+
+
+def export_bundle(
+    ckpt: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] = "bundle",
+    solver: str = "dopri5",
+    steps: int = 8,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    check: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Export a checkpoint (path or "demo") to a bundle folder and return its path."""
+    say = progress or (lambda _msg: None)
+    validate_export_args(solver, steps, opset)
+    out = Path(out_dir).absolute()
+    _check_destination(out, force)
+    ckpt_path = resolve_checkpoint(ckpt)
+    model, metadata = load_checkpoint_with_metadata(ckpt_path)
+    if solver == "exact" and model.config.kernel != 1:
+        raise ExportError("the 'exact' solver exists only for kernel 1 models; this checkpoint has k = 3")
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        paths = export_all(model, solver, steps, staging, opset, on_graph=lambda g: say(f"exported {g}.onnx"))
+        io_spec = graph_io(model.config)
+        for name, path in paths.items():
+            onnx.checker.check_model(str(path), full_check=True)
+            onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+            report = lint_file(path, name, io_spec[name])
+            if not report.ok:
+                raise ExportError(f"{name}.onnx is not TensorRT-ready: " + "; ".join(report.errors))
+        say("checked graphs (onnx.checker full check, shape inference, TensorRT-readiness lint)")
+        manifest = build_manifest(model, metadata, ckpt_path, paths, solver, steps, opset)
+        atomic_write_bytes(staging / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        parity = None
+        if check:
+            from dmf_deploy.export.parity import check_bundle
+
+            from dmf_deploy.manifest import read_manifest
+
+            say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
+            parity = check_bundle(model, staging, read_manifest(staging), solver, steps)
+            atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if parity is not None and not parity["passed"]:
+        raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}")
+    return out
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Swap the finished bundle into place; an old bundle is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_manifest(
+    model,
+    metadata: dict[str, Any],
+    ckpt_path: Path,
+    paths: dict[str, Path],
+    solver: str,
+    steps: int,
+    opset: int,
+) -> dict[str, Any]:
+    config = model.config
+    io_spec = graph_io(config)
+    graphs = {}
+    for name in GRAPH_NAMES:
+        graphs[name] = {
+            "file": paths[name].name,
+            "sha256": sha256_file(paths[name]),
+            "inputs": io_spec[name]["inputs"],
+            "outputs": io_spec[name]["outputs"],
+            "dynamic_axes": sorted(
+                {d for sec in io_spec[name].values() for s in sec.values() for d in s if isinstance(d, str)}
+            ),
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": config.to_dict(),
+        "preprocess": config.to_dict()["preprocess"],
+        "feature_shape": [config.channels, config.feature_size, config.feature_size],
+        "solver": solver,
+        "steps": steps,
+        "training_solver": {"solver": config.solver, "steps": config.steps},
+        "opset": opset,
+        "checkpoint_sha256": sha256_file(ckpt_path),
+        "weights_sha256": metadata["weights_sha256"],
+        "fingerprint": model_fingerprint(metadata["weights_sha256"], config),
+        "graphs": graphs,
+        "engines": {},
+    }

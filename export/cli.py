@@ -1,0 +1,128 @@
+"""`dmf-export`: checkpoint -> parity-checked ONNX bundle (optionally TensorRT engines, Triton repo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from dmf_deploy.manifest import DEFAULT_OPSET
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, help='Checkpoint path (ours or an official .pth.tar), or "demo".')
+@click.option(
+    "--out",
+    "out_dir",
+    default="bundle",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder to write.",
+)
+@click.option(
+    "--solver",
+    default="dopri5",
+    show_default=True,
+    help="Fixed-step ODE solver unrolled into head.onnx: euler, midpoint, rk4, rk4-38, dopri5, exact.",
+)
+@click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
+@click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
+@click.option(
+    "--max-batch", default=8, show_default=True, type=int, help="TensorRT profile: max frames (B, Q)."
+)
+@click.option(
+    "--max-classes", default=256, show_default=True, type=int, help="TensorRT profile: max classes N."
+)
+@click.option("--workspace", default=1024, show_default=True, type=int, help="TensorRT workspace, MB.")
+@click.option(
+    "--triton",
+    "triton_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Also write a Triton model repository here.",
+)
+def main(
+    ckpt: str,
+    out_dir: Path,
+    solver: str,
+    steps: int,
+    opset: int,
+    force: bool,
+    check: bool,
+    trt: bool,
+    fp16: bool,
+    max_batch: int,
+    max_classes: int,
+    workspace: int,
+    triton_dir: Path | None,
+) -> None:
+    """Export a DMF checkpoint to a bundle: backbone.onnx, support.onnx, head.onnx, manifest.json."""
+    from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
+    from dmf_deploy.export.parity import format_report
+    from rich.console import Console
+
+    from dmf_deploy.checkpoint import CheckpointError
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {message}")
+
+    try:
+        with console.status("exporting..."):
+            path = export_bundle(
+                ckpt,
+                out_dir,
+                solver=solver,
+                steps=steps,
+                opset=opset,
+                force=force,
+                check=check,
+                progress=progress,
+            )
+    except (ExportError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except ParityError as exc:
+        _print_parity(Path(out_dir), format_report)
+        console.print(f"[red]parity failed:[/red] {exc}")
+        sys.exit(1)
+    if check:
+        _print_parity(path, format_report)
+    if trt:
+        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle, tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            console.print(f"[red]error:[/red] --trt: {reason}")
+            sys.exit(2)
+        build_trt_for_bundle(
+            path, fp16=fp16, max_batch=max_batch, max_classes=max_classes, workspace_mb=workspace
+        )
+        progress("built TensorRT engines")
+    if triton_dir is not None:
+        from dmf_deploy.export.triton import write_triton_repository
+
+        from dmf_deploy.manifest import read_manifest
+
+        write_triton_repository(path, read_manifest(path), triton_dir, use_plans=trt)
+        progress(f"wrote Triton model repository {triton_dir}")
+    progress(f"bundle ready: {path}")
+
+
+def _print_parity(bundle: Path, format_report) -> None:
+    report_path = bundle / "parity.json"
+    if report_path.is_file():
+        click.echo(format_report(json.loads(report_path.read_text())))
+
+
+if __name__ == "__main__":
+    main()

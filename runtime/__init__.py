@@ -1,0 +1,1 @@
+"""Torch-free inference: backends, Recognizer, Gallery, frame sources and `dmf-run`."""

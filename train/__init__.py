@@ -1,0 +1,1 @@
+"""Training: datasets, episode samplers, the training loop, evaluation and `dmf-train`."""
