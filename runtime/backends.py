@@ -34,7 +34,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: str | os.PathLike[str], manifest: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: str | os.PathLike[str], manifest: dict[str, Any], threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -66,7 +68,10 @@ class OnnxRuntimeBackend:
 
 
 def open_backend(
-    bundle: str | os.PathLike[str], manifest: dict[str, Any], backend: str = "auto", threads: int | None = None
+    bundle: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    backend: str = "auto",
+    threads: int | None = None,
 ) -> Backend:
     """Create the requested backend; `auto` prefers matching TensorRT engines, else onnxruntime."""
     if backend not in BACKENDS:
@@ -82,8 +87,11 @@ def open_backend(
         if backend == "tensorrt":
             raise RuntimeError(f"backend 'tensorrt' is not usable: {reason}")
         if tensorrt_backend.has_engines(manifest):
-            log.warning("TensorRT engines not used (%s); falling back to onnxruntime. "
-                        "Rebuild them with `dmf-export --trt`.", reason)
+            log.warning(
+                "TensorRT engines not used (%s); falling back to onnxruntime. "
+                "Rebuild them with `dmf-export --trt`.",
+                reason,
+            )
     chosen = OnnxRuntimeBackend(bundle, manifest, threads)
     log.info("backend: onnxruntime (%s)", ", ".join(chosen.providers))
     return chosen

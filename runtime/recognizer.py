@@ -1,0 +1,291 @@
+"""Recognizer: enrol classes from a few frames and recognise them, on a bundle, without torch.
+
+rec = Recognizer.open("bundle/", gallery="gallery.dmfg")
+rec.enroll("mug", frames)
+print(rec.classify(frame))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, read_manifest
+from dmf_deploy.names import validate_class_name
+from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames
+from dmf_deploy.runtime.backends import Backend, open_backend
+from dmf_deploy.runtime.gallery import Gallery, GalleryNotFoundError
+from dmf_deploy.runtime.rwlock import ReadWriteLock
+
+log = logging.getLogger("dmf_deploy.runtime")
+
+# A query is "unknown" when its best score is below this fraction of that class's self-score (its
+# prototype scored against itself). DMF scores scale with the query's feature norm, so an absolute
+# threshold does not transfer between models; a ratio to the class's own reference does.
+DEFAULT_UNKNOWN_RATIO = 0.5
+HEAD_CHUNK = 256  # classes per head call: bounds the [Q, N, G, h, w] intermediates to tens of MB
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str | None
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+class Recognizer:
+    """Few-shot recogniser over a bundle. Thread-safe: classify calls run together, enrol/remove alone."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: dict[str, Any],
+        backend: Backend,
+        gallery: Gallery,
+        gallery_path: Path | None,
+        shortlist: int | None = None,
+        unknown_ratio: float = DEFAULT_UNKNOWN_RATIO,
+        threshold: float | None = None,
+        smoothing: float = 0.0,
+    ) -> None:
+        self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
+        self.config = manifest["model_config"]
+        self.gallery_path = gallery_path
+        self.shortlist = shortlist
+        self.unknown_ratio = unknown_ratio
+        self.threshold = threshold
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = smoothing
+        self._lock = ReadWriteLock()
+        self._self_scores = np.zeros(0, np.float32)
+        self._smoothed: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._refresh_self_scores()
+
+    # ----- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        bundle: str | os.PathLike[str],
+        backend: str = "auto",
+        gallery: str | os.PathLike[str] | Gallery | None = None,
+        shortlist: int | None = None,
+        threshold: float | None = None,
+        smoothing: float = 0.0,
+        threads: int | None = None,
+    ) -> Recognizer:
+        """Verify the bundle (sha256 of every graph), create every session, and load or start a gallery.
+
+        `gallery`: a file to load (a missing file starts an empty gallery that `save()` writes there),
+        a Gallery, or None (in-memory; pass a path to `save`).
+        """
+        root = Path(bundle)
+        manifest = read_manifest(root)
+        runner = open_backend(root, manifest, backend, threads)
+        gallery_path = None
+        if isinstance(gallery, Gallery):
+            store = gallery
+            if store.fingerprint != manifest["fingerprint"]:
+                raise ValueError("the gallery belongs to another model (fingerprints differ)")
+        else:
+            store = None
+            if gallery is not None:
+                gallery_path = Path(gallery)
+                try:
+                    store = Gallery.load(gallery_path, manifest["fingerprint"], describe_model(manifest))
+                except GalleryNotFoundError:
+                    log.info("gallery %s does not exist yet; starting an empty one", gallery_path)
+            if store is None:
+                store = new_gallery(manifest)
+        return cls(
+            root,
+            manifest,
+            runner,
+            store,
+            gallery_path,
+            shortlist=shortlist,
+            threshold=threshold,
+            smoothing=smoothing,
+        )
+
+    # ----- reading ---------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        with self._lock.read():
+            return list(self.gallery.names)
+
+    def preprocess(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """[B, 3, S, S] float32: exactly what the backbone is fed."""
+        return preprocess_frames(frames, self.config.preprocess)
+
+    def features(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        return self.backend.run(BACKBONE, {"images": self.preprocess(frames)})["features"]
+
+    def scores(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Exact DMF scores [B, len(classes)], columns in `classes` order."""
+        feats = self.features(frames)
+        with self._lock.read():
+            return self._head(feats, self.gallery.bank_arrays())
+
+    def classify(self, frame: np.ndarray | Sequence[np.ndarray]) -> Prediction | list[Prediction]:
+        """One frame -> Prediction; a list of frames (or a [B,H,W,3] array) -> list of Predictions."""
+        single = isinstance(frame, np.ndarray) and (
+            frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (1, 3))
+        )
+        frames = [frame] if single else frame
+        feats = self.features(frames)
+        with self._lock.read():
+            names = tuple(self.gallery.names)
+            if not names:
+                empty = Prediction(None, float("nan"), {}, "no classes enrolled yet")
+                return empty if single else [empty] * len(feats)
+            scores = self._classify_scores(feats)
+            reference = self._self_scores.copy()
+        scores = self._smooth(names, scores)
+        predictions = [self._decide(names, row, reference) for row in scores]
+        return predictions[0] if single else predictions
+
+    # ----- changing --------------------------------------------------------------------------------
+    def enroll(self, name: str, frames: Sequence[np.ndarray] | np.ndarray) -> None:
+        """Add frames as shots of `name` (a new class, or more shots of an existing one)."""
+        name = validate_class_name(name)
+        if (
+            isinstance(frames, np.ndarray)
+            and frames.ndim in (2, 3)
+            and frames.dtype == np.uint8
+            and (frames.ndim == 2 or frames.shape[2] in (1, 3))
+        ):
+            raise InvalidFrame("enroll takes a sequence of frames; wrap a single frame in a list")
+        if len(frames) == 0:
+            raise InvalidFrame(f"no frames given to enrol {name!r}")
+        feats = self.features(frames)  # validates every frame before anything changes
+        thumbnail = check_frame(frames[0])
+        delta = feats.astype(np.float64).sum(axis=0)
+        with self._lock.write():
+            g = self.gallery
+            if name in g:
+                row = g.index(name)
+                total, count = g.feature_sums[row] + delta, int(g.counts[row]) + len(feats)
+            else:
+                total, count = delta, len(feats)
+            prototype = (total / count).astype(np.float32)[None]
+            bank = self.backend.run(SUPPORT, {"prototypes": prototype})
+            self_score = self._head(prototype, bank)[0, 0]
+            # Only now, with every result in hand, does the gallery change.
+            row = g.add_shots(name, delta, len(feats), thumbnail)
+            g.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
+            self._self_scores = _set_row(self._self_scores, row, len(g), self_score)
+            self._smoothed = None
+
+    def remove(self, name: str) -> None:
+        with self._lock.write():
+            row = self.gallery.index(name)
+            self.gallery.remove(name)
+            self._self_scores = np.delete(self._self_scores, row)
+            self._smoothed = None
+
+    def rename(self, old: str, new: str) -> None:
+        with self._lock.write():
+            self.gallery.rename(old, new)
+            self._smoothed = None
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the gallery atomically (to the path it was opened with, by default)."""
+        target = Path(path) if path is not None else self.gallery_path
+        if target is None:
+            raise ValueError("no gallery path: pass one to save() or to Recognizer.open(gallery=...)")
+        with self._lock.read():
+            saved = self.gallery.save(target)
+        if self.gallery_path is None:
+            self.gallery_path = target
+        return saved
+
+    # ----- internals -------------------------------------------------------------------------------
+    def _head(self, feats: np.ndarray, bank: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(bank["class_weight"])
+        out = np.empty((len(feats), n), np.float32)
+        for start in range(0, n, HEAD_CHUNK):
+            stop = min(start + HEAD_CHUNK, n)
+            chunk = {k: np.ascontiguousarray(bank[k][start:stop]) for k in CLASS_BANK}
+            out[:, start:stop] = self.backend.run(HEAD, {"query_features": feats, **chunk})["scores"]
+        return out
+
+    def _classify_scores(self, feats: np.ndarray) -> np.ndarray:
+        """Exact scores, or exact on a shortlist ranked by <mean q, w> (-inf for the rest)."""
+        bank = self.gallery.bank_arrays()
+        n = len(bank["class_weight"])
+        if not self.shortlist or n <= self.shortlist:
+            return self._head(feats, bank)
+        # Alignment-free meta-classifier score: one matmul ranks every class.
+        coarse = feats.mean(axis=(2, 3)) @ bank["class_weight"].T  # [B, N]
+        out = np.full((len(feats), n), -np.inf, np.float32)
+        for i, row in enumerate(coarse):
+            top = np.sort(np.argpartition(-row, self.shortlist - 1)[: self.shortlist])
+            sub = {k: bank[k][top] for k in CLASS_BANK}
+            out[i, top] = self._head(feats[i : i + 1], sub)[0]
+        return out
+
+    def _smooth(self, names: tuple[str, ...], scores: np.ndarray) -> np.ndarray:
+        if not self.smoothing:
+            return scores
+        prev = self._smoothed
+        smoothed = []
+        for row in scores:
+            if prev is not None and prev[0] == names:
+                finite = np.isfinite(row) & np.isfinite(prev[1])
+                row = np.where(finite, self.smoothing * prev[1] + (1 - self.smoothing) * row, row)
+            prev = (names, row)
+            smoothed.append(row)
+        self._smoothed = prev
+        return np.stack(smoothed)
+
+    def _decide(self, names: tuple[str, ...], row: np.ndarray, reference: np.ndarray) -> Prediction:
+        best = int(np.argmax(row))
+        score = float(row[best])
+        table = {name: float(s) for name, s in zip(names, row) if np.isfinite(s)}
+        if self.threshold is not None:
+            known = score >= self.threshold
+        else:
+            known = score >= self.unknown_ratio * float(reference[best])
+        if not known:
+            return Prediction(None, score, table, f"best match {names[best]!r} is not convincing")
+        return Prediction(names[best], score, table)
+
+    def _refresh_self_scores(self) -> None:
+        """Each class's prototype scored against itself: the reference for the unknown decision."""
+        g = self.gallery
+        bank = g.bank_arrays()
+        scores = np.zeros(len(g), np.float32)
+        for row in range(len(g)):
+            proto = g.prototype(row).astype(np.float32)[None]
+            scores[row] = self._head(proto, {k: bank[k][row : row + 1] for k in CLASS_BANK})[0, 0]
+        self._self_scores = scores
+
+
+def _set_row(values: np.ndarray, row: int, length: int, value: float) -> np.ndarray:
+    if len(values) < length:
+        values = np.concatenate([values, np.zeros(length - len(values), values.dtype)])
+    values[row] = value
+    return values
+
+
+def describe_model(manifest: dict[str, Any]) -> str:
+    cfg = manifest["model_config"]
+    return (
+        f"{cfg.backbone} C={cfg.channels} G={cfg.groups} k={cfg.kernel} {cfg.preprocess.image_size}px "
+        f"weights {manifest.get('weights_sha256', '?')[:12]}"
+    )
+
+
+def new_gallery(manifest: dict[str, Any]) -> Gallery:
+    bank_shapes = {k: tuple(manifest["graphs"][SUPPORT]["outputs"][k][1:]) for k in CLASS_BANK}
+    return Gallery(
+        manifest["fingerprint"], tuple(manifest["feature_shape"]), bank_shapes, describe_model(manifest)
+    )
