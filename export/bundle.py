@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from dmf_deploy.export.graphs import export_all
-from dmf_deploy.export.lint import lint_file
 
 from dmf_deploy import __version__
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
+from dmf_deploy.export.graphs import export_all
+from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     DEFAULT_OPSET,
     FORMAT,
@@ -119,7 +119,6 @@ def export_bundle(
         parity = None
         if check:
             from dmf_deploy.export.parity import check_bundle
-
             from dmf_deploy.manifest import read_manifest
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")

@@ -64,11 +64,11 @@ def main(
     triton_dir: Path | None,
 ) -> None:
     """Export a DMF checkpoint to a bundle: backbone.onnx, support.onnx, head.onnx, manifest.json."""
-    from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
-    from dmf_deploy.export.parity import format_report
     from rich.console import Console
 
     from dmf_deploy.checkpoint import CheckpointError
+    from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
+    from dmf_deploy.export.parity import format_report
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -110,7 +110,6 @@ def main(
         progress("built TensorRT engines")
     if triton_dir is not None:
         from dmf_deploy.export.triton import write_triton_repository
-
         from dmf_deploy.manifest import read_manifest
 
         write_triton_repository(path, read_manifest(path), triton_dir, use_plans=trt)
