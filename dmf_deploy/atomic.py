@@ -31,6 +31,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
+        os.chmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a published file follows the umask
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -40,6 +41,12 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,7 @@ def _read(path: Path) -> Any:
                 "only tensors and plain containers are accepted"
             ) from exc
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, IndexError, struct.error) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
 
 
@@ -119,9 +121,17 @@ def load_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[DMFNet,
         config = _official_config(state, resolved)
         metadata = {"source": "official", "acc": payload.get("acc"), "epoch": payload.get("epoch")}
     model = DMFNet(config)
-    _load_state(model, state, resolved)
+    _load_state(model, state, resolved, spell=str if payload.get("format") == FORMAT else _official_key)
     metadata.setdefault("weights_sha256", weights_sha256(model.state_dict()))
     return model.eval(), metadata
+
+
+def _official_key(key: str) -> str:
+    """Our key as the official file spells it (for error messages)."""
+    for old, new in _OFFICIAL_RENAMES.items():
+        if key.startswith(new):
+            return old + key[len(new) :]
+    return key
 
 
 def _official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,7 +148,7 @@ def _official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
     """Infer the official model's config from its weights (DESIGN.md: the G, k rule)."""
     needed = ("head.kernel_conv.weight", "global_classifier.weight", "base.layer4.0.conv1.weight")
-    missing = [k for k in needed if k not in state]
+    missing = [_official_key(k) for k in needed if k not in state]
     if missing:
         raise CheckpointError(
             f"{path} is neither a dmf-deploy nor an official DMF checkpoint; missing keys: {missing}"
@@ -171,10 +181,13 @@ def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
     )
 
 
-def _load_state(model: DMFNet, state: dict[str, torch.Tensor], path: Path) -> None:
+def _load_state(
+    model: DMFNet, state: dict[str, torch.Tensor], path: Path, spell: Callable[[str], str] = str
+) -> None:
+    """Load strictly; errors name keys as the file spells them (`spell` maps our names back)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(spell(k) for k in set(expected) - set(state))
+    unexpected = sorted(spell(k) for k in set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the {model.config.backbone} DMF layout; "
@@ -182,7 +195,7 @@ def _load_state(model: DMFNet, state: dict[str, torch.Tensor], path: Path) -> No
             f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
     wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{spell(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if tuple(state[k].shape) != tuple(v.shape)
     ]

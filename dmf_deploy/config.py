@@ -95,11 +95,12 @@ class ModelConfig:
     def filter_channels(self) -> int:
         return self.groups * self.kernel * self.kernel
 
-    def score_scale(self) -> float:
+    def score_scale(self, map_size: tuple[int, int] | None = None) -> float:
+        """hw/((h+2)(w+2)) for official checkpoints, of the actual score map (default: the configured one)."""
         if not self.official_score_scale:
             return 1.0
-        s = self.feature_size
-        return (s * s) / ((s + 2) * (s + 2))
+        h, w = (self.feature_size, self.feature_size) if map_size is None else map_size
+        return (h * w) / ((h + 2) * (w + 2))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -78,9 +78,8 @@ class DMFNet(nn.Module):
         steps: int | None = None,
     ) -> torch.Tensor:
         """[Q, N] scores from query features and a class bank (what head.onnx computes)."""
-        return (
-            self.score_map(query_features, bank, solver, steps).mean(dim=(2, 3)) * self.config.score_scale()
-        )
+        maps = self.score_map(query_features, bank, solver, steps)
+        return maps.mean(dim=(2, 3)) * self.config.score_scale(tuple(maps.shape[-2:]))
 
     # ----- the public few-shot API -----------------------------------------------------------------
     def episode_scores(
@@ -103,7 +102,7 @@ class DMFNet(nn.Module):
             maps = self.head.literal_score_map(
                 query_feats, protos, solver, steps, self.config.rtol, self.config.atol
             )
-            return maps.mean(dim=(2, 3)) * self.config.score_scale()
+            return maps.mean(dim=(2, 3)) * self.config.score_scale(tuple(maps.shape[-2:]))
         return self.head_scores(query_feats, self.class_bank(protos), solver, steps)
 
     # ----- training --------------------------------------------------------------------------------
@@ -118,15 +117,37 @@ class DMFNet(nn.Module):
         solver: str | None = None,
         steps: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The paper's loss: per-position CE of the global classifier + w x per-position few-shot CE.
+        """The paper's loss for one episode of images (see `loss_from_features`)."""
+        feats = self.features(torch.cat([support, query], dim=0))
+        return self.loss_from_features(
+            feats[: support.shape[0]],
+            support_labels,
+            feats[support.shape[0] :],
+            query_labels,
+            query_global_labels,
+            fewshot_weight,
+            solver,
+            steps,
+        )
+
+    def loss_from_features(
+        self,
+        support_feats: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_feats: torch.Tensor,
+        query_labels: torch.Tensor,
+        query_global_labels: torch.Tensor,
+        fewshot_weight: float | None = None,
+        solver: str | None = None,
+        steps: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-position CE of the global classifier + w x per-position few-shot CE.
 
         The official code averages the few-shot term over its zero-padded (h+2)x(w+2) map, which only
         scales it by hw/((h+2)(w+2)); the default weight folds that factor into the paper's 0.5.
         """
-        feats = self.features(torch.cat([support, query], dim=0))
         n_way = int(support_labels.max()) + 1
-        protos = self.prototypes(feats[: support.shape[0]], support_labels, n_way)
-        query_feats = feats[support.shape[0] :]
+        protos = self.prototypes(support_feats, support_labels, n_way)
         maps = self.score_map(query_feats, self.class_bank(protos), solver, steps)  # [Q, N, h, w]
         h, w = maps.shape[-2:]
         if fewshot_weight is None:

@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from dmf_deploy import __version__
-from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.atomic import atomic_write_bytes, current_umask
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
 from dmf_deploy.export.graphs import export_all
@@ -104,6 +104,7 @@ def export_bundle(
         raise ExportError("the 'exact' solver exists only for kernel 1 models; this checkpoint has k = 3")
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask
     try:
         paths = export_all(model, solver, steps, staging, opset, on_graph=lambda g: say(f"exported {g}.onnx"))
         io_spec = graph_io(model.config)

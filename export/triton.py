@@ -1,0 +1,225 @@
+"""A Triton Inference Server model repository for a bundle (`dmf-export --triton DIR`).
+
+Three models, one per bundle graph:
+
+- ``dmf_backbone``: images -> features. Stateless per image, so Triton batches requests dynamically
+  (max_batch_size > 0, and then the dims omit the batch axis).
+- ``dmf_support``: prototypes -> class bank. Called at enrolment; N is an explicit -1 axis.
+- ``dmf_head``: query features + class bank -> scores. max_batch_size 0 and no dynamic batching: the
+  class bank is an input, so servers keep no state and scale out, and two requests' banks must never
+  be concatenated along a batch axis.
+
+Each model is ONNX (onnxruntime backend) or, where the bundle has a TensorRT plan and `use_plans`
+is set, the plan. Graph I/O stays float32 in both cases (fp16 plans cast at their boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.config import ModelConfig
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, graph_io, verify_graph
+
+log = logging.getLogger("dmf_deploy.export")
+
+MODEL_NAMES = {BACKBONE: "dmf_backbone", SUPPORT: "dmf_support", HEAD: "dmf_head"}
+DEFAULT_MAX_BATCH = 8
+
+
+def class_bank_bytes_per_class(config: ModelConfig) -> int:
+    """Bytes of float32 class bank one class adds to every head request: 4*(18hw + 9*G*k*k*hw + C)."""
+    hw = config.feature_size**2
+    return 4 * (18 * hw + 9 * config.filter_channels * hw + config.channels)
+
+
+def _dims(shape: list[Any], *, drop_batch: bool) -> list[int]:
+    dims = [-1 if isinstance(d, str) else int(d) for d in shape]
+    return dims[1:] if drop_batch else dims
+
+
+def _tensor_block(name: str, dims: list[int]) -> str:
+    return (
+        f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n'
+        f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
+    )
+
+
+def model_config_text(
+    model_name: str,
+    platform: str,
+    max_batch_size: int,
+    inputs: Mapping[str, list[int]],
+    outputs: Mapping[str, list[int]],
+    *,
+    dynamic_batching: bool,
+    instance_kind: str,
+) -> str:
+    """One config.pbtxt in protobuf text format (Triton's ModelConfig), fields Triton documents."""
+    lines = [
+        f'name: "{model_name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch_size}",
+        "input [\n" + ",\n".join(_tensor_block(n, d) for n, d in inputs.items()) + "\n]",
+        "output [\n" + ",\n".join(_tensor_block(n, d) for n, d in outputs.items()) + "\n]",
+        f"instance_group [\n  {{\n    count: 1\n    kind: {instance_kind}\n  }}\n]",
+    ]
+    if dynamic_batching:
+        lines.append("dynamic_batching { }")
+    return "\n".join(lines) + "\n"
+
+
+def _plan_entry(bundle: Path, manifest: Mapping[str, Any], graph: str) -> dict[str, Any] | None:
+    entry = (manifest.get("engines") or {}).get(graph)
+    if isinstance(entry, dict) and (bundle / str(entry.get("file", ""))).is_file():
+        return entry
+    return None
+
+
+def write_triton_repository(
+    bundle_dir: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    use_plans: bool = False,
+    *,
+    max_batch: int | None = None,
+) -> dict[str, str]:
+    """Write `out_dir/<model>/config.pbtxt` + `<model>/1/model.onnx|model.plan` and a README.
+
+    The backbone's max_batch_size is `max_batch`, or its TensorRT plan's profile max, or 8. Returns
+    {model name: platform}. A plan is used only for a graph whose plan file exists; the others fall
+    back to ONNX with a log line, so a partial set of engines still gives a working repository.
+    """
+    bundle, out = Path(bundle_dir), Path(out_dir)
+    config_ = manifest.get("model_config")
+    config = config_ if isinstance(config_, ModelConfig) else ModelConfig.from_dict(manifest["model"])
+    io = graph_io(config)
+    platforms: dict[str, str] = {}
+    backbone_batch = max_batch
+    for graph in GRAPH_NAMES:
+        model = MODEL_NAMES[graph]
+        plan = _plan_entry(bundle, manifest, graph) if use_plans else None
+        if use_plans and plan is None:
+            log.info("no TensorRT plan for %s in %s; %s serves the ONNX graph", graph, bundle, model)
+        version_dir = out / model / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.onnx", "model.plan"):  # a rerun may switch between ONNX and plan
+            (version_dir / stale).unlink(missing_ok=True)
+        if plan is not None:
+            platform, kind = "tensorrt_plan", "KIND_GPU"
+            shutil.copyfile(bundle / plan["file"], version_dir / "model.plan")
+        else:
+            platform, kind = "onnxruntime_onnx", "KIND_AUTO"
+            shutil.copyfile(verify_graph(bundle, manifest, graph), version_dir / "model.onnx")
+        batched = graph == BACKBONE
+        if batched:
+            if backbone_batch is None and plan is not None:
+                backbone_batch = int(plan["profiles"]["images"]["max"][0])
+            backbone_batch = backbone_batch or DEFAULT_MAX_BATCH
+            if plan is not None and backbone_batch > int(plan["profiles"]["images"]["max"][0]):
+                raise ValueError(
+                    f"max_batch {backbone_batch} exceeds the backbone plan's profile max "
+                    f"{plan['profiles']['images']['max'][0]}; rebuild with dmf-export --trt --max-batch"
+                )
+        text = model_config_text(
+            model,
+            platform,
+            backbone_batch if batched else 0,
+            {n: _dims(s, drop_batch=batched) for n, s in io[graph]["inputs"].items()},
+            {n: _dims(s, drop_batch=batched) for n, s in io[graph]["outputs"].items()},
+            dynamic_batching=batched,
+            instance_kind=kind,
+        )
+        atomic_write_bytes(out / model / "config.pbtxt", text.encode("utf-8"))
+        platforms[model] = platform
+    readme = repository_readme(config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH)
+    atomic_write_bytes(out / "README.md", readme.encode("utf-8"))
+    return platforms
+
+
+def _human(size: int) -> str:
+    mib = size / 2**20
+    return f"{mib:.2f} MiB" if mib >= 0.01 else f"{size / 2**10:.1f} KiB"
+
+
+def repository_readme(config: ModelConfig, out: Path, platforms: Mapping[str, str], max_batch: int) -> str:
+    per_class = class_bank_bytes_per_class(config)
+    s, c, gk, size = (
+        config.feature_size,
+        config.channels,
+        config.filter_channels,
+        config.preprocess.image_size,
+    )
+    name = f"{'ResNet-12' if config.backbone == 'resnet12' else 'Conv-4'} G={config.groups} k={config.kernel}"
+    models = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
+    return f"""# DMF model repository for Triton Inference Server
+
+Serve it with:
+
+```
+tritonserver --model-repository {out.resolve()}
+```
+
+| model | platform |
+|---|---|
+{models}
+
+## How the three models fit together
+
+1. `dmf_backbone`: `images` [B,3,{size},{size}] float32 (preprocessed exactly like `dmf_deploy.preprocess`:
+   RGB, /255, mean/std normalised) -> `features` [B,{c},{s},{s}]. Triton batches these requests
+   dynamically (max_batch_size {max_batch}).
+2. `dmf_support`, at enrolment: `prototypes` [N,{c},{s},{s}] (the mean of each class's support features)
+   -> the class bank `support_offset` [N,18,{s},{s}], `tap_projections` [N,9,{gk},{s},{s}],
+   `class_weight` [N,{c}]. The client keeps the bank; the server keeps nothing.
+3. `dmf_head`, per frame: `query_features` [Q,{c},{s},{s}] + the class bank -> `scores` [Q,N].
+   max_batch_size 0 and no dynamic batching: the bank is part of each request, so any replica can
+   answer any request (stateless, scales out), and banks of different clients are never merged.
+
+## Request size
+
+Every head request carries the class bank: 4 x (18*h*w + 9*G*k*k*h*w + C) bytes per class, here
+{per_class:,} bytes = **{_human(per_class)} per class for {name}** ({size}x{size} input). At 100 classes a
+request carries {_human(100 * per_class)}. For large galleries on the same host use Triton's system or CUDA
+shared memory for the bank inputs instead of sending them with every request.
+
+## Python client (tritonclient, HTTP)
+
+```python
+import numpy as np
+import tritonclient.http as httpclient
+
+client = httpclient.InferenceServerClient("localhost:8000")
+
+
+def infer(model, inputs, outputs):
+    requests = []
+    for name, array in inputs.items():
+        tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        requests.append(tensor)
+    wanted = [httpclient.InferRequestedOutput(name) for name in outputs]
+    result = client.infer(model, requests, outputs=wanted)
+    return {{name: result.as_numpy(name) for name in outputs}}
+
+
+# images: [B,3,{size},{size}] float32 from dmf_deploy.preprocess.preprocess_frames(frames, config.preprocess)
+def features(images):
+    return infer("dmf_backbone", {{"images": images}}, ["features"])["features"]
+
+
+# enrolment: one prototype per class = mean of its support features
+support = features(support_images)                       # [S,{c},{s},{s}]
+prototypes = np.stack([support[labels == k].mean(0) for k in range(num_classes)])
+bank = infer("dmf_support", {{"prototypes": prototypes}}, {list(CLASS_BANK)!r})
+
+# recognition
+scores = infer("dmf_head", {{"query_features": features(query_images), **bank}}, ["scores"])["scores"]
+print(scores.argmax(1))                                  # [Q] class indices
+```
+"""

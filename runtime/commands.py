@@ -1,0 +1,299 @@
+"""Headless control of dmf-run: text commands (from stdin) and the session that applies them.
+
+One command a line; names with spaces are quoted shell-style (``enroll "coffee mug" 5``); blank lines
+and ``#`` comments are ignored.
+
+    enroll NAME [K]   take the next K frames (default --shots) as shots of NAME (new or existing)
+    remove NAME       forget a class
+    rename OLD NEW    rename a class
+    list              report the classes and their shot counts
+    save              write the gallery now (it is also written at exit)
+    wait N            let N frames be predicted before the next command runs
+    quit              stop (the gallery is saved)
+
+The Session applies commands, keys and enrolments to a Recognizer and reports each outcome as an event
+(a dict with an ``event`` key). A bad command yields an ``error`` event; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import queue
+import shlex
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from dmf_deploy.names import InvalidClassName, validate_class_name
+from dmf_deploy.runtime.recognizer import Recognizer
+
+MAX_SHOTS = 1000  # per enroll command: a typo like "enroll mug 50000" must not swallow a whole video
+Event = dict[str, Any]
+
+
+class CommandError(ValueError):
+    """A command line that cannot be parsed; the message says what the right form is."""
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    args: tuple[Any, ...] = ()
+    line: str = ""
+
+
+USAGE = {
+    "enroll": "enroll NAME [K]",
+    "remove": "remove NAME",
+    "rename": "rename OLD NEW",
+    "list": "list",
+    "save": "save",
+    "wait": "wait N",
+    "quit": "quit",
+}
+ALIASES = {
+    "enrol": "enroll",
+    "add": "enroll",
+    "delete": "remove",
+    "rm": "remove",
+    "exit": "quit",
+    "ls": "list",
+}
+
+
+def parse_command(line: str, default_shots: int) -> Command | None:
+    """Parse one line; None for a blank line or a comment; CommandError for anything malformed."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError as exc:  # an unbalanced quote
+        raise CommandError(f"cannot parse {line.strip()!r}: {exc}") from None
+    if not words:
+        return None
+    verb = ALIASES.get(words[0].lower(), words[0].lower())
+    args = words[1:]
+    if verb not in USAGE:
+        raise CommandError(f"unknown command {words[0]!r}; commands: {', '.join(USAGE)}")
+    form = USAGE[verb]
+    if verb == "enroll":
+        if len(args) not in (1, 2):
+            raise CommandError(f"usage: {form}")
+        shots = _positive_int(args[1], "K", form) if len(args) == 2 else default_shots
+        if shots > MAX_SHOTS:
+            raise CommandError(f"K = {shots} is more than {MAX_SHOTS} shots for one command")
+        return Command(verb, (_name(args[0]), shots), line.strip())
+    if verb == "remove":
+        if len(args) != 1:
+            raise CommandError(f"usage: {form}")
+        return Command(verb, (args[0],), line.strip())
+    if verb == "rename":
+        if len(args) != 2:
+            raise CommandError(f"usage: {form}")
+        return Command(verb, (args[0], _name(args[1])), line.strip())
+    if verb == "wait":
+        if len(args) != 1:
+            raise CommandError(f"usage: {form}")
+        return Command(verb, (_positive_int(args[0], "N", form),), line.strip())
+    if args:
+        raise CommandError(f"usage: {form} (no arguments)")
+    return Command(verb, (), line.strip())
+
+
+def _positive_int(text: str, what: str, form: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CommandError(f"{what} must be a positive integer, got {text!r} (usage: {form})") from None
+    if value < 1:
+        raise CommandError(f"{what} must be a positive integer, got {value} (usage: {form})")
+    return value
+
+
+def _name(text: str) -> str:
+    try:
+        return validate_class_name(text)
+    except InvalidClassName as exc:
+        raise CommandError(str(exc)) from None
+
+
+class CommandFeed:
+    """Lines of commands from a text stream, fetched without blocking the frame loop.
+
+    `read_all=True` reads the stream to EOF up front (used for file sources when stdin is not a
+    terminal): every command is then known before the first frame, so a run is reproducible.
+    Otherwise a daemon thread reads lines as they arrive (live sources, or a person typing).
+    """
+
+    def __init__(self, stream: TextIO | None, read_all: bool) -> None:
+        self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        if stream is None:
+            return
+        if read_all:
+            for line in stream.read().splitlines():
+                self._lines.put(line)
+        else:
+            threading.Thread(target=self._pump, args=(stream,), name="dmf-run-stdin", daemon=True).start()
+
+    def _pump(self, stream: TextIO) -> None:
+        try:
+            for line in stream:
+                self._lines.put(line.rstrip("\r\n"))
+        except (OSError, ValueError):
+            pass  # stdin closed under us: no more commands
+
+    def poll(self) -> str | None:
+        try:
+            return self._lines.get_nowait()
+        except queue.Empty:
+            return None
+
+
+@dataclass
+class PendingEnrollment:
+    name: str
+    wanted: int
+    frames: list[np.ndarray] = field(default_factory=list)
+
+
+class Session:
+    """Applies commands and enrolments to a Recognizer; reports every outcome through `emit`."""
+
+    def __init__(
+        self, rec: Recognizer, gallery_path: Path, emit: Callable[[Event], None], default_shots: int = 5
+    ) -> None:
+        self.rec, self.gallery_path, self.emit = rec, gallery_path, emit
+        self.default_shots = default_shots
+        self.dirty = False  # the gallery changed since it was loaded or last saved
+        self.version = 0  # bumps on every change, so views can refresh cached thumbnails
+        self.pending: PendingEnrollment | None = None
+        self.waiting = 0
+        self.stopped = False
+
+    @property
+    def busy(self) -> bool:
+        """True while an enrolment collects frames or a `wait` runs: later commands must wait."""
+        return self.pending is not None or self.waiting > 0
+
+    # ----- commands ---------------------------------------------------------------------------------
+    def run_line(self, line: str) -> None:
+        try:
+            command = parse_command(line, self.default_shots)
+        except CommandError as exc:
+            self.emit({"event": "error", "command": line.strip(), "message": str(exc)})
+            return
+        if command is not None:
+            self.run(command)
+
+    def run(self, command: Command) -> None:
+        verb, args = command.verb, command.args
+        if verb == "enroll":
+            self.pending = PendingEnrollment(args[0], args[1])
+        elif verb == "wait":
+            self.waiting = args[0]
+        elif verb == "remove":
+            self.remove(args[0], command.line)
+        elif verb == "rename":
+            self.rename(args[0], args[1], command.line)
+        elif verb == "list":
+            self.emit({"event": "list", "classes": self.class_list()})
+        elif verb == "save":
+            self.save()
+        elif verb == "quit":
+            self.stopped = True
+
+    def take_frame(self, frame: np.ndarray) -> bool:
+        """Give a frame to a pending enrolment; True if it was used (and so is not to be predicted)."""
+        if self.pending is None:
+            if self.waiting:
+                self.waiting -= 1
+            return False
+        self.pending.frames.append(frame)
+        if len(self.pending.frames) >= self.pending.wanted:
+            self.finish_enrollment()
+        return True
+
+    def finish_enrollment(self) -> None:
+        """Enrol what a pending `enroll` collected (fewer frames than asked if the source ended)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if not pending.frames:
+            self.emit(
+                {
+                    "event": "error",
+                    "command": f"enroll {pending.name}",
+                    "message": "the source ended before any frame could be enrolled",
+                }
+            )
+            return
+        self.enroll(pending.name, pending.frames, requested=pending.wanted)
+
+    # ----- operations (also used by the window's keys) ----------------------------------------------
+    def enroll(self, name: str, frames: list[np.ndarray], requested: int | None = None) -> Event:
+        try:
+            self.rec.enroll(name, frames)
+        except ValueError as exc:  # InvalidClassName, InvalidFrame, GalleryError are all ValueErrors
+            return self._error(f"enroll {name}", exc)
+        self._changed()
+        event: Event = {
+            "event": "enrolled",
+            "name": name,
+            "shots": len(frames),
+            "total_shots": self.shots(name),
+            "classes": self.rec.classes,
+        }
+        if requested is not None and requested != len(frames):
+            event["requested"] = requested
+        self.emit(event)
+        return event
+
+    def remove(self, name: str, line: str = "") -> Event:
+        try:
+            self.rec.remove(name)
+        except KeyError as exc:
+            return self._error(line or f"remove {name}", exc)
+        self._changed()
+        event: Event = {"event": "removed", "name": name, "classes": self.rec.classes}
+        self.emit(event)
+        return event
+
+    def rename(self, old: str, new: str, line: str = "") -> Event:
+        try:
+            self.rec.rename(old, new)
+        except (KeyError, ValueError) as exc:
+            return self._error(line or f"rename {old} {new}", exc)
+        self._changed()
+        event: Event = {"event": "renamed", "old": old, "new": new, "classes": self.rec.classes}
+        self.emit(event)
+        return event
+
+    def save(self) -> Event:
+        try:
+            path = self.rec.save(self.gallery_path)
+        except (OSError, ValueError) as exc:
+            return self._error("save", exc)
+        self.dirty = False
+        event: Event = {"event": "saved", "path": str(path), "classes": len(self.rec.gallery)}
+        self.emit(event)
+        return event
+
+    # ----- reading ----------------------------------------------------------------------------------
+    def shots(self, name: str) -> int:
+        gallery = self.rec.gallery
+        return int(gallery.counts[gallery.index(name)])
+
+    def class_list(self) -> list[dict[str, Any]]:
+        gallery = self.rec.gallery
+        return [{"name": n, "shots": int(c)} for n, c in zip(gallery.names, gallery.counts)]
+
+    def _changed(self) -> None:
+        self.dirty = True
+        self.version += 1
+
+    def _error(self, command: str, exc: Exception) -> Event:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        event: Event = {"event": "error", "command": command, "message": str(message)}
+        self.emit(event)
+        return event

@@ -1,0 +1,351 @@
+"""The training loop: the paper's loss, SGD + warm-up/cosine, AMP on CUDA, DDP, resume, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.checkpoint import load_checkpoint_with_metadata, save_checkpoint
+from dmf_deploy.config import ModelConfig, PreprocessConfig
+from dmf_deploy.model import DMFNet
+
+from .augment import AugmentConfig
+from .datasets import FewShotDataset, open_dataset
+from .episodes import EpisodeSampler, confidence_interval
+from .presets import TrainSettings
+from .schedule import learning_rate
+from .torchdata import EpisodeBatch, EpisodeDataset, episode_loader
+
+log = logging.getLogger("dmf_deploy.train")
+
+
+class EpisodeLoss(nn.Module):
+    """Batch of episodes -> mean loss. The DDP-wrapped module, so gradients sync through forward()."""
+
+    def __init__(self, model: DMFNet, amp: bool) -> None:
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            feats = self.model.features(batch.images)
+        feats = feats.float()  # the head (sampling, exp, polynomial) stays in float32
+        results, start = [], 0
+        for s, q, s_lab, q_lab, g_lab in zip(
+            batch.support_sizes,
+            batch.query_sizes,
+            batch.support_labels,
+            batch.query_labels,
+            batch.query_global_labels,
+        ):
+            sup, qry = feats[start : start + s], feats[start + s : start + s + q]
+            results.append(self.model.loss_from_features(sup, s_lab, qry, q_lab, g_lab))
+            start += s + q
+        return {k: torch.stack([r[k] for r in results]).mean() for k in results[0]}
+
+
+def model_config(settings: TrainSettings, num_classes: int) -> ModelConfig:
+    widths = (settings.width,) * 4 if settings.backbone == "conv4" else (64, 160, 320, 640)
+    return ModelConfig(
+        backbone=settings.backbone,
+        widths=widths,
+        preprocess=PreprocessConfig(image_size=settings.image_size),
+        groups=settings.groups,
+        kernel=settings.kernel,
+        num_classes=num_classes,
+        solver=settings.solver,
+        steps=settings.steps,
+    )
+
+
+def augment_config(settings: TrainSettings, dataset: FewShotDataset) -> AugmentConfig:
+    return AugmentConfig.for_dataset(
+        dataset,
+        crop=settings.crop,
+        pad=settings.pad,
+        pad_mode=settings.pad_mode,
+        brightness=settings.color_jitter,
+        contrast=settings.color_jitter,
+        saturation=settings.color_jitter,
+        erase_prob=settings.erase_prob,
+    )
+
+
+def open_splits(settings: TrainSettings) -> tuple[FewShotDataset, FewShotDataset]:
+    options: dict[str, Any] = {}
+    if settings.dataset == "omniglot":
+        options["rotations"] = settings.rotations
+    train = open_dataset(settings.dataset, settings.data_root, "train", **options)
+    val = open_dataset(
+        settings.dataset,
+        settings.data_root,
+        "val",
+        **({"rotations": False} if settings.dataset == "omniglot" else {}),
+    )
+    train.require_per_class(settings.k_shot + settings.q_query)
+    val.require_per_class(settings.val_shot + 1)
+    if train.num_classes < settings.n_way:
+        raise ValueError(f"the train split has {train.num_classes} classes; {settings.n_way}-way needs more")
+    if val.num_classes < settings.val_way:
+        raise ValueError(f"the val split has {val.num_classes} classes; {settings.val_way}-way needs more")
+    return train, val
+
+
+@torch.no_grad()
+def evaluate(
+    model: DMFNet,
+    dataset: FewShotDataset,
+    n_way: int,
+    k_shot: int,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    q_query: int = 15,
+    within_alphabet: bool = False,
+    solver: str | None = None,
+    steps: int | None = None,
+    progress: bool = False,
+    workers: int = 0,
+) -> tuple[float, float]:
+    """Mean accuracy and 95% CI over episodes (the official protocol: seed 112, 2000 episodes, 15 queries)."""
+    model.eval()
+    sampler = EpisodeSampler(dataset, n_way, k_shot, q_query, episodes, seed, within_alphabet=within_alphabet)
+    data = EpisodeDataset(dataset, sampler, model.config.preprocess, augment=None)
+    loader = episode_loader(data, 1, workers=workers, pin=False)
+    accuracies = []
+    iterator = loader
+    if progress:
+        from rich.progress import track
+
+        iterator = track(loader, description=f"{n_way}-way {k_shot}-shot", total=len(sampler))
+    for batch in iterator:
+        batch = batch.to(device)
+        s = batch.support_sizes[0]
+        scores = model.episode_scores(
+            batch.images[:s], batch.support_labels[0], batch.images[s:], solver, steps
+        )
+        accuracies.append(float((scores.argmax(1) == batch.query_labels[0]).float().mean()))
+    return confidence_interval(accuracies)
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings, out_dir: Path, device: torch.device | None = None) -> None:
+        self.settings, self.out_dir = settings, Path(out_dir)
+        self.rank, self.world = _dist_info()
+        if device is None:
+            device = torch.device(
+                f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            )
+        self.device = device
+        self.train_set, self.val_set = open_splits(settings)  # bad data fails here, before any training
+        torch.manual_seed(settings.seed)
+        self.model = DMFNet(model_config(settings, self.train_set.num_classes)).to(device)
+        self.loss = EpisodeLoss(self.model, amp=settings.amp and device.type == "cuda")
+        self.step_module: nn.Module = self.loss
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.loss, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=True,
+            weight_decay=settings.weight_decay,
+        )
+        per_rank = max(1, settings.episodes_per_epoch // self.world)
+        self.sampler = EpisodeSampler(
+            self.train_set,
+            settings.n_way,
+            settings.k_shot,
+            settings.q_query,
+            per_rank,
+            settings.seed,
+            rank=self.rank,
+            within_alphabet=settings.within_alphabet,
+        )
+        self.data = EpisodeDataset(
+            self.train_set,
+            self.sampler,
+            self.model.config.preprocess,
+            augment_config(settings, self.train_set),
+        )
+        self.steps_per_epoch = -(-per_rank // settings.episodes_per_batch)
+        self.start_epoch, self.best_acc = 0, -1.0
+        self.lr_history: list[float] = []
+
+    # ----- persistence -----------------------------------------------------------------------------
+    def resume(self, path: Path) -> None:
+        model, meta = load_checkpoint_with_metadata(path)
+        state = meta.get("resume")
+        if not state:
+            raise ValueError(f"{path} holds no training state to resume from (use last.pt)")
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch, self.best_acc = int(state["epoch"]) + 1, float(state["best_acc"])
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _save(self, name: str, epoch: int, val: tuple[float, float], with_state: bool) -> None:
+        meta: dict[str, Any] = {
+            "dataset": self.settings.dataset,
+            "epoch": epoch,
+            "accuracy": val[0],
+            "accuracy_ci95": val[1],
+            "validation": f"{self.settings.val_way}-way {self.settings.val_shot}-shot",
+            "settings": asdict(self.settings),
+        }
+        if with_state:
+            meta["resume"] = {
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "best_acc": self.best_acc,
+            }
+        save_checkpoint(self.model, self.out_dir / name, **meta)
+
+    # ----- the loop --------------------------------------------------------------------------------
+    def fit(
+        self, epochs: int | None = None, progress: bool = True, max_minutes: float | None = None
+    ) -> dict[str, Any]:
+        """Train to the end of the schedule; `max_minutes` stops early, after the epoch that crosses it."""
+        s = self.settings
+        total_epochs = s.epochs if epochs is None else epochs
+        total_steps, warmup = s.epochs * self.steps_per_epoch, s.warmup_epochs * self.steps_per_epoch
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            log.info(
+                "training on %s, world_size %d, %d train classes",
+                self.device,
+                self.world,
+                self.train_set.num_classes,
+            )
+        last: dict[str, Any] = {}
+        deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+        for epoch in range(self.start_epoch, total_epochs):
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("time budget of %.1f min reached; stopping before epoch %d", max_minutes, epoch + 1)
+                break
+            self.sampler.set_epoch(epoch)
+            self.model.train()
+            started, sums, count = time.perf_counter(), {}, 0
+            loader = episode_loader(
+                self.data, s.episodes_per_batch, s.workers, pin=self.device.type == "cuda"
+            )
+            batches = enumerate(loader)
+            if progress and self.rank == 0:
+                from rich.progress import track
+
+                batches = track(
+                    batches, total=self.steps_per_epoch, description=f"epoch {epoch + 1}/{total_epochs}"
+                )
+            for i, batch in batches:
+                lr = learning_rate(epoch * self.steps_per_epoch + i, s.lr, warmup, total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.lr_history.append(lr)
+                out = self.step_module(batch.to(self.device))
+                self.optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                self.optimizer.step()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                count += 1
+            metrics = _all_reduce_mean(
+                {k: v / max(count, 1) for k, v in sums.items()}, self.device, self.world
+            )
+            elapsed = time.perf_counter() - started
+            episodes_per_s = self.world * count * s.episodes_per_batch / elapsed
+            if self.rank == 0:
+                val = evaluate(
+                    self.model,
+                    self.val_set,
+                    s.val_way,
+                    s.val_shot,
+                    s.val_episodes,
+                    seed=1,
+                    device=self.device,
+                    within_alphabet=s.val_within_alphabet,
+                    workers=s.workers,
+                )
+                last = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    **metrics,
+                    "val_acc": val[0],
+                    "val_ci95": val[1],
+                    "episodes_per_s": episodes_per_s,
+                    "seconds": elapsed,
+                    "world_size": self.world,
+                }
+                if val[0] > self.best_acc:
+                    self.best_acc = val[0]
+                    self._save("best.pt", epoch, val, with_state=False)
+                self._save("last.pt", epoch, val, with_state=True)
+                self._log(last)
+            if self.world > 1:
+                dist.barrier()
+        return last
+
+    def _log(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        log.info(line)
+        path = self.out_dir / "metrics.jsonl"
+        previous = path.read_bytes() if path.exists() else b""
+        atomic_write_bytes(path, previous + line.encode() + b"\n")
+        plot_metrics(path, self.out_dir / "curves.png")
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_mean(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
+    if world == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
+
+
+def plot_metrics(jsonl: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in rows], label="loss")
+    ax_loss.plot(epochs, [r["fewshot_ce"] for r in rows], label="few-shot CE")
+    ax_loss.plot(epochs, [r["global_ce"] for r in rows], label="global CE")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    acc = np.array([r["val_acc"] for r in rows])
+    ci = np.array([r["val_ci95"] for r in rows])
+    ax_acc.plot(epochs, [r["accuracy"] for r in rows], label="train episodes")
+    ax_acc.plot(epochs, acc, label="validation")
+    ax_acc.fill_between(epochs, acc - ci, acc + ci, alpha=0.3)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png)
