@@ -85,8 +85,8 @@ def _read(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise CheckpointError(
-                f"{path} holds Python objects that safe loading (weights_only=True) refuses to run; "
-                "only tensors and plain containers are accepted"
+                f"{path} holds Python objects that safe loading (weights_only=True) refuses to run "
+                "(or it is truncated mid-record); only tensors and plain containers are accepted"
             ) from exc
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, IndexError, struct.error) as exc:

@@ -31,7 +31,7 @@ import click
 import cv2
 import numpy as np
 
-from dmf_deploy.manifest import BundleError
+from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.runtime.backends import BACKENDS
 from dmf_deploy.runtime.commands import CommandFeed, Event, Session
@@ -50,12 +50,15 @@ def demo_bundle_path() -> Path:
     return Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
 
 
-def default_gallery_path() -> Path:
+def default_gallery_path(fingerprint: str) -> Path:
+    """One default gallery per model, so switching bundles never meets another model's gallery."""
     try:
         from platformdirs import user_data_dir
     except ImportError:  # installed without the runtime extra: the XDG default is a fine guess
-        return Path.home() / ".local" / "share" / "dmf-deploy" / "gallery.dmfg"
-    return Path(user_data_dir("dmf-deploy")) / "gallery.dmfg"
+        root = Path.home() / ".local" / "share" / "dmf-deploy"
+    else:
+        root = Path(user_data_dir("dmf-deploy"))
+    return root / "galleries" / f"{fingerprint[:16]}.dmfg"
 
 
 class AppError(click.ClickException):
@@ -215,8 +218,20 @@ def parse_names(text: str | None) -> list[str]:
     return names
 
 
+def resolve_bundle(bundle: Path | None) -> Path:
+    if bundle is not None:
+        return bundle
+    bundle = demo_bundle_path()
+    if not (bundle / "manifest.json").is_file():
+        raise AppError(
+            "no bundle given and the demo bundle is not installed; "
+            "pass --bundle DIR (make one with dmf-export)"
+        )
+    return bundle
+
+
 def open_recognizer(
-    bundle: Path | None,
+    bundle: Path,
     backend: str,
     gallery: Path,
     shortlist: int | None,
@@ -224,13 +239,6 @@ def open_recognizer(
     smoothing: float,
     gallery_is_default: bool,
 ) -> Recognizer:
-    if bundle is None:
-        bundle = demo_bundle_path()
-        if not (bundle / "manifest.json").is_file():
-            raise AppError(
-                "no bundle given and the demo bundle is not installed; pass --bundle DIR "
-                "(make one with dmf-export)"
-            )
     try:
         return Recognizer.open(
             bundle,
@@ -263,7 +271,7 @@ def open_recognizer(
 @click.option(
     "--gallery",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Gallery file, loaded at start and saved at exit (default: gallery.dmfg in the user data folder).",
+    help="Gallery file, loaded at start and saved at exit (default: one per model in the user data folder).",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
@@ -353,8 +361,14 @@ def main(
             "no display to open the window on (DISPLAY is not set): use --headless, "
             "or run from a desktop session (over ssh: ssh -X, or DISPLAY=:0)"
         )
+    bundle = resolve_bundle(bundle)
     gallery_is_default = gallery is None
-    gallery_path = default_gallery_path() if gallery is None else gallery
+    if gallery is None:
+        try:
+            gallery = default_gallery_path(read_manifest(bundle)["fingerprint"])
+        except BundleError as exc:
+            raise AppError(str(exc)) from exc
+    gallery_path = gallery
     rec = open_recognizer(bundle, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default)
     try:
         frames = open_source(
