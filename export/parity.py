@@ -168,15 +168,28 @@ def _solver_distances(
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'case':<24} {'output':<16} {'max abs':>10} {'mean abs':>10} {'relative':>10}  ok"]
+    """One row per output: its worst case over every episode (the full list is in parity.json)."""
+    worst: dict[str, dict[str, Any]] = {}
     for c in report["comparisons"]:
+        key = c["output"] + (" (end to end)" if c["case"].endswith("end-to-end") else "")
+        if key not in worst or c["relative"] > worst[key]["relative"]:
+            worst[key] = c
+    episodes = len({c["case"].removesuffix(" end-to-end") for c in report["comparisons"]})
+    lines = [f"{'output':<30} {'max abs':>10} {'mean abs':>10} {'relative':>10}  worst case{'':<14} ok"]
+    for key, c in worst.items():
         lines.append(
-            f"{c['case']:<24} {c['output']:<16} {c['max_abs']:>10.2e} {c['mean_abs']:>10.2e} "
-            f"{c['relative']:>10.2e}  {'yes' if c['passed'] else 'NO'}"
+            f"{key:<30} {c['max_abs']:>10.2e} {c['mean_abs']:>10.2e} {c['relative']:>10.2e}  "
+            f"{c['case']:<24} {'yes' if c['passed'] else 'NO'}"
         )
-    lines.append(f"top-1 agreement (end to end): {report['top1_agreement']:.1%}")
+    lines.append(
+        f"{episodes} episodes (random and rendered images, N = 1, 3, 7); top-1 agreement end to end: "
+        f"{report['top1_agreement']:.1%}"
+    )
     for label, dist in report["solver_distance"].items():
         lines.append(f"{report['solver']}/{report['steps']} {label}: relative {dist:.2e}")
     verdict = "PASSED" if report["passed"] else "FAILED"
-    lines.append(f"parity {verdict} (tolerance {report['tolerance']:.0e} relative)")
+    failed = sum(not c["passed"] for c in report["comparisons"])
+    lines.append(
+        f"parity {verdict} (tolerance {report['tolerance']:.0e} relative; {failed} comparisons failed)"
+    )
     return "\n".join(lines)
