@@ -82,7 +82,7 @@ def main() -> None:
         f"{'backbone':<10} {'AMP':<5} {'episodes/s':>10}   (5-way 1-shot, 6 queries/class, 84x84, rk4-38/1)"
     )
     for backbone, amp, rate in rows:
-        print(f"{backbone:<10} {'bf16' if amp else 'off':<5} {rate:>10.1f}")
+        print(f"{backbone:<10} {'bf16' if amp else 'off':<5} {rate:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -72,29 +72,44 @@ def fit(
     import torch
     import torch.distributed as dist
 
+    from dmf_deploy.checkpoint import CheckpointError
+
     from .datasets import DatasetError
     from .loop import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = PRESETS[preset].replace(**overrides)
+    try:
+        settings = PRESETS[preset].replace(**overrides)
+        target = torch.device(device) if device else None
+        if target is not None and target.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    except (ValueError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        on_gpu = torch.cuda.is_available() and (target is None or target.type == "cuda")
+        backend = "nccl" if on_gpu else "gloo"  # gloo: DDP on CPUs
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # Everything that can be wrong with the data, settings or --resume file fails here, before training.
     try:
-        trainer = Trainer(settings, out_dir, torch.device(device) if device else None)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        trainer = Trainer(settings, out_dir, target)
+        if resume is not None:
+            trainer.resume(resume)
+    except (DatasetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         click.echo(f"error: {exc}", err=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.exit(2)
-    if resume is not None:
-        trainer.resume(resume)
     result = trainer.fit(progress=not no_progress, max_minutes=max_minutes)
     if trainer.rank == 0 and result:
         click.echo(
             f"final: epoch {result['epoch']} val {result['val_acc']:.2%} ± {result['val_ci95']:.2%}; "
             f"best.pt and last.pt in {out_dir}"
         )
+    elif trainer.rank == 0 and trainer.start_epoch >= settings.epochs:
+        click.echo(f"nothing to train: {resume} already holds all {settings.epochs} epochs")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -134,13 +149,15 @@ def evaluate_cmd(
     from dmf_deploy.checkpoint import CheckpointError, load_checkpoint
 
     from .datasets import DatasetError, open_dataset
+    from .episodes import EpisodeSampler
     from .loop import evaluate
 
     try:
         model = load_checkpoint(ckpt)
+        model.resolve_solver(solver, steps)  # an unknown solver fails here, not after loading data
         data = open_dataset(dataset, data_root, split)
-        data.require_per_class(shot + queries)
-    except (CheckpointError, DatasetError) as exc:
+        EpisodeSampler(data, way, shot, queries, episodes, seed)  # enough classes, images, episodes?
+    except (CheckpointError, DatasetError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

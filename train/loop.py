@@ -29,6 +29,22 @@ from .torchdata import EpisodeBatch, EpisodeDataset, episode_loader
 
 log = logging.getLogger("dmf_deploy.train")
 
+# One line of metrics.jsonl per epoch (written by rank 0 only), with exactly these keys:
+METRIC_KEYS = (
+    "epoch",  # 1-based number of the epoch just finished
+    "lr",  # learning rate of the epoch's last step
+    "loss",  # mean training loss over the epoch's batches (averaged over DDP ranks)
+    "global_ce",  # its global-classifier cross-entropy term
+    "fewshot_ce",  # its few-shot cross-entropy term (before the 0.5-style weight)
+    "accuracy",  # few-shot accuracy on the training episodes
+    "val_acc",  # mean val_way-way val_shot-shot accuracy on the validation split
+    "val_ci95",  # its 95% confidence interval (1.96 std / sqrt(episodes))
+    "episodes_per_s",  # training episodes per second, all ranks together
+    "seconds",  # wall time of the epoch's training steps
+    "world_size",  # number of DDP processes
+)
+VAL_QUERIES = 15  # queries per class in validation episodes (the official protocol's), fewer if short
+
 
 class EpisodeLoss(nn.Module):
     """Batch of episodes -> mean loss. The DDP-wrapped module, so gradients sync through forward()."""
@@ -83,6 +99,7 @@ def augment_config(settings: TrainSettings, dataset: FewShotDataset) -> AugmentC
 
 
 def open_splits(settings: TrainSettings) -> tuple[FewShotDataset, FewShotDataset]:
+    """Both splits, checked against the episode shapes, so that bad data fails before training."""
     options: dict[str, Any] = {}
     if settings.dataset == "omniglot":
         options["rotations"] = settings.rotations
@@ -100,6 +117,11 @@ def open_splits(settings: TrainSettings) -> tuple[FewShotDataset, FewShotDataset
     if val.num_classes < settings.val_way:
         raise ValueError(f"the val split has {val.num_classes} classes; {settings.val_way}-way needs more")
     return train, val
+
+
+def validation_queries(settings: TrainSettings, val: FewShotDataset) -> int:
+    """Queries per class for validation: VAL_QUERIES, or fewer when the smallest class is short."""
+    return max(1, min(VAL_QUERIES, int(val.counts.min()) - settings.val_shot))
 
 
 @torch.no_grad()
@@ -143,12 +165,23 @@ class Trainer:
     def __init__(self, settings: TrainSettings, out_dir: Path, device: torch.device | None = None) -> None:
         self.settings, self.out_dir = settings, Path(out_dir)
         self.rank, self.world = _dist_info()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device is None:
-            device = torch.device(
-                f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-            )
+            device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        elif device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)  # `--device cuda` under torchrun: one GPU per rank
         self.device = device
         self.train_set, self.val_set = open_splits(settings)  # bad data fails here, before any training
+        self.val_queries = validation_queries(settings, self.val_set)
+        # Built now (and discarded) so that a validation split that cannot give the episodes fails here.
+        EpisodeSampler(
+            self.val_set,
+            settings.val_way,
+            settings.val_shot,
+            self.val_queries,
+            settings.val_episodes,
+            within_alphabet=settings.val_within_alphabet,
+        )
         torch.manual_seed(settings.seed)
         self.model = DMFNet(model_config(settings, self.train_set.num_classes)).to(device)
         self.loss = EpisodeLoss(self.model, amp=settings.amp and device.type == "cuda")
@@ -187,13 +220,25 @@ class Trainer:
 
     # ----- persistence -----------------------------------------------------------------------------
     def resume(self, path: Path) -> None:
+        """Continue from a last.pt: weights, optimizer (momentum), RNG state, epoch and best accuracy.
+
+        The learning rate is a pure function of the global step, so (train k epochs, resume, train to
+        N) gives the same rates and, on a deterministic device, the same weights as training to N.
+        """
         model, meta = load_checkpoint_with_metadata(path)
         state = meta.get("resume")
         if not state:
             raise ValueError(f"{path} holds no training state to resume from (use last.pt)")
+        if model.config != self.model.config:
+            raise ValueError(
+                f"{path} was trained with a different model ({model.config}); "
+                f"these settings build {self.model.config}"
+            )
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)  # dropout / DropBlock masks
         self.start_epoch, self.best_acc = int(state["epoch"]) + 1, float(state["best_acc"])
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
@@ -210,6 +255,7 @@ class Trainer:
             meta["resume"] = {
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "epoch": epoch,
                 "best_acc": self.best_acc,
             }
@@ -239,7 +285,7 @@ class Trainer:
                 break
             self.sampler.set_epoch(epoch)
             self.model.train()
-            started, sums, count = time.perf_counter(), {}, 0
+            started, sums, count, episodes = time.perf_counter(), {}, 0, 0
             loader = episode_loader(
                 self.data, s.episodes_per_batch, s.workers, pin=self.device.type == "cuda"
             )
@@ -262,11 +308,12 @@ class Trainer:
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 count += 1
+                episodes += len(batch.support_sizes)  # the last batch may be short
             metrics = _all_reduce_mean(
                 {k: v / max(count, 1) for k, v in sums.items()}, self.device, self.world
             )
             elapsed = time.perf_counter() - started
-            episodes_per_s = self.world * count * s.episodes_per_batch / elapsed
+            episodes_per_s = self.world * episodes / elapsed
             if self.rank == 0:
                 val = evaluate(
                     self.model,
@@ -276,6 +323,7 @@ class Trainer:
                     s.val_episodes,
                     seed=1,
                     device=self.device,
+                    q_query=self.val_queries,
                     within_alphabet=s.val_within_alphabet,
                     workers=s.workers,
                 )

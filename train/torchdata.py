@@ -24,6 +24,19 @@ class EpisodeBatch:
     query_labels: list[torch.Tensor]
     query_global_labels: list[torch.Tensor]
 
+    def pin_memory(self) -> EpisodeBatch:
+        """Called by DataLoader(pin_memory=True); without it a custom batch type is left unpinned and the
+        non_blocking copies in `to` silently become synchronous."""
+        pin = lambda ts: [t.pin_memory() for t in ts]  # noqa: E731
+        return EpisodeBatch(
+            self.images.pin_memory(),
+            self.support_sizes,
+            self.query_sizes,
+            pin(self.support_labels),
+            pin(self.query_labels),
+            pin(self.query_global_labels),
+        )
+
     def to(self, device: torch.device) -> EpisodeBatch:
         move = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
         return EpisodeBatch(
