@@ -23,6 +23,7 @@ ALLOWED_OPS = frozenset(
         "Sqrt",
         "Reciprocal",
         "Pow",
+        "Floor",  # the gather sampler's bilinear corners (dmf_deploy/head.py)
         "Max",
         "Min",
         "Clip",

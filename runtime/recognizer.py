@@ -31,7 +31,15 @@ log = logging.getLogger("dmf_deploy.runtime")
 # 0.7 is calibrated on held-out Omniglot alphabets with the demo model (20 classes enrolled from one
 # shot): it accepts 95% of known-class queries and rejects 48% of unseen-class ones (0.75: 85% / 67%).
 DEFAULT_UNKNOWN_RATIO = 0.7
-HEAD_CHUNK = 256  # classes per head call: bounds the [Q, N, G, h, w] intermediates to tens of MB
+HEAD_CHUNK = 256  # classes per head call at most
+# Bytes of per-pair intermediates per head call: the gather sampler holds 9 taps x 4 corners x G*k*k
+# floats per (query, class, position), ~1.1 MB per pair for ResNet-12, so a call takes ~60 of its classes.
+HEAD_CHUNK_BYTES = 64 << 20
+# shortlist="auto" (the default of `open`): exact scores while at most AUTO_EXACT_MAX classes are
+# enrolled; beyond, the exact head on the AUTO_SHORTLIST classes ranked best by <mean q, w>.
+# benchmarks/shortlist_agreement.py measures its top-1 agreement with exact.
+AUTO_EXACT_MAX = 128
+AUTO_SHORTLIST = 32
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class Recognizer:
         backend: Backend,
         gallery: Gallery,
         gallery_path: Path | None,
-        shortlist: int | None = None,
+        shortlist: int | str | None = None,
         unknown_ratio: float = DEFAULT_UNKNOWN_RATIO,
         threshold: float | None = None,
         smoothing: float = 0.0,
@@ -60,6 +68,9 @@ class Recognizer:
         self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
         self.config = manifest["model_config"]
         self.gallery_path = gallery_path
+        count = isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist >= 0
+        if not (shortlist is None or shortlist == "auto" or count):
+            raise ValueError(f"shortlist must be a class count, 'auto' or None (exact), got {shortlist!r}")
         self.shortlist = shortlist
         self.unknown_ratio = unknown_ratio
         self.threshold = threshold
@@ -78,7 +89,7 @@ class Recognizer:
         bundle: str | os.PathLike[str],
         backend: str = "auto",
         gallery: str | os.PathLike[str] | Gallery | None = None,
-        shortlist: int | None = None,
+        shortlist: int | str | None = "auto",
         threshold: float | None = None,
         smoothing: float = 0.0,
         threads: int | None = None,
@@ -224,23 +235,34 @@ class Recognizer:
     def _head(self, feats: np.ndarray, bank: dict[str, np.ndarray]) -> np.ndarray:
         n = len(bank["class_weight"])
         out = np.empty((len(feats), n), np.float32)
-        for start in range(0, n, HEAD_CHUNK):
-            stop = min(start + HEAD_CHUNK, n)
+        cfg = self.config
+        pair_bytes = 36 * cfg.filter_channels * cfg.feature_size**2 * 4
+        step = max(1, min(HEAD_CHUNK, HEAD_CHUNK_BYTES // (max(1, len(feats)) * pair_bytes)))
+        for start in range(0, n, step):
+            stop = min(start + step, n)
             chunk = {k: np.ascontiguousarray(bank[k][start:stop]) for k in CLASS_BANK}
             out[:, start:stop] = self.backend.run(HEAD, {"query_features": feats, **chunk})["scores"]
         return out
+
+    def shortlist_size(self, n: int) -> int | None:
+        """How many classes `classify` runs the exact head on with n enrolled; None: all (exact)."""
+        size = self.shortlist
+        if size == "auto":
+            size = AUTO_SHORTLIST if n > AUTO_EXACT_MAX else None
+        return size if size and n > size else None
 
     def _classify_scores(self, feats: np.ndarray) -> np.ndarray:
         """Exact scores, or exact on a shortlist ranked by <mean q, w> (-inf for the rest)."""
         bank = self.gallery.bank_arrays()
         n = len(bank["class_weight"])
-        if not self.shortlist or n <= self.shortlist:
+        size = self.shortlist_size(n)
+        if size is None:
             return self._head(feats, bank)
         # Alignment-free meta-classifier score: one matmul ranks every class.
         coarse = feats.mean(axis=(2, 3)) @ bank["class_weight"].T  # [B, N]
         out = np.full((len(feats), n), -np.inf, np.float32)
         for i, row in enumerate(coarse):
-            top = np.sort(np.argpartition(-row, self.shortlist - 1)[: self.shortlist])
+            top = np.sort(np.argpartition(-row, size - 1)[:size])
             sub = {k: bank[k][top] for k in CLASS_BANK}
             out[i, top] = self._head(feats[i : i + 1], sub)[0]
         return out

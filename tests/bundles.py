@@ -1,4 +1,5 @@
-"""Shared test helpers: small random-weight checkpoints and the bundles exported from them.
+"""Shared test helpers: small seeded checkpoints (random weights, or trained a few seconds on glyphs)
+and the bundles exported from them.
 
 A plain module (not a conftest): a test file imports what it needs (`from bundles import ...`: pytest
 puts tests/ on sys.path for the test files there) and wraps it in its own session-scoped fixture, e.g.

@@ -29,7 +29,7 @@ from dmf_deploy.train.glyphs import GlyphSet
 
 # ORT and PyTorch run the same float32 graph with different conv kernels (MLAS vs oneDNN) and a
 # different summation order in the head, so scores agree to float32 rounding, not bit for bit:
-# measured about 1e-6 of the largest score on these bundles. 1e-4 leaves ~100x headroom, while every
+# measured 2e-7..3e-7 of the largest score on these bundles. 1e-4 leaves ~300x headroom, while every
 # mistake this test is meant to catch (a prototype that is not the running mean of all shots, columns
 # out of `classes` order, another solver or step count) moves the scores by 1e-3 or more, which the
 # sensitivity checks below verify on the same data.

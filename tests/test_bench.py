@@ -1,0 +1,220 @@
+"""`dmf-bench` (runtime/bench.py) and the exactness claim of benchmarks/head_formulations.py: the
+gather sampler that exported heads use computes what grid_sample (the reference) and torchvision's
+deformable conv compute."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dmf_deploy.manifest import read_manifest
+from dmf_deploy.runtime import bench
+
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
+needs_demo = pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----- dmf-bench ------------------------------------------------------------------------------------------
+@needs_demo
+def test_dmf_bench_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--classes", "1,5", "--repeats", "2", "--shortlist", "2", "--threads", "1"]
+    args += ["--json", str(out_json), "--plot", str(out_png), "--quiet"]
+    result = CliRunner().invoke(bench.main, args)
+    assert result.exit_code == 0, result.output
+    assert "classify shortlist K=2, N = 5" in result.output
+
+    data = json.loads(out_json.read_text())
+    assert Path(data["bundle"]) == DEMO_BUNDLE  # the default bundle
+    assert set(data["backbone"]) == {"1", "8"}
+    assert set(data["by_classes"]) == {"1", "5"}
+    for n, entry in data["by_classes"].items():
+        for stage in ("backbone", "head", "classify", "classify_shortlist"):
+            assert entry[stage]["calls"] == 2
+            assert 0 < entry[stage]["median_ms"] <= entry[stage]["p90_ms"]
+        assert entry["memory_floor"]["exact_bytes"] == int(n) * sum(data["bank_bytes_per_class"].values())
+        assert entry["peak_rss_mb"] > 0
+    assert data["enroll"]["one_class_one_frame"]["median_ms"] > 0
+    # torch is installed here and the bundle is the demo bundle: the PyTorch forms ran side by side
+    pt = data["pytorch"]
+    assert Path(pt["checkpoint"]).name == "demo.pt"
+    assert {"factored", "literal"} <= set(pt["by_classes"]["5"])
+
+    png = out_png.read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+
+@needs_demo
+def test_memory_floor_counts_the_class_bank():
+    manifest = read_manifest(DEMO_BUNDLE)
+    cfg = manifest["model_config"]
+    hw = cfg.feature_size**2
+    per = bench.bank_bytes_per_class(manifest)
+    assert per == {
+        "support_offset": 4 * 18 * hw,
+        "tap_projections": 4 * 9 * cfg.filter_channels * hw,
+        "class_weight": 4 * cfg.channels,
+    }
+    total = sum(per.values())
+    assert bench.memory_floor(manifest, 10, None) == {"exact_bytes": 10 * total}
+    floor = bench.memory_floor(manifest, 10, 4)
+    assert floor["shortlist_bytes"] == 10 * per["class_weight"] + 4 * total
+    assert bench.memory_floor(manifest, 3, 4)["shortlist_bytes"] == 3 * total  # N <= K: exact
+
+
+def test_parse_classes():
+    assert bench.parse_classes("100,1, 10") == [1, 10, 100]
+    runner = CliRunner()
+    for bad in ("0,5", "a", ""):
+        result = runner.invoke(bench.main, ["--classes", bad])
+        assert result.exit_code == 2, bad
+        assert "positive integers" in result.output
+
+
+def test_dmf_bench_refuses_a_folder_that_is_no_bundle(tmp_path):
+    result = CliRunner().invoke(bench.main, ["--bundle", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not a dmf bundle" in result.output
+
+
+@needs_demo
+def test_dmf_bench_runs_without_torch(tmp_path):
+    """torch is optional: blocked, the PyTorch rows are skipped with a note and nothing else changes."""
+    blocker = tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(
+        'raise ImportError("torch is not installed (blocked by the test)")\n'
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(blocker.parent), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "dmf_deploy.runtime.bench", "--classes", "2", "--repeats", "1"]
+    cmd += ["--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "PyTorch forms: skipped (torch is not installed)" in proc.stdout
+    assert json.loads(out.read_text())["pytorch"] == {"skipped": "torch is not installed"}
+
+
+# ----- the gather sampler (head formulations) --------------------------------------------------------------
+def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
+    import torch
+
+    from dmf_deploy.head import DMFHead
+
+    gen = torch.Generator().manual_seed(seed)
+    head = DMFHead(channels, groups, kernel).double().eval()
+    with torch.no_grad():
+        w = torch.randn(head.off_conv.weight.shape, generator=gen, dtype=torch.float64)
+        head.off_conv.weight.copy_(w * offset_px / math.sqrt(2 * channels * 25))
+        w = torch.randn(head.kernel_conv.weight.shape, generator=gen, dtype=torch.float64)
+        head.kernel_conv.weight.copy_(w * 2.0 / math.sqrt(9 * channels))
+    return head, gen
+
+
+@pytest.mark.parametrize(
+    ("kernel", "groups", "size", "offset_px"),
+    [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5)],
+    ids=["k1-square", "k1-nonsquare", "k3", "one-row"],
+)
+def test_gather_sampler_equals_grid_sample(kernel, groups, size, offset_px):
+    """float64, offsets of pixels so that samples fall inside, across the border and outside the map."""
+    torch = pytest.importorskip("torch")
+    h, w = size
+    head, gen = _head(8, groups, kernel, offset_px, seed=h * 10 + w)
+    query = torch.randn(3, 8, h, w, generator=gen, dtype=torch.float64)
+    protos = torch.randn(4, 8, h, w, generator=gen, dtype=torch.float64)
+    with torch.inference_mode():
+        bank = head.class_bank(protos)
+        py, px = head.sampling_positions(query, bank)
+        outside = (py <= -1) | (py >= h) | (px <= -1) | (px >= w)
+        straddle = ~outside & ((py < 0) | (py > h - 1) | (px < 0) | (px > w - 1))
+        assert outside.any() and straddle.any()
+        assert h == 1 or (~outside & ~straddle).any()
+        results = {}
+        # grid_sample's align_corners=True divides by (h - 1): the reference needs h, w >= 2
+        for sampler in ("gather", "grid_sample") if h > 1 else ("gather",):
+            head.sampler = sampler
+            results[sampler] = (head.filters(query, bank), head.score_map(query, bank, "dopri5", 3))
+    if h > 1:
+        for got, ref in zip(results["gather"], results["grid_sample"]):
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max() < 1e-12
+    if kernel == 1:
+        _check_against_deform_conv(head, query, protos, results["gather"][0])
+
+
+def _check_against_deform_conv(head, query, protos, filters):
+    import torch
+    from torchvision.ops import deform_conv2d
+
+    q, n = len(query), len(protos)
+    qs, ss = query.repeat_interleave(n, dim=0), protos.repeat(q, 1, 1, 1)
+    with torch.inference_mode():
+        offset = head.off_conv(torch.cat([qs, ss], dim=1))
+        ref = torch.sigmoid(deform_conv2d(ss, offset, head.kernel_conv.weight, padding=(1, 1)))
+    assert (filters - ref.reshape(filters.shape)).abs().max() < 1e-12
+
+
+def test_sampler_is_gather_when_exporting_and_validated():
+    pytest.importorskip("torch")
+    from dmf_deploy.head import DMFHead
+
+    head = DMFHead(8, 4, 1)
+    assert head.sampler is None and head.active_sampler() == "grid_sample"
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        head.sampler = "nearest"
+
+
+def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
+    """A bundle's head has no GridSample, passes the TensorRT-readiness lint, and on ONNX Runtime equals
+    the PyTorch grid_sample reference (N = 1, 3, 7: the class axis stays dynamic). The bundle is the
+    small one the Recognizer tests share (tests/bundles.py)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+    from bundles import checkpoint_of, export_small_bundle  # tests/bundles.py
+
+    from dmf_deploy.checkpoint import load_checkpoint
+    from dmf_deploy.export.lint import lint_file
+    from dmf_deploy.manifest import HEAD, graph_io
+
+    bundle = export_small_bundle(tmp_path_factory, seed=1)
+    path = bundle / "head.onnx"
+    model = load_checkpoint(checkpoint_of(bundle))
+    config = model.config
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" not in ops and {"Gather", "Floor"} <= ops
+    report = lint_file(path, HEAD, graph_io(config)[HEAD])
+    assert report.ok, report.errors
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    manifest = read_manifest(bundle)
+    gen = torch.Generator().manual_seed(1)
+    s = config.feature_size
+    # Offsets are linear in the features: large features move samples across the border and out.
+    scale = 25.0
+    query = scale * torch.randn(2, config.channels, s, s, generator=gen)
+    model.head.sampler = "grid_sample"
+    for n in (1, 3, 7):
+        protos = scale * torch.randn(n, config.channels, s, s, generator=gen)
+        with torch.inference_mode():
+            bank = model.class_bank(protos)
+            ref = model.head_scores(query, bank, manifest["solver"], manifest["steps"]).numpy()
+            py, px = model.head.sampling_positions(query, bank)
+        assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
+        feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in bank._asdict().items()}}
+        got = session.run(["scores"], feeds)[0]
+        assert got.shape == (2, n)
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
