@@ -24,7 +24,6 @@ from dmf_deploy.manifest import BundleError
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import Gallery, GalleryError, Prediction, Recognizer
-from dmf_deploy.runtime.recognizer import DEFAULT_UNKNOWN_RATIO
 from dmf_deploy.train.glyphs import GlyphSet
 
 # ORT and PyTorch run the same float32 graph with different conv kernels (MLAS vs oneDNN) and a
@@ -506,45 +505,31 @@ def five_classes(rec) -> Recognizer:
     return rec
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFAULT_UNKNOWN_RATIO = 0.5 rejects no frame at all here: measured best/self-score ratios "
-    "are 0.62-1.18 (median 0.87) for unseen and 0.59-1.31 (median 0.93) for known frames, so no ratio "
-    "cut separates them well and 0.5 is below both (run with --runxfail for the figures)",
-)
-def test_unseen_classes_are_labelled_unknown_more_often(five_classes):
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
+
+
+@pytest.mark.skipif(not DEMO_BUNDLE.is_dir(), reason="the demo bundle is not installed")
+def test_unseen_classes_are_labelled_unknown_more_often():
     """With the default rule, frames of unseen classes come back as None more often than known ones.
 
-    Cannot flake: weights, glyphs and instance seeds are fixed, so the only variation between
-    machines is float rounding (~1e-6 relative). Frames whose score lies within 2% of the decision
-    boundary are counted against the claim on both sides (a known frame near it counts as rejected,
-    an unseen one as accepted), so no rounding can turn a pass into a failure or back.
+    Run on the shipped demo model, whose held-out Omniglot calibration set DEFAULT_UNKNOWN_RATIO (a
+    random-weight or briefly trained model has no notion of "unfamiliar"). Glyphs are drawn strokes,
+    like the characters it learnt. Measured: known frames 2% unknown, unseen glyph classes 57%; the
+    bounds (known <= 20%, unseen >= 30% and above known + 20 points) sit far from both.
+    Cannot flake: weights, glyphs and seeds are fixed, so only float rounding differs between machines.
     """
-    rec = five_classes
-    self_scores = {f"g{c}": float(rec.scores(shots(c, 1))[0, c]) for c in range(5)}  # 1 shot: the prototype
-    known, unseen = unknown_frames()
-
-    def rates(frames: list[np.ndarray]) -> tuple[float, float, list[float]]:
-        surely = maybe = 0
-        ratios = []
-        for pred in rec.classify(frames):
-            best = max(pred.scores, key=pred.scores.get)
-            ratio = pred.score / self_scores[best]
-            ratios.append(ratio)
-            if abs(ratio - DEFAULT_UNKNOWN_RATIO) > 0.02 * DEFAULT_UNKNOWN_RATIO:
-                assert (pred.label is None) == (ratio < DEFAULT_UNKNOWN_RATIO), (pred, ratio)
-            surely += ratio < 0.98 * DEFAULT_UNKNOWN_RATIO
-            maybe += ratio < 1.02 * DEFAULT_UNKNOWN_RATIO
-        return surely / len(frames), maybe / len(frames), ratios
-
-    _, known_maybe, known_ratios = rates(known)
-    unseen_surely, _, unseen_ratios = rates(unseen)
-    report = (
-        f"unknown rate: known <= {known_maybe:.2f}, unseen >= {unseen_surely:.2f}; best/self ratios: "
-        f"known {np.percentile(known_ratios, [0, 50, 100]).round(2)}, "
-        f"unseen {np.percentile(unseen_ratios, [0, 50, 100]).round(2)}"
+    glyphs = GlyphSet(num_classes=30, seed=5, image_size=105)
+    rec = Recognizer.open(DEMO_BUNDLE, backend=BACKEND)
+    for c in range(10):
+        rec.enroll(f"g{c}", [glyphs.render(c, 0)])
+    known = [glyphs.render(c, i) for c in range(10) for i in range(1, 6)]
+    unseen = [glyphs.render(c, i) for c in range(10, 30) for i in range(1, 3)]
+    known_rate = np.mean([p.label is None for p in rec.classify(known)])
+    unseen_rate = np.mean([p.label is None for p in rec.classify(unseen)])
+    assert known_rate <= 0.2 and unseen_rate >= 0.3 and unseen_rate >= known_rate + 0.2, (
+        known_rate,
+        unseen_rate,
     )
-    assert unseen_surely > known_maybe, report
 
 
 def test_threshold_overrides_the_unknown_rule(bundle, five_classes, tmp_path):
