@@ -33,8 +33,9 @@ log = logging.getLogger("dmf_deploy.runtime")
 DEFAULT_UNKNOWN_RATIO = 0.7
 HEAD_CHUNK = 256  # classes per head call at most
 # Bytes of per-pair intermediates per head call: the gather sampler holds 9 taps x 4 corners x G*k*k
-# floats per (query, class, position), ~1.1 MB per pair for ResNet-12, so a call takes ~60 of its classes.
-HEAD_CHUNK_BYTES = 64 << 20
+# floats per (query, class, position), ~1.1 MB per pair for ResNet-12, so a call takes ~115 of its
+# classes (~200 MB transient). Smaller chunks cost time: each call redoes the query's offset conv.
+HEAD_CHUNK_BYTES = 128 << 20
 # shortlist="auto" (the default of `open`): exact scores while at most AUTO_EXACT_MAX classes are
 # enrolled; beyond, the exact head on the AUTO_SHORTLIST classes ranked best by <mean q, w>.
 # benchmarks/shortlist_agreement.py measures its top-1 agreement with exact.
