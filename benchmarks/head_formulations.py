@@ -6,14 +6,15 @@ ResNet-12 head: C = 640, 11x11 maps, G = 64, k = 1, fixed-step dopri5 x 8. One q
 They differ only in how the 9 deformable taps are sampled:
 
 - gridsample: ONNX GridSample over [N*9, GK, h, w] (the reference; `sampler="grid_sample"`);
-- gather: the bilinear corners computed in the graph (Floor, Clip, Cast), the tap maps transposed
-  channel-last in the graph to rows of GK values, one Gather of 9 taps x 4 corners per position and
-  one batched MatMul for the weighted sum (`sampler="gather"`, what bundles now export);
-- gather, channel-last bank: the same with `tap_projections` fed as [N, 9, h, w, GK], so the graph
-  skips the transpose (a change of the bank's external layout; measured to size that gain);
+- gather: what bundles export (`sampler="gather"`, `tap_projections` channel-last [N, 9, h, w, GK] as
+  support.onnx writes it): the 2x2 window around every sample computed in the graph (Floor, Clip,
+  Cast) with bilinear hat weights, one Gather of 9 taps x 4 corners rows of GK values per position
+  and one batched MatMul for the weighted sum;
+- gather, channel-first bank: the same fed the earlier bundle layout [N, 9, GK, h, w], which the graph
+  transposes to rows first (one pass over the whole bank per frame);
 - dense matrix: no Gather and no Transpose, a dense [hw, hw] bilinear matrix per (class, tap) built
-  from hat functions relu(1 - |p - i|), one batched MatMul against the bank as it is, a sum over taps
-  (its cost grows with (h*w)^2 per class, the gather's with h*w);
+  from hat functions relu(1 - |p - i|), one batched MatMul against the channel-first bank, a sum over
+  taps (its cost grows with (h*w)^2 per class, the gather's with h*w);
 - chunked N: the gridsample and gather graphs called on chunks of classes (the runtime's HEAD_CHUNK).
 
 Exactness: each variant's scores against gridsample's, relative = max|got - ref| / max|ref| (the
@@ -45,43 +46,33 @@ from torch import nn
 
 from dmf_deploy import ModelConfig
 from dmf_deploy.export.graphs import HeadGraph, export_graph
-from dmf_deploy.head import ClassBank, sample_taps_gather
+from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import HEAD, graph_io
 from dmf_deploy.model import DMFNet
 
 SOLVER, STEPS, OPSET = "dopri5", 8, 18
 TOLERANCE = 1e-4
 WARMUP = 2
-VARIANTS = ("gridsample", "gather", "gather-cl", "dense")
+VARIANTS = ("gridsample", "gather", "gather-cf", "dense")
+CHANNELS_LAST = ("gather",)  # variants fed tap_projections [N, 9, h, w, GK]
 LABELS = {
     "gridsample": "GridSample (reference)",
-    "gather": "Gather (bank transposed in the graph)",
-    "gather-cl": "Gather, channel-last bank input",
+    "gather": "Gather, channel-last bank (as exported)",
+    "gather-cf": "Gather, channel-first bank (transposed)",
     "dense": "dense bilinear matrix + MatMul (no Gather)",
 }
 
 
-class _BankLastHead(nn.Module):
-    """The head with `tap_projections` channel-last, [N, 9, h, w, GK]; `sample` gives [Q, N, hw, GK]."""
+class _Head(nn.Module):
+    """The bundle's head graph with a chosen bank layout (`HeadGraph` is the channel-last one)."""
 
-    def __init__(self, model: DMFNet, sample: Callable) -> None:
+    def __init__(self, model: DMFNet, channels_last_bank: bool) -> None:
         super().__init__()
-        self.model, self.sample = model, sample
+        self.model, self.channels_last_bank = model, channels_last_bank
 
     def forward(self, query, support_offset, tap_projections, class_weight):
-        head = self.model.head
-        n = class_weight.shape[0]
-        bank = ClassBank(support_offset, tap_projections.new_zeros(n, 9, 1, 1, 1), class_weight)
-        q, _, h, w = query.shape
-        py, px = head.sampling_positions(query, bank)
-        rows = self.sample(tap_projections, py, px)  # [Q, N, hw, GK]
-        filt = torch.sigmoid(rows.transpose(2, 3).reshape(q, n, -1, h, w))  # as DMFHead.filters
-        maps = head._group_space_scores(query, filt, class_weight, SOLVER, STEPS, 1e-2, 1e-2)
-        return maps.mean(dim=(2, 3))
-
-
-def _gather_bank_last(taps: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    return sample_taps_gather(taps, py, px, channels_last_bank=True)
+        bank = ClassBank(support_offset, tap_projections, class_weight)
+        return self.model.head_scores(query, bank, SOLVER, STEPS, channels_last_bank=self.channels_last_bank)
 
 
 def _dense(taps: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
@@ -130,14 +121,15 @@ def build_model(ckpt: str | None = None, seed: int = 0) -> DMFNet:
 
 def export_variants(model: DMFNet, out: Path) -> dict[str, Path]:
     config = model.config
-    spec = graph_io(config)[HEAD]
+    last_spec = graph_io(config)[HEAD]  # the bundle's: tap_projections channel-last
     s, gk = config.feature_size, config.filter_channels
-    last_spec = {"inputs": dict(spec["inputs"]), "outputs": spec["outputs"]}
-    last_spec["inputs"]["tap_projections"] = ["N", 9, s, s, gk]
+    first_spec = {"inputs": dict(last_spec["inputs"]), "outputs": last_spec["outputs"]}
+    first_spec["inputs"]["tap_projections"] = ["N", 9, gk, s, s]
     gen = torch.Generator().manual_seed(1)
     query = torch.randn(2, config.channels, s, s, generator=gen)
     with torch.no_grad():
         bank = model.class_bank(torch.randn(3, config.channels, s, s, generator=gen))
+    first = (query, *bank)
     last = (query, bank.support_offset, to_bank_last(bank.tap_projections), bank.class_weight)
     paths = {}
     for name in VARIANTS:
@@ -145,13 +137,13 @@ def export_variants(model: DMFNet, out: Path) -> dict[str, Path]:
         paths[name] = path
         if path.is_file():  # a kept graph (--keep)
             continue
-        if name in ("gridsample", "gather"):
-            model.head.sampler = "grid_sample" if name == "gridsample" else "gather"
-            export_graph(HeadGraph(model, SOLVER, STEPS).eval(), (query, *bank), spec, path, OPSET)
+        model.head.sampler = "grid_sample" if name == "gridsample" else "gather"
+        if name == "gather":
+            export_graph(HeadGraph(model, SOLVER, STEPS).eval(), last, last_spec, path, OPSET)
         elif name == "dense":
-            export_graph(_DenseHead(model).eval(), (query, *bank), spec, path, OPSET)
+            export_graph(_DenseHead(model).eval(), first, first_spec, path, OPSET)
         else:
-            export_graph(_BankLastHead(model, _gather_bank_last).eval(), last, last_spec, path, OPSET)
+            export_graph(_Head(model, channels_last_bank=False).eval(), first, first_spec, path, OPSET)
     model.head.sampler = None
     return paths
 
@@ -170,6 +162,7 @@ def session(path: Path, threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -188,7 +181,7 @@ def make_inputs(model: DMFNet, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def runner(sess, name: str, feeds: dict[str, np.ndarray], chunk: int | None) -> Callable[[], np.ndarray]:
-    if name == "gather-cl":
+    if name in CHANNELS_LAST:
         feeds = {**feeds, "tap_projections": to_bank_last(feeds["tap_projections"])}
     n = len(feeds["class_weight"])
     if not chunk or chunk >= n:

@@ -137,8 +137,12 @@ def import_cost() -> dict[str, float]:
         runs.append([float(v) for v in out.stdout.split()])
     ms, rss, torch_loaded = np.median(np.array(runs), axis=0)
     bare_rss = float(subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True).stdout)
-    return {"import_ms": float(ms), "rss_mb": float(rss), "bare_python_rss_mb": bare_rss,
-            "torch_imported": bool(torch_loaded)}
+    return {
+        "import_ms": float(ms),
+        "rss_mb": float(rss),
+        "bare_python_rss_mb": bare_rss,
+        "torch_imported": bool(torch_loaded),
+    }
 
 
 def main() -> None:
@@ -253,8 +257,10 @@ def report(r: dict) -> None:
     bb = r["backbone"]
     print()
     print(f"Model:   {r['model']}")
-    print(f"Backend: {r['backend']}; {r['cpus']} CPUs; load average at start "
-          f"{', '.join(f'{x:.1f}' for x in r['load_average'])}; Recognizer.open {r['open_s']:.2f} s")
+    print(
+        f"Backend: {r['backend']}; {r['cpus']} CPUs; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in r['load_average'])}; Recognizer.open {r['open_s']:.2f} s"
+    )
     print()
     head = ("measure", "median ms", "p90 ms", "ratio", "(of ms)", "target")
     print("| {:<40} | {:>9} | {:>8} | {:>5} | {:>7} | {:<14} |".format(*head))
@@ -274,22 +280,33 @@ def report(r: dict) -> None:
         row(f"scores(1 frame), N = {n} (exact)", t, f"{t['ratio']:.2f}", f"{t['backbone_ms']:.2f}", target)
     er = r["enroll_ratio"]
     row("classify(1 frame), N = 1", r["classify_n1"])
-    row("enroll one shot (existing class)", r["enroll_shot"], f"{er:.2f}",
-        f"{r['classify_n1']['median_ms']:.2f}", f"<= {ENROLL_TARGET:g}x {verdict(er <= ENROLL_TARGET)}")
-    print("ratio: median over the median of its reference (the backbone, or classify at N = 1) timed "
-          "alongside it; '(of ms)' is that reference's median")
+    row(
+        "enroll one shot (existing class)",
+        r["enroll_shot"],
+        f"{er:.2f}",
+        f"{r['classify_n1']['median_ms']:.2f}",
+        f"<= {ENROLL_TARGET:g}x {verdict(er <= ENROLL_TARGET)}",
+    )
+    print(
+        "ratio: median over the median of its reference (the backbone, or classify at N = 1) timed "
+        "alongside it; '(of ms)' is that reference's median"
+    )
     print()
     rss = r["rss"]
     growth_ok = rss["growth_mb"] < RSS_TARGET_MB
-    print(f"RSS over {rss['iterations']} classify calls at N = {rss['classes']} "
-          f"({rss['classify_ms_mean']:.1f} ms each): {rss['start_mb']:.1f} -> {rss['end_mb']:.1f} MB "
-          f"(growth {rss['growth_mb']:+.1f} MB, max {rss['max_mb']:.1f} MB; target < {RSS_TARGET_MB:g} MB: "
-          f"{verdict(growth_ok)})")
+    print(
+        f"RSS over {rss['iterations']} classify calls at N = {rss['classes']} "
+        f"({rss['classify_ms_mean']:.1f} ms each): {rss['start_mb']:.1f} -> {rss['end_mb']:.1f} MB "
+        f"(growth {rss['growth_mb']:+.1f} MB, max {rss['max_mb']:.1f} MB; target < {RSS_TARGET_MB:g} MB: "
+        f"{verdict(growth_ok)})"
+    )
     print("  samples (MB): " + " ".join(f"{v:.1f}" for v in rss["samples_mb"]))
     imp = r["import"]
-    print(f"import dmf_deploy.runtime (fresh interpreter, median of 5): {imp['import_ms']:.0f} ms; "
-          f"RSS after import {imp['rss_mb']:.1f} MB (bare python {imp['bare_python_rss_mb']:.1f} MB); "
-          f"torch imported: {imp['torch_imported']}")
+    print(
+        f"import dmf_deploy.runtime (fresh interpreter, median of 5): {imp['import_ms']:.0f} ms; "
+        f"RSS after import {imp['rss_mb']:.1f} MB (bare python {imp['bare_python_rss_mb']:.1f} MB); "
+        f"torch imported: {imp['torch_imported']}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def exact_scores(rec: Recognizer, feats: np.ndarray, bank: dict[str, np.ndarray]
 
 def coarse_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:
     """The shortlist's ranking score, as `Recognizer._classify_scores` computes it."""
-    return feats.mean(axis=(2, 3)) @ class_weight.T
+    return np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), class_weight)
 
 
 def winner_ranks(exact: np.ndarray, coarse: np.ndarray) -> np.ndarray:
@@ -103,7 +103,8 @@ def run_seed(rec, names, labels, feats, ks, seed, batch, check, rng_check, cache
     is_query[shot] = False
     q_idx = np.flatnonzero(is_query)
     start = time.perf_counter()
-    cached = cache / f"exact-seed{seed}.npy" if cache else None
+    head_sha = rec.manifest["graphs"]["head"]["sha256"][:12]
+    cached = cache / f"exact-{head_sha}-seed{seed}.npy" if cache else None
     if cached is not None and cached.is_file():
         exact_all = np.load(cached)
     else:
@@ -211,7 +212,8 @@ def main() -> None:
 def report(results: dict) -> None:
     ks = results["ks"]
     seeds = results["seeds"]
-    print("\nTop-1 agreement of shortlist-K with exact (mean over seeds; min over seeds in brackets)\n")
+    several = " (mean over seeds; min over seeds in brackets)" if len(seeds) > 1 else ""
+    print(f"\nTop-1 agreement of shortlist-K with exact{several}\n")
     header = f"| {'classes':>7} | {'queries':>7} | {'exact acc.':>10} | {'coarse acc.':>11} | "
     header += " | ".join(f"{'K=' + str(k):>15}" for k in ks) + f" | {'rank q99.5':>10} | {'max rank':>8} |"
     print(header)
@@ -225,7 +227,8 @@ def report(results: dict) -> None:
         cells = []
         for k in ks:
             values = [p["shortlist"][k]["agreement"] for p in per]
-            cells.append(f"{100 * np.mean(values):6.2f}% ({100 * min(values):5.2f})")
+            bracket = f" ({100 * min(values):5.2f})" if len(values) > 1 else ""
+            cells.append(f"{100 * np.mean(values):6.2f}%{bracket}")
         queries = sum(p["queries"] for p in per)
         q995 = max(p["winner_rank_q995"] for p in per)
         worst = max(p["winner_rank_max"] for p in per)

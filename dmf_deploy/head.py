@@ -15,11 +15,12 @@ DCN v1), chosen by `DMFHead.sampler`:
 
 - ``"grid_sample"`` (the reference): `F.grid_sample` over [N*9, GK, h, w] tap maps. Its saved
   tensors are small, so PyTorch training and evaluation use it.
-- ``"gather"``: the four bilinear corners of every sample position computed in the graph (Floor,
-  Clip, Cast), the tap maps flattened channel-last to rows of GK values, the corners fetched with one
-  Gather, and the weighted sum over 9 taps x 4 corners done by one batched MatMul. A corner outside
-  the map gets weight zero. Standard ops only (no GridSample), and 2-3x faster than ONNX Runtime's
-  CPU GridSample (benchmarks/head_formulations.py), so exported head graphs use it.
+- ``"gather"``: the 2x2 window of map positions around every sample computed in the graph (Floor,
+  Clip, Cast) with bilinear hat weights relu(1 - |y - i|) * relu(1 - |x - j|) (zero for a position
+  that is not a neighbour, so samples off the map read zero), the tap maps flattened channel-last to
+  rows of GK values, the 9 taps x 4 corners fetched with one Gather and summed by one batched MatMul.
+  Standard ops only (no GridSample), and about 4x faster than ONNX Runtime's CPU GridSample at 1000
+  classes (benchmarks/head_formulations.py), so exported head graphs use it.
 
 The default, ``sampler=None``, picks "gather" while torch is exporting a graph and "grid_sample"
 otherwise.
@@ -46,6 +47,7 @@ class ClassBank(NamedTuple):
 
     support_offset: torch.Tensor  # [N, 18, h, w]  support half of the offset conv
     tap_projections: torch.Tensor  # [N, 9, G*k*k, h, w]  W_t . S per tap of the deformable conv
+    # (bundles store it channel-last, [N, 9, h, w, G*k*k]: see `channels_last_bank` below)
     class_weight: torch.Tensor  # [N, C]  meta-classifier weight: mean of the L2-normalised prototype
 
 
@@ -115,17 +117,25 @@ class DMFHead(nn.Module):
         px = cols + shift[:, 1].reshape(1, 1, TAPS, 1, 1) + offset[:, :, :, 1]
         return py, px
 
-    def filters(self, query: torch.Tensor, bank: ClassBank) -> torch.Tensor:
-        """Meta-filters for every (query, class) pair: [Q, N, G*k*k, h, w], sigmoid applied."""
+    def filters(self, query: torch.Tensor, bank: ClassBank, channels_last_bank: bool = False) -> torch.Tensor:
+        """Meta-filters for every (query, class) pair: [Q, N, G*k*k, h, w], sigmoid applied.
+
+        `channels_last_bank`: the bank's tap_projections are [N, 9, h, w, G*k*k], as bundles store
+        them (the gather sampler then reads rows of G*k*k values without transposing the bank).
+        """
         q, _, h, w = query.shape
         py, px = self.sampling_positions(query, bank)
+        taps = bank.tap_projections
         if self.active_sampler() == "gather":
-            rows = sample_taps_gather(bank.tap_projections, py, px)  # [Q, N, h*w, GK]
-            # Channel-first again: a batched 2-D transpose, which ONNX Runtime does faster than the
-            # 4-D permutes the group-space products would otherwise need.
+            rows = sample_taps_gather(taps, py, px, channels_last_bank)  # [Q, N, h*w, GK]
+            # Channel-first again: a batched 2-D transpose. Measured: keeping the rows channel-last
+            # through the group-space products costs a 4-D permute of the [Q, G, hw, N] products
+            # instead, which ONNX Runtime does 4x slower.
             summed = rows.transpose(2, 3).reshape(q, rows.shape[1], -1, h, w)
         else:
-            summed = sample_taps_grid_sample(bank.tap_projections, py, px)
+            if channels_last_bank:
+                taps = taps.permute(0, 1, 4, 2, 3)
+            summed = sample_taps_grid_sample(taps, py, px)
         return torch.sigmoid(summed)
 
     # ----- ODE + meta-classifier ----------------------------------------------------------------
@@ -137,9 +147,10 @@ class DMFHead(nn.Module):
         steps: int,
         rtol: float = 1e-2,
         atol: float = 1e-2,
+        channels_last_bank: bool = False,
     ) -> torch.Tensor:
         """Per-position scores <X(1)(p), w>: [Q, N, h, w] (before any official-compat scale)."""
-        filt = self.filters(query, bank)
+        filt = self.filters(query, bank, channels_last_bank)
         if self.kernel == 1:
             return self._group_space_scores(query, filt, bank.class_weight, solver, steps, rtol, atol)
         return self._channel_space_scores(query, filt, bank.class_weight, solver, steps, rtol, atol)
@@ -227,8 +238,9 @@ def sample_taps_gather(
     """The same samples from standard ops. taps [N, 9, GK, h, w] (or [N, 9, h, w, GK] with
     `channels_last_bank`); py, px [Q, N, 9, h, w] -> channel-last [Q, N, h*w, GK].
 
-    Each sample is sum_corners weight * P[corner], over the 4 integer corners around (y, x); a corner
-    outside the map reads zero (DCN v1), so it gets weight zero and a clamped, valid index.
+    Each sample reads the 2x2 window of map positions around (y, x), clamped into the map, with the
+    bilinear hat weights relu(1 - |y - i|) * relu(1 - |x - j|). A window member that is not a neighbour
+    of (y, x) (the sample lies off the map's edge, or outside it: DCN v1 reads zero there) gets weight 0.
     """
     if channels_last_bank:
         n, taps_, h, w, gk = taps.shape
@@ -242,30 +254,27 @@ def sample_taps_gather(
     # Positions as [Q, N, hw, 9], so that the corners gathered for one output position are adjacent.
     py = py.reshape(q, n, taps_, hw).transpose(2, 3)
     px = px.reshape(q, n, taps_, hw).transpose(2, 3)
-    y0, x0 = torch.floor(py), torch.floor(px)
-    fy, fx = py - y0, px - x0
-    weights_y, rows_y = _corner_axis(y0, fy, h)
-    weights_x, cols_x = _corner_axis(x0, fx, w)
+    row, weights_y, step_y = _window(py, h)
+    col, weights_x, step_x = _window(px, w)
     base = torch.arange(n * taps_, dtype=torch.int32, device=taps.device).reshape(1, n, 1, taps_) * hw
-    index = torch.stack([base + rows_y[dy] * w + cols_x[dx] for dy, dx in CORNERS], dim=-1)  # [Q,N,hw,9,4]
+    steps = torch.tensor([0, step_x, step_y * w, step_y * w + step_x], dtype=torch.int32, device=taps.device)
+    index = (base + row * w + col).unsqueeze(-1) + steps  # [Q, N, hw, 9, 4] rows of the table
     weight = torch.stack([weights_y[dy] * weights_x[dx] for dy, dx in CORNERS], dim=-1)
     corners = torch.index_select(table, 0, index.reshape(-1)).reshape(q * n * hw, taps_ * 4, gk)
     summed = torch.matmul(weight.reshape(q * n * hw, 1, taps_ * 4), corners)  # [Q*N*hw, 1, GK]
     return summed.reshape(q, n, hw, gk)
 
 
-def _corner_axis(
-    lower: torch.Tensor, frac: torch.Tensor, size: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Along one axis: the weights (1 - frac, frac) of the corners lower and lower + 1, zero for a
-    corner outside 0..size-1, and their indices clamped into the map (int32: TensorRT's index type)."""
-    weights, indices = [], []
-    for step, weight in ((0, 1.0 - frac), (1, frac)):
-        corner = lower + step
-        clamped = torch.clamp(corner, 0, size - 1)
-        weights.append(torch.where(clamped == corner, weight, torch.zeros_like(weight)))
-        indices.append(clamped.to(torch.int32))
-    return (weights[0], weights[1]), (indices[0], indices[1])
+def _window(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int]:
+    """Along one axis: the first index of the 2-wide window clamped into 0..size-1 (int32: TensorRT's
+    index type), the hat weights of its two members, and the index step between them (0 when size is
+    1: the window is that one position, its second member weighted 0)."""
+    if size == 1:
+        return torch.zeros_like(pos, dtype=torch.int32), (torch.relu(1 - pos.abs()), torch.zeros_like(pos)), 0
+    first = torch.clamp(torch.floor(pos), 0, size - 2)
+    offset = pos - first
+    weights = (torch.relu(1 - offset.abs()), torch.relu(1 - (offset - 1).abs()))
+    return first.to(torch.int32), weights, 1
 
 
 def filter_per_tap(filt: torch.Tensor, groups: int, kernel: int, official_order: bool) -> torch.Tensor:

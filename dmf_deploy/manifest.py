@@ -4,7 +4,9 @@ Graph I/O names (stable, documented in README.md):
 
 - backbone.onnx: ``images`` [B,3,S,S] -> ``features`` [B,C,h,w]
 - support.onnx:  ``prototypes`` [N,C,h,w] -> ``support_offset`` [N,18,h,w],
-  ``tap_projections`` [N,9,G*k*k,h,w], ``class_weight`` [N,C]
+  ``tap_projections`` [N,9,h,w,G*k*k] (channel-last: the head gathers rows of G*k*k values from it,
+  and a channel-first bank would cost the head one transpose of the whole bank per frame),
+  ``class_weight`` [N,C]
 - head.onnx:     ``query_features`` [Q,C,h,w] + the three class-bank tensors -> ``scores`` [Q,N]
 """
 
@@ -57,7 +59,7 @@ def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
     c, s, size = config.channels, config.feature_size, config.preprocess.image_size
     bank = {
         "support_offset": ["N", 18, s, s],
-        "tap_projections": ["N", 9, config.filter_channels, s, s],
+        "tap_projections": ["N", 9, s, s, config.filter_channels],
         "class_weight": ["N", c],
     }
     return {
@@ -65,6 +67,21 @@ def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
         SUPPORT: {"inputs": {"prototypes": ["N", c, s, s]}, "outputs": bank},
         HEAD: {"inputs": {"query_features": ["Q", c, s, s], **bank}, "outputs": {"scores": ["Q", "N"]}},
     }
+
+
+def bundle_graph_io(manifest: dict[str, Any]) -> dict[str, dict[str, dict[str, list]]]:
+    """The graph I/O a bundle was written with, as its manifest records it (`graph_io`'s form).
+
+    Consumers of an existing bundle read this rather than `graph_io(config)`, so that a bundle written
+    by an earlier version (e.g. with a channel-first class bank) is served as it is.
+    """
+    io = {}
+    for name in GRAPH_NAMES:
+        entry = manifest["graphs"][name]
+        if not isinstance(entry.get("inputs"), dict) or not isinstance(entry.get("outputs"), dict):
+            raise BundleError(f"the manifest does not record the inputs and outputs of the {name} graph")
+        io[name] = {"inputs": entry["inputs"], "outputs": entry["outputs"]}
+    return io
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:

@@ -65,10 +65,12 @@ class DMFNet(nn.Module):
         bank: ClassBank,
         solver: str | None = None,
         steps: int | None = None,
+        channels_last_bank: bool = False,
     ) -> torch.Tensor:
-        """Factored per-position scores [Q, N, h, w]."""
+        """Factored per-position scores [Q, N, h, w]. `channels_last_bank`: see `DMFHead.filters`."""
         solver, steps = self.resolve_solver(solver, steps)
-        return self.head.score_map(query_features, bank, solver, steps, self.config.rtol, self.config.atol)
+        tolerances = (self.config.rtol, self.config.atol)
+        return self.head.score_map(query_features, bank, solver, steps, *tolerances, channels_last_bank)
 
     def head_scores(
         self,
@@ -76,9 +78,10 @@ class DMFNet(nn.Module):
         bank: ClassBank,
         solver: str | None = None,
         steps: int | None = None,
+        channels_last_bank: bool = False,
     ) -> torch.Tensor:
         """[Q, N] scores from query features and a class bank (what head.onnx computes)."""
-        maps = self.score_map(query_features, bank, solver, steps)
+        maps = self.score_map(query_features, bank, solver, steps, channels_last_bank)
         return maps.mean(dim=(2, 3)) * self.config.score_scale(tuple(maps.shape[-2:]))
 
     # ----- the public few-shot API -----------------------------------------------------------------

@@ -65,13 +65,17 @@ def preprocess_frame(frame: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed."""
-    if (
-        isinstance(frames, np.ndarray)
-        and frames.ndim in (2, 3)
-        and (frames.ndim == 2 or frames.shape[2] in (1, 3))
-    ):
+    if isinstance(frames, np.ndarray) and frames.ndim != 4:
+        if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 3)):
+            raise InvalidFrame(
+                f"expected a sequence of frames but got a single frame of shape {frames.shape}; "
+                "wrap it in a list"
+            )
+        # Iterated, an HxWx4 (BGRA) array would be taken for H grey frames of W x 4 pixels, and a
+        # 1-D array for numbers: an array must be a [B, H, W, C] batch.
         raise InvalidFrame(
-            f"expected a sequence of frames but got a single frame of shape {frames.shape}; wrap it in a list"
+            f"expected a sequence of frames or a [B, H, W, C] array of them, got one array of shape "
+            f"{frames.shape}; a frame is HxWx3 uint8 (BGR) or HxW (grey), wrapped in a list"
         )
     if len(frames) == 0:
         raise InvalidFrame("no frames given")

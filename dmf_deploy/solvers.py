@@ -140,11 +140,11 @@ def linear_growth(
         return torch.exp(rate)
     if solver == "dopri5-adaptive":
         return adaptive_solve(lambda y: rate * y, torch.ones_like(rate), rtol, atol)
-    coeffs = stability_polynomial(solver)
-    z = rate * (1.0 / steps)
-    factor = torch.full_like(z, coeffs[-1])
-    for c in reversed(coeffs[:-1]):  # Horner
-        factor = factor * z + c
+    # R(rate / steps) with the 1 / steps folded into the coefficients: sum_k (c_k / steps^k) rate^k.
+    coeffs = [c / steps**k for k, c in enumerate(stability_polynomial(solver))]
+    factor = rate * coeffs[-1] + coeffs[-2]
+    for c in reversed(coeffs[:-2]):  # Horner
+        factor = factor * rate + c
     return _power(factor, steps)
 
 

@@ -30,13 +30,18 @@ class BackboneGraph(nn.Module):
         return self.model.features(images)
 
 
+def bundle_bank(bank: ClassBank) -> ClassBank:
+    """A PyTorch class bank in the bundle's layout: tap_projections channel-last, [N, 9, h, w, GK]."""
+    return bank._replace(tap_projections=bank.tap_projections.permute(0, 1, 3, 4, 2).contiguous())
+
+
 class SupportGraph(nn.Module):
     def __init__(self, model: DMFNet) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(self.model.class_bank(prototypes))
+        return tuple(bundle_bank(self.model.class_bank(prototypes)))
 
 
 class HeadGraph(nn.Module):
@@ -52,7 +57,7 @@ class HeadGraph(nn.Module):
         class_weight: torch.Tensor,
     ) -> torch.Tensor:
         bank = ClassBank(support_offset, tap_projections, class_weight)
-        return self.model.head_scores(query_features, bank, self.solver, self.steps)
+        return self.model.head_scores(query_features, bank, self.solver, self.steps, channels_last_bank=True)
 
 
 def graph_modules(model: DMFNet, solver: str, steps: int) -> dict[str, nn.Module]:
@@ -75,7 +80,7 @@ def example_inputs(model: DMFNet) -> dict[str, tuple[torch.Tensor, ...]]:
     with torch.no_grad():
         images = make(io_spec[BACKBONE]["inputs"]["images"])
         prototypes = make(io_spec[SUPPORT]["inputs"]["prototypes"])
-        bank = model.class_bank(prototypes)
+        bank = bundle_bank(model.class_bank(prototypes))
         query = make(io_spec[HEAD]["inputs"]["query_features"])
     return {BACKBONE: (images,), SUPPORT: (prototypes,), HEAD: (query, *bank)}
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmf_deploy.export.graphs import bundle_bank
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
 from dmf_deploy.model import DMFNet
@@ -118,12 +119,13 @@ def check_bundle(
                 bank = model.class_bank(protos)
                 q_feats = feats[len(support) :]
                 ref_scores = model.head_scores(q_feats, bank, solver, steps).numpy()
+                stored = {k: v.numpy() for k, v in zip(CLASS_BANK, bundle_bank(bank))}  # the bundle's layout
             # Each graph fed the reference inputs, so errors do not compound across graphs.
             got = backend.run(BACKBONE, {"images": query})
             comparisons += _compare(case, {"features": q_feats.numpy()}, got, tol)
             got = backend.run(SUPPORT, {"prototypes": protos.numpy()})
-            comparisons += _compare(case, {k: v.numpy() for k, v in zip(CLASS_BANK, bank)}, got, tol)
-            head_in = {"query_features": q_feats.numpy(), **{k: v.numpy() for k, v in zip(CLASS_BANK, bank)}}
+            comparisons += _compare(case, stored, got, tol)
+            head_in = {"query_features": q_feats.numpy(), **stored}
             comparisons += _compare(case, {"scores": ref_scores}, backend.run(HEAD, head_in), tol)
             # End to end: ORT all the way, as the runtime runs it.
             e2e = _ort_episode(backend, support, labels, query, n_way)

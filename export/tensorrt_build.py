@@ -30,7 +30,7 @@ import numpy as np
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import ModelConfig
-from dmf_deploy.manifest import GRAPH_NAMES, MANIFEST_NAME, graph_io, sha256_file, verify_graph
+from dmf_deploy.manifest import GRAPH_NAMES, MANIFEST_NAME, bundle_graph_io, sha256_file, verify_graph
 
 # The runtime module owns the (lazy) tensorrt / cuda-python imports and the GPU query; it imports
 # neither torch nor tensorrt at module level, so the builder reuses it rather than duplicating them.
@@ -134,7 +134,7 @@ def profile_shapes(
 ) -> ProfileShapes:
     """{input name: (min, opt, max)} for one graph's optimization profile.
 
-    `manifest_graph_io` is `graph_io(config)`: shapes whose strings are the dynamic axes. B (backbone
+    `manifest_graph_io` is `bundle_graph_io(manifest)`: shapes whose strings are the dynamic axes. B (backbone
     images) and Q (head queries) range over 1..max_batch (Q: 1..max_queries, default max_batch), N
     (classes, support and head) over 1..max_classes. `--max-classes` sizes only this profile: ONNX and
     onnxruntime have no class limit.
@@ -525,7 +525,7 @@ def build_engines(
     gpu_name, cc = gpu_identity()
     version = trt.__version__
     precision = "fp16" if fp16 else "fp32"
-    io = graph_io(_model_config(manifest))
+    io = bundle_graph_io(manifest)
     cache_path = (
         Path(timing_cache_path) if timing_cache_path else bundle / timing_cache_name(version, gpu_name, cc)
     )

@@ -24,7 +24,15 @@ from typing import Any
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import ModelConfig
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, graph_io, verify_graph
+from dmf_deploy.manifest import (
+    BACKBONE,
+    CLASS_BANK,
+    GRAPH_NAMES,
+    HEAD,
+    SUPPORT,
+    bundle_graph_io,
+    verify_graph,
+)
 
 log = logging.getLogger("dmf_deploy.export")
 
@@ -98,7 +106,7 @@ def write_triton_repository(
     bundle, out = Path(bundle_dir), Path(out_dir)
     config_ = manifest.get("model_config")
     config = config_ if isinstance(config_, ModelConfig) else ModelConfig.from_dict(manifest["model"])
-    io = graph_io(config)
+    io = bundle_graph_io(manifest)
     platforms: dict[str, str] = {}
     backbone_batch = max_batch
     for graph in GRAPH_NAMES:
@@ -175,7 +183,7 @@ tritonserver --model-repository {out.resolve()}
    RGB, /255, mean/std normalised) -> `features` [B,{c},{s},{s}]. Triton batches these requests
    dynamically (max_batch_size {max_batch}).
 2. `dmf_support`, at enrolment: `prototypes` [N,{c},{s},{s}] (the mean of each class's support features)
-   -> the class bank `support_offset` [N,18,{s},{s}], `tap_projections` [N,9,{gk},{s},{s}],
+   -> the class bank `support_offset` [N,18,{s},{s}], `tap_projections` [N,9,{s},{s},{gk}] (channel-last),
    `class_weight` [N,{c}]. The client keeps the bank; the server keeps nothing.
 3. `dmf_head`, per frame: `query_features` [Q,{c},{s},{s}] + the class bank -> `scores` [Q,N].
    max_batch_size 0 and no dynamic batching: the bank is part of each request, so any replica can

@@ -19,6 +19,10 @@ from dmf_deploy.manifest import GRAPH_NAMES, BundleError, verify_graph
 log = logging.getLogger("dmf_deploy.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# ONNX Runtime's intra-op threads spin for a while after each run by default. The three bundle
+# sessions take turns on the same cores, so a spinning session steals them from the next one: on two
+# cores the backbone after a head run took 67 ms instead of 35 (benchmarks/README.md, dmf-bench).
+ALLOW_SPINNING = "0"
 
 
 class Backend(Protocol):
@@ -43,6 +47,7 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", ALLOW_SPINNING)
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.providers = providers

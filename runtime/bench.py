@@ -11,8 +11,9 @@ Stages, each timed on its own (median and p90 of --repeats calls after warm-up c
 - with torch installed and the bundle's checkpoint at hand: the PyTorch head in its factored form
   (class bank precomputed, as the runtime) and its literal pairwise form, side by side.
 
-The stages of one N are called in turn (a, b, c, a, b, c, ...), so that other load on the machine
-hits them alike, and the backbone is timed in that same loop: the ratios to it are call-for-call.
+Each stage runs in blocks of back-to-back calls (as a camera loop calls it) that take turns with the
+other stages of the same N over two rounds, so that load drifting over the run hits them alike; the
+backbone is timed again at every N, and the ratios use that figure.
 
 Classes are enrolled quickly: support.onnx runs on perturbed copies of real feature maps in batches
 and the rows are written with `Gallery.add_shots` + `set_bank`, instead of N backbone calls.
@@ -62,23 +63,29 @@ def stats(seconds: list[float], cpu_seconds: list[float] | None = None) -> dict[
     return out
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = WARMUP
+def time_blocks(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = WARMUP, rounds: int = 2
 ) -> dict[str, dict[str, float]]:
     """Median and p90 wall-clock time (and median CPU time of this process, all threads) of each
-    function, called in turn (a, b, a, b, ...) after `warmup` rounds. On a loaded machine the CPU time
-    is the steadier figure: it leaves out the time spent waiting for a core."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    function. Each function runs in blocks of back-to-back calls, as a camera loop calls it, after
+    `warmup` calls; the blocks take turns (a, b, c, a, b, c) over `rounds`, so that load drifting over
+    the run hits all alike. Calls of different functions are not interleaved one by one: an ONNX
+    Runtime session's threads spin for a while after its run and would slow the next session's call,
+    which is no part of either. On a loaded machine the CPU time is the steadier figure: it leaves out
+    the time spent waiting for a core."""
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    rounds = max(1, min(rounds, repeats))
+    for r in range(rounds):
+        calls = repeats // rounds + (1 if r < repeats % rounds else 0)
         for name, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
+            for _ in range(warmup):
+                fn()
+            for _ in range(calls):
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
     return {name: stats(wall[name], cpu[name]) for name in fns}
 
 
@@ -197,7 +204,10 @@ def torch_forms(
             protos = torch.from_numpy(
                 np.ascontiguousarray(gallery.feature_sums / gallery.counts[:, None, None, None])
             )
-            bank = model.class_bank(protos.float())
+            # The bank in batches: torch's broadcast MatMul in class_bank expands [N, 9, C, h*w] (5 GB at
+            # N = 1000 for ResNet-12); ONNX Runtime's support graph does not.
+            parts = [model.class_bank(protos[i : i + 50].float()) for i in range(0, len(protos), 50)]
+            bank = type(parts[0])(*(torch.cat(t) for t in zip(*parts)))
 
             def factored(bank=bank) -> object:
                 return model.head_scores(q, bank, solver, steps)
@@ -214,7 +224,7 @@ def torch_forms(
                     return torch.cat(parts, dim=1)
 
                 fns["literal"] = literal
-            entry = time_interleaved(fns, repeats, warmup=1)
+            entry = time_blocks(fns, repeats, warmup=1)
             if "literal" not in entry:
                 entry["literal"] = {"skipped": f"N > --literal-max {literal_max}"}
             out["by_classes"][n] = entry
@@ -261,7 +271,7 @@ def run_bench(
 
     # Backbone by batch size.
     batches = {b: rec.preprocess(random_frames(b, seed=10 + b)) for b in BACKBONE_BATCHES}
-    timed = time_interleaved(
+    timed = time_blocks(
         {f"B={b}": (lambda x=x: rec.backend.run(BACKBONE, {"images": x})) for b, x in batches.items()},
         repeats,
     )
@@ -282,7 +292,7 @@ def run_bench(
         empty.enroll("bench", [frame])
         empty.remove("bench")
 
-    timed = time_interleaved(
+    timed = time_blocks(
         {"enroll": enroll_one, "support": lambda: rec.backend.run(SUPPORT, {"prototypes": protos})}, repeats
     )
     results["enroll"] = {
@@ -315,7 +325,7 @@ def run_bench(
         if shortlist:
             short = Recognizer(rec.bundle, rec.manifest, rec.backend, gallery, None, shortlist=shortlist)
             fns["classify_shortlist"] = lambda short=short: short.classify(frame)
-        timed = time_interleaved(fns, repeats)
+        timed = time_blocks(fns, repeats)
         base, base_cpu = timed["backbone"]["median_ms"], timed["backbone"]["cpu_median_ms"]
         for name in fns:
             if name != "backbone":
@@ -425,8 +435,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [
         "",
         "CPU ms: median CPU time of the process (all threads), the steadier figure on a loaded machine.",
-        "x backbone: median over the median of the backbone (B = 1) timed in the same loop (CPU: the same"
-        " with CPU times).",
+        "x backbone: median over the median of the backbone alone (B = 1) timed with the same N (CPU: the"
+        " same with CPU times).",
         f"bank MB/frame: the memory floor, class-bank bytes one frame reads ({per_class / 1e6:.3f} MB per "
         "class exact; a shortlist reads every class weight plus K banks).",
         f"peak RSS: ru_maxrss after the stage; {r['peak_rss_mb']['end']:.0f} MB at the end.",

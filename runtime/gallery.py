@@ -259,8 +259,11 @@ class Gallery:
         self._bank_ready[row] = False
         return row
 
-    def set_bank(self, row: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Store the class-bank tensors of one row; each of shape bank_shapes[k] (or [1, *that])."""
+    def set_bank(self, row: int, arrays: Mapping[str, np.ndarray], touch: bool = True) -> None:
+        """Store the class-bank tensors of one row; each of shape bank_shapes[k] (or [1, *that]).
+
+        `touch=False` keeps the class's update time (a bank recomputed from the same shots).
+        """
         row = self._check_row(row)
         if set(arrays) != set(self._bank_shapes):
             raise GalleryError(f"set_bank needs exactly {sorted(self._bank_shapes)}, got {sorted(arrays)}")
@@ -277,7 +280,25 @@ class Gallery:
         for key, value in checked.items():
             self._banks[key][row] = value
         self._bank_ready[row] = True
-        self._updated[row] = _now()
+        if touch:
+            self._updated[row] = _now()
+
+    def reset_banks(self, bank_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Store class banks of other shapes from now on (a bundle with another bank layout).
+
+        Every row's bank becomes stale: recompute each from ``prototype(row)`` and call ``set_bank``.
+        Names, shot counts, feature sums and thumbnails are kept.
+        """
+        if set(bank_shapes) != set(self._bank_shapes):
+            raise GalleryError(
+                f"class-bank tensors {sorted(bank_shapes)} differ from this gallery's "
+                f"{sorted(self._bank_shapes)}"
+            )
+        shapes = {k: _shape(s, f"bank shape of {k!r}") for k, s in bank_shapes.items()}
+        capacity = self.capacity
+        self._bank_shapes = shapes
+        self._banks = {k: np.zeros((capacity, *s), BANK_DTYPE) for k, s in shapes.items()}
+        self._bank_ready = [False] * self._count
 
     def remove(self, name: str) -> None:
         """Forget a class; later rows move up one, so enrolment order is kept."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dmf_deploy.config import ModelConfig
-from dmf_deploy.manifest import GRAPH_NAMES, BundleError, graph_io, sha256_file
+from dmf_deploy.manifest import GRAPH_NAMES, BundleError, bundle_graph_io, sha256_file
 
 TRT_MISSING = (
     "the tensorrt Python package is not installed; install dmf-deploy[tensorrt] on a machine with "
@@ -177,7 +177,7 @@ def check_input_shapes(
 ) -> None:
     """Raise ProfileLimitError unless every input shape lies inside the engine profile's (min, max).
 
-    `axes` is the graph's inputs from `graph_io`: strings name the dynamic axes (B, Q, N), which the
+    `axes` is the graph's inputs from `bundle_graph_io`: strings name the dynamic axes (B, Q, N), which the
     message uses, with the `dmf-export` flag that would widen the profile.
     """
     expected, got = sorted(limits), sorted(shapes)
@@ -351,7 +351,7 @@ class TensorRTBackend:
         bundle = Path(bundle_path)
         config = manifest.get("model_config")
         config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(manifest["model"])
-        io = graph_io(config)
+        io = bundle_graph_io(manifest)
         gpu_name, cc = gpu_identity()
         self._trt = trt
         self._lock = threading.Lock()

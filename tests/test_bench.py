@@ -124,8 +124,8 @@ def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
 
 @pytest.mark.parametrize(
     ("kernel", "groups", "size", "offset_px"),
-    [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5)],
-    ids=["k1-square", "k1-nonsquare", "k3", "one-row"],
+    [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5), (1, 4, (4, 1), 1.5)],
+    ids=["k1-square", "k1-nonsquare", "k3", "one-row", "one-column"],
 )
 def test_gather_sampler_equals_grid_sample(kernel, groups, size, offset_px):
     """float64, offsets of pixels so that samples fall inside, across the border and outside the map."""
@@ -140,13 +140,13 @@ def test_gather_sampler_equals_grid_sample(kernel, groups, size, offset_px):
         outside = (py <= -1) | (py >= h) | (px <= -1) | (px >= w)
         straddle = ~outside & ((py < 0) | (py > h - 1) | (px < 0) | (px > w - 1))
         assert outside.any() and straddle.any()
-        assert h == 1 or (~outside & ~straddle).any()
+        assert min(h, w) == 1 or (~outside & ~straddle).any()
         results = {}
         # grid_sample's align_corners=True divides by (h - 1): the reference needs h, w >= 2
-        for sampler in ("gather", "grid_sample") if h > 1 else ("gather",):
+        for sampler in ("gather", "grid_sample") if min(h, w) > 1 else ("gather",):
             head.sampler = sampler
             results[sampler] = (head.filters(query, bank), head.score_map(query, bank, "dopri5", 3))
-    if h > 1:
+    if min(h, w) > 1:
         for got, ref in zip(results["gather"], results["grid_sample"]):
             assert got.shape == ref.shape
             assert (got - ref).abs().max() < 1e-12
@@ -187,6 +187,7 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
     from bundles import checkpoint_of, export_small_bundle  # tests/bundles.py
 
     from dmf_deploy.checkpoint import load_checkpoint
+    from dmf_deploy.export.graphs import bundle_bank
     from dmf_deploy.export.lint import lint_file
     from dmf_deploy.manifest import HEAD, graph_io
 
@@ -214,7 +215,8 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
             ref = model.head_scores(query, bank, manifest["solver"], manifest["steps"]).numpy()
             py, px = model.head.sampling_positions(query, bank)
         assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
-        feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in bank._asdict().items()}}
+        stored = bundle_bank(bank)  # tap_projections channel-last, as bundles store them
+        feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in stored._asdict().items()}}
         got = session.run(["scores"], feeds)[0]
         assert got.shape == (2, n)
         assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5

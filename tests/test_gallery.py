@@ -220,6 +220,31 @@ def test_more_shots_leave_the_bank_stale_until_set_bank(tmp_path: Path) -> None:
     g.save(tmp_path / "g.dmfg")
 
 
+def test_reset_banks_keeps_the_classes_and_leaves_every_bank_to_recompute(tmp_path: Path) -> None:
+    g = filled(3)
+    before = snapshot(g)
+    with pytest.raises(GalleryError, match="differ"):
+        g.reset_banks({"support_offset": (18, 3, 3), "class_weight": (8,)})  # a tensor missing
+    assert g.bank_shapes == BANK_SHAPES
+    channel_last = {**BANK_SHAPES, "tap_projections": (9, 3, 3, 4)}
+    g.reset_banks(channel_last)
+    assert g.bank_shapes == channel_last
+    assert g.missing_banks == before["names"]
+    with pytest.raises(GalleryError, match="class 0"):
+        g.save(tmp_path / "g.dmfg")
+    for row in range(len(g)):
+        bank = fake_bank(g.prototype(row))
+        taps = bank["tap_projections"].transpose(0, 2, 3, 1)
+        g.set_bank(row, {**bank, "tap_projections": taps}, touch=False)
+    assert g.names == before["names"] and [g.timestamps(n) for n in g.names] == before["stamps"]
+    np.testing.assert_array_equal(g.feature_sums, before["sums"])
+    np.testing.assert_array_equal(
+        g.bank_arrays()["tap_projections"], before["banks"]["tap_projections"].transpose(0, 1, 3, 4, 2)
+    )
+    loaded = Gallery.load(g.save(tmp_path / "g.dmfg"), FP)
+    assert loaded.bank_shapes == channel_last and loaded.missing_banks == []
+
+
 def test_remove_compacts_rows_and_keeps_order() -> None:
     g = filled(6)
     before = snapshot(g)

@@ -489,6 +489,42 @@ def test_gallery_of_another_model_is_refused_naming_both(bundle, other_bundle, t
     assert Gallery.load(path, mine.manifest["fingerprint"]).names == ["a"]  # still intact
 
 
+def channel_first_copy(gallery: Gallery) -> Gallery:
+    """The same classes as a gallery saved by an earlier version: tap_projections [9, GK, h, w]."""
+    shapes = gallery.bank_shapes
+    t, h, w, gk = shapes["tap_projections"]
+    old = Gallery(gallery.fingerprint, gallery.feature_shape, {**shapes, "tap_projections": (t, gk, h, w)})
+    banks = gallery.bank_arrays()
+    for row, name in enumerate(gallery.names):
+        old.add_shots(name, gallery.feature_sums[row], int(gallery.counts[row]))
+        bank = {k: v[row] for k, v in banks.items()}
+        old.set_bank(row, {**bank, "tap_projections": bank["tap_projections"].transpose(0, 3, 1, 2)})
+    return old
+
+
+def test_gallery_with_another_bank_layout_gets_its_banks_recomputed(rec, tmp_path):
+    """A gallery of the same model saved with the earlier channel-first bank opens on a channel-last
+    bundle: its banks are recomputed from the stored prototypes, names, shots and scores unchanged."""
+    rec.enroll("a", shots(0, 2))
+    rec.enroll("b", shots(1, 1))
+    queries = shots(0, 2, first=300) + shots(1, 2, first=300)
+    expected = rec.scores(queries)
+    old = channel_first_copy(rec.gallery)
+    assert old.bank_shapes != rec.gallery.bank_shapes
+    path = old.save(tmp_path / "old.dmfg")
+    before = Gallery.load(path, rec.manifest["fingerprint"])
+    assert before.bank_shapes == old.bank_shapes
+
+    reopened = Recognizer.open(rec.bundle, backend=BACKEND, gallery=path)
+    assert reopened.gallery.bank_shapes == rec.gallery.bank_shapes
+    assert reopened.classes == ["a", "b"] and list(reopened.gallery.counts) == [2, 1]
+    assert [reopened.gallery.timestamps(n) for n in "ab"] == [before.timestamps(n) for n in "ab"]
+    # The same prototypes through the same support graph: the same banks, so the same scores.
+    np.testing.assert_array_equal(reopened.scores(queries), expected)
+    reopened.save()
+    assert Gallery.load(path, rec.manifest["fingerprint"]).bank_shapes == rec.gallery.bank_shapes
+
+
 # ------------------------------------------------------------------------------------------ unknown
 
 

@@ -86,7 +86,7 @@ def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18)
         [
             init("w_off", rng.normal(0, 0.2, (18, c, 1, 1)).astype(np.float32)),
             init("w_tap", rng.normal(0, 0.2, (9 * gk, c, 1, 1)).astype(np.float32)),
-            init("tap_shape", np.array([-1, 9, gk, s, s], dtype=np.int64)),
+            init("tap_shape", np.array([-1, 9, s, s, gk], dtype=np.int64)),
             init("hw", np.array([2, 3], dtype=np.int64)),
         ],
     )
@@ -115,7 +115,8 @@ def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18)
         "model": config.to_dict(),
         "fingerprint": "0" * 64,
         "graphs": {
-            g: {"file": f"{g}.onnx", "sha256": sha256_file(bundle / f"{g}.onnx")} for g in GRAPH_NAMES
+            g: {"file": f"{g}.onnx", "sha256": sha256_file(bundle / f"{g}.onnx"), **io[g]}
+            for g in GRAPH_NAMES
         },
         "solver": "exact",
         "steps": 1,
@@ -167,7 +168,7 @@ def test_profile_shapes_follow_the_flags() -> None:
     head = tb.profile_shapes(io, "head", max_batch=8, max_classes=512, max_queries=16)
     assert set(head) == {"query_features", "support_offset", "tap_projections", "class_weight"}
     assert head["query_features"] == ((1, 640, 11, 11), (1, 640, 11, 11), (16, 640, 11, 11))
-    assert head["tap_projections"][2] == (512, 9, 64, 11, 11)
+    assert head["tap_projections"][2] == (512, 9, 11, 11, 64)  # channel-last bank
     assert head["class_weight"] == ((1, 640), (32, 640), (512, 640))
     # max_queries defaults to max_batch
     assert tb.profile_shapes(io, "head", 4, 8)["query_features"][2][0] == 4
