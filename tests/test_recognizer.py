@@ -502,6 +502,14 @@ def channel_first_copy(gallery: Gallery) -> Gallery:
     return old
 
 
+def test_sessions_do_not_spin_after_a_run(rec):
+    """Three sessions take turns on the same cores: a session spinning after its run would slow the
+    next one (on 2 cores it doubled the backbone after a head run; benchmarks/README.md)."""
+    for session in rec.backend._sessions.values():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_gallery_with_another_bank_layout_gets_its_banks_recomputed(rec, tmp_path):
     """A gallery of the same model saved with the earlier channel-first bank opens on a channel-last
     bundle: its banks are recomputed from the stored prototypes, names, shots and scores unchanged."""

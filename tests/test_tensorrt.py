@@ -35,8 +35,11 @@ def _tensorrt_installed() -> bool:
 # ----- a tiny real bundle ---------------------------------------------------------------------------------
 
 
-def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18) -> Path:
+def _tiny_bundle(
+    root: Path, config: ModelConfig | None = None, opset: int = 18, channel_first_bank: bool = False
+) -> Path:
     """A real (if numerically trivial) bundle: three ONNX graphs with the manifest's I/O names/shapes.
+    `channel_first_bank`: tap_projections [N,9,GK,h,w], as bundles written before the channel-last bank.
 
     Until the exporter lands this stands in for `export_bundle`: backbone = a stride-8 conv, support =
     1x1 convs + a spatial mean, head = <mean query feature, class weight> plus a small bank term so that
@@ -45,6 +48,11 @@ def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18)
     config = config or conv4_config(image_size=16, width=8)
     io = graph_io(config)
     c, s, gk = config.channels, config.feature_size, config.filter_channels
+    tap_shape = [-1, 9, s, s, gk]
+    if channel_first_bank:
+        tap_shape = [-1, 9, gk, s, s]
+        io["support"]["outputs"]["tap_projections"] = ["N", *tap_shape[1:]]
+        io["head"]["inputs"]["tap_projections"] = ["N", *tap_shape[1:]]
     size = config.preprocess.image_size
     rng = np.random.default_rng(0)
     stride = size // s
@@ -86,7 +94,7 @@ def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18)
         [
             init("w_off", rng.normal(0, 0.2, (18, c, 1, 1)).astype(np.float32)),
             init("w_tap", rng.normal(0, 0.2, (9 * gk, c, 1, 1)).astype(np.float32)),
-            init("tap_shape", np.array([-1, 9, s, s, gk], dtype=np.int64)),
+            init("tap_shape", np.array(tap_shape, dtype=np.int64)),
             init("hw", np.array([2, 3], dtype=np.int64)),
         ],
     )

@@ -143,7 +143,11 @@ def bundle(tmp_path: Path) -> Path:
     return _helpers._tiny_bundle(tmp_path)
 
 
-def test_onnx_repository_configs_match_the_graphs(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("channel_first_bank", [False, True], ids=["bundle", "earlier-bank-layout"])
+def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, channel_first_bank: bool) -> None:
+    """The configs follow the graphs' own I/O, as the manifest records it: also for a bundle written
+    before the class bank went channel-last (not what `graph_io(config)` gives today)."""
+    bundle = _helpers._tiny_bundle(tmp_path, channel_first_bank=channel_first_bank)
     out = tmp_path / "repo"
     platforms = write_triton_repository(bundle, read_manifest(bundle), out, use_plans=False)
     assert platforms == {model: "onnxruntime_onnx" for model in MODEL_NAMES.values()}
