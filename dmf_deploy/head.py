@@ -260,7 +260,9 @@ def sample_taps_gather(
     steps = torch.tensor([0, step_x, step_y * w, step_y * w + step_x], dtype=torch.int32, device=taps.device)
     index = (base + row * w + col).unsqueeze(-1) + steps  # [Q, N, hw, 9, 4] rows of the table
     weight = torch.stack([weights_y[dy] * weights_x[dx] for dy, dx in CORNERS], dim=-1)
-    corners = torch.index_select(table, 0, index.reshape(-1)).reshape(q * n * hw, taps_ * 4, gk)
+    # F.embedding, not index_select: it exports as a Gather on the int32 indices themselves, where
+    # index_select casts all of them (36 per class and position) to int64 first.
+    corners = F.embedding(index.reshape(-1), table).reshape(q * n * hw, taps_ * 4, gk)
     summed = torch.matmul(weight.reshape(q * n * hw, 1, taps_ * 4), corners)  # [Q*N*hw, 1, GK]
     return summed.reshape(q, n, hw, gk)
 
