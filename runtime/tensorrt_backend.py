@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from dmf_deploy.config import ModelConfig
 from dmf_deploy.manifest import GRAPH_NAMES, BundleError, bundle_graph_io, sha256_file
 
 TRT_MISSING = (
@@ -349,8 +348,6 @@ class TensorRTBackend:
         import tensorrt as trt
 
         bundle = Path(bundle_path)
-        config = manifest.get("model_config")
-        config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(manifest["model"])
         io = bundle_graph_io(manifest)
         gpu_name, cc = gpu_identity()
         self._trt = trt
