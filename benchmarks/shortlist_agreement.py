@@ -35,7 +35,7 @@ import numpy as np
 
 from dmf_deploy.manifest import CLASS_BANK, SUPPORT
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.recognizer import new_gallery
+from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
 DATA = Path("/work/shared/data/omniglot")
@@ -80,11 +80,6 @@ def class_banks(rec: Recognizer, prototypes: np.ndarray) -> dict[str, np.ndarray
 
 def exact_scores(rec: Recognizer, feats: np.ndarray, bank: dict[str, np.ndarray], batch: int) -> np.ndarray:
     return np.concatenate([rec._head(feats[i : i + batch], bank) for i in range(0, len(feats), batch)])
-
-
-def coarse_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:
-    """The shortlist's ranking score, as `Recognizer._classify_scores` computes it."""
-    return np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), class_weight)
 
 
 def winner_ranks(exact: np.ndarray, coarse: np.ndarray) -> np.ndarray:

@@ -254,9 +254,7 @@ class Recognizer:
         size = self.shortlist_size(n)
         if size is None:
             return self._head(feats, bank)
-        # Alignment-free meta-classifier score ranks every class. einsum, not `@`: numpy's BLAS threads
-        # keep spinning after a matmul and halve the speed of the next frame's backbone on ONNX Runtime.
-        coarse = np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), bank["class_weight"])  # [B, N]
+        coarse = coarse_scores(feats, bank["class_weight"])
         out = np.full((len(feats), n), -np.inf, np.float32)
         for i, row in enumerate(coarse):
             top = np.sort(np.argpartition(-row, size - 1)[:size])
@@ -321,6 +319,15 @@ class Recognizer:
             proto = g.prototype(row).astype(np.float32)[None]
             scores[row] = self._head(proto, {k: bank[k][row : row + 1] for k in CLASS_BANK})[0, 0]
         self._self_scores = scores
+
+
+def coarse_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:
+    """The shortlist's ranking: the alignment-free meta-classifier score <mean_p q(p), w_c>, [B, N].
+
+    einsum, not `@`: numpy's BLAS threads keep spinning after a matmul and halve the speed of the next
+    frame's backbone on ONNX Runtime.
+    """
+    return np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), class_weight)
 
 
 def _set_row(values: np.ndarray, row: int, length: int, value: float) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, read_manifest
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.backends import OnnxRuntimeBackend
-from dmf_deploy.runtime.recognizer import new_gallery
+from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
 pytestmark = pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
@@ -82,18 +82,13 @@ def constructed(manifest, backend, coarse: list[float], exact: list[float], shor
     return rec, head, query
 
 
-def cheap_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:
-    """<mean_p q(p), w_c>, computed as `Recognizer._classify_scores` does (so that rankings tie alike)."""
-    return np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), class_weight)
-
-
 COARSE = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # cheap ranking: c0 > c1 > ... > c5
 EXACT = [1.0, 2.0, 10.0, 3.0, 4.0, 5.0]  # exact winner: c2, third under the cheap score
 
 
 def test_constructed_rankings_are_what_the_recognizer_sees(manifest, backend):
     rec, head, query = constructed(manifest, backend, COARSE, EXACT, shortlist=None)
-    coarse = cheap_scores(rec.features([query]), rec.gallery.bank_arrays()["class_weight"])
+    coarse = coarse_scores(rec.features([query]), rec.gallery.bank_arrays()["class_weight"])
     np.testing.assert_allclose(coarse[0], COARSE, rtol=1e-4)
     np.testing.assert_array_equal(rec.scores([query])[0], np.float32(EXACT))
 
@@ -156,7 +151,7 @@ def test_shortlist_on_the_real_bundle_agrees_where_the_winner_is_shortlisted(man
     short = Recognizer(DEMO_BUNDLE, manifest, backend, enrolled, None, shortlist=k, threshold=-1e30)
     exact = short.scores(queries)
     feats = short.features(queries)
-    coarse = cheap_scores(feats, enrolled.bank_arrays()["class_weight"])
+    coarse = coarse_scores(feats, enrolled.bank_arrays()["class_weight"])
     names = enrolled.names
     for q, pred in enumerate(short.classify(queries)):
         top = np.argsort(-coarse[q])[:k]
