@@ -26,14 +26,7 @@ torchdiffeq = pytest.importorskip("torchdiffeq")
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread buys little, and where the cores are shared (CI next
-    to other jobs) OpenMP's spin-waiting made this file 10x slower. One thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests/conftest.py)
 
 
 WIDTHS = (64, 160, 320, 640)  # the official ResNet-12

@@ -20,14 +20,7 @@ from dmf_deploy.head import TAP_SHIFTS, DMFHead
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread buys little, and where the cores are shared (CI next
-    to other jobs) OpenMP's spin-waiting made this file 10x slower. One thread, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests/conftest.py)
 
 
 # Factored against literal in float32, the product dtype. The two forms sum in different orders (the
