@@ -1,17 +1,21 @@
-"""Sampling formulations of the exported DMF head, side by side on ONNX Runtime (CPU).
+"""Formulations of the exported DMF head, side by side on ONNX Runtime (CPU).
 
 Every variant is the whole head graph (query features + class bank -> scores [Q, N]) exported with
 the bundle's own exporter path (`export.graphs.export_graph`, dynamo, opset 18) from one random-weight
 ResNet-12 head: C = 640, 11x11 maps, G = 64, k = 1, fixed-step dopri5 x 8. One query frame (Q = 1).
-They differ only in how the 9 deformable taps are sampled:
 
-- gridsample: ONNX GridSample over [N*9, GK, h, w] (the reference; `sampler="grid_sample"`);
-- gather: what bundles export (`sampler="gather"`, `tap_projections` channel-last [N, 9, h, w, GK] as
-  support.onnx writes it): the 2x2 window around every sample computed in the graph (Floor, Clip,
-  Cast) with bilinear hat weights, one Gather of 9 taps x 4 corners rows of GK values per position
-  and one batched MatMul for the weighted sum;
-- gather, channel-first bank: the same fed the earlier bundle layout [N, 9, GK, h, w], which the graph
-  transposes to rows first (one pass over the whole bank per frame);
+- gridsample: ONNX GridSample over [N*9, GK, h, w], the bank in the reference layout
+  (`DMFNet.head_scores`, the PyTorch reference traced);
+- gather: what bundles export (`dmf_deploy.bundle_head`, the bank in the bundle's layout as
+  support.onnx writes it): the 2x2 window around every sample computed in the graph, one Gather of
+  9 taps x 4 corners rows of GK values per position, one batched MatMul for the weighted sum, and
+  the group-space scores laid out [Q, G, N, hw];
+- gather, polynomial growth: the same, with the solver's growth evaluated as dopri5's stability
+  polynomial (Horner, then three squarings) instead of exp, which equals it in float32
+  (`dmf_deploy.solvers.growth_is_exp`);
+- gather, reference-layout bank: the same fed the reference layout ([N, 18, h, w] offsets,
+  channel-first [N, 9, GK, h, w] taps), which the graph converts first (one pass over the whole bank
+  per frame);
 - dense matrix: no Gather and no Transpose, a dense [hw, hw] bilinear matrix per (class, tap) built
   from hat functions relu(1 - |p - i|), one batched MatMul against the channel-first bank, a sum over
   taps (its cost grows with (h*w)^2 per class, the gather's with h*w);
@@ -30,6 +34,7 @@ Peak memory: the peak-RSS growth of a fresh process over one call of a variant a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,48 +42,73 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from dmf_deploy import ModelConfig
+from dmf_deploy import ModelConfig, bundle_head
 from dmf_deploy.export.graphs import HeadGraph, export_graph
-from dmf_deploy.head import ClassBank
+from dmf_deploy.head import TAPS, ClassBank
 from dmf_deploy.manifest import HEAD, graph_io
 from dmf_deploy.model import DMFNet
 
 SOLVER, STEPS, OPSET = "dopri5", 8, 18
 TOLERANCE = 1e-4
 WARMUP = 2
-VARIANTS = ("gridsample", "gather", "gather-cf", "dense")
-CHANNELS_LAST = ("gather",)  # variants fed tap_projections [N, 9, h, w, GK]
+VARIANTS = ("gridsample", "gather", "gather-poly", "gather-ref", "dense")
+BUNDLE_LAYOUT = ("gather", "gather-poly")  # variants fed the bank in the bundle's layout
 LABELS = {
     "gridsample": "GridSample (reference)",
-    "gather": "Gather, channel-last bank (as exported)",
-    "gather-cf": "Gather, channel-first bank (transposed)",
+    "gather": "Gather, bundle layout (as exported)",
+    "gather-poly": "Gather, bundle layout, polynomial growth",
+    "gather-ref": "Gather, reference-layout bank (converted)",
     "dense": "dense bilinear matrix + MatMul (no Gather)",
 }
 
 
-class _Head(nn.Module):
-    """The bundle's head graph with a chosen bank layout (`HeadGraph` is the channel-last one)."""
+class _Reference(nn.Module):
+    """The PyTorch reference traced: GridSample over the bank in the reference layout."""
 
-    def __init__(self, model: DMFNet, channels_last_bank: bool) -> None:
+    def __init__(self, model: DMFNet) -> None:
         super().__init__()
-        self.model, self.channels_last_bank = model, channels_last_bank
+        self.model = model
 
     def forward(self, query, support_offset, tap_projections, class_weight):
-        bank = ClassBank(support_offset, tap_projections, class_weight)
-        return self.model.head_scores(query, bank, SOLVER, STEPS, channels_last_bank=self.channels_last_bank)
+        return self.model.head_scores(
+            query, ClassBank(support_offset, tap_projections, class_weight), SOLVER, STEPS
+        )
+
+
+class _ConvertingGather(nn.Module):
+    """The bundle's head fed the reference layout: the graph converts the bank on every call."""
+
+    def __init__(self, model: DMFNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, query, support_offset, tap_projections, class_weight):
+        bank = bundle_head.bundle_bank(ClassBank(support_offset, tap_projections, class_weight))
+        return bundle_head.bundle_head_scores(self.model, query, bank, SOLVER, STEPS)
+
+
+@contextlib.contextmanager
+def polynomial_growth() -> Iterator[None]:
+    """Trace the bundle head with no bound on the rates, so that growth stays the polynomial."""
+    saved = bundle_head.MAX_FILTER
+    bundle_head.MAX_FILTER = None
+    try:
+        yield
+    finally:
+        bundle_head.MAX_FILTER = saved
 
 
 def _dense(taps: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
     """Bilinear sampling as a dense matrix per (query, class, tap): the weight of input (i, j) for a
     sample at (y, x) is relu(1 - |y - i|) * relu(1 - |x - j|), zero outside the map by construction.
-    taps [N, 9, GK, h, w] (the bank's layout) -> [Q, N, GK, h, w], with no Transpose and no Gather."""
+    taps [N, 9, GK, h, w] (the reference layout) -> [Q, N, GK, h, w], with no Transpose and no Gather."""
     n, t, gk, h, w = taps.shape
     q, hw = py.shape[0], h * w
     ys = torch.arange(h, dtype=py.dtype).reshape(h, 1)
@@ -121,38 +151,48 @@ def build_model(ckpt: str | None = None, seed: int = 0) -> DMFNet:
 
 def export_variants(model: DMFNet, out: Path) -> dict[str, Path]:
     config = model.config
-    last_spec = graph_io(config)[HEAD]  # the bundle's: tap_projections channel-last
+    bundle_spec = graph_io(config)[HEAD]
     s, gk = config.feature_size, config.filter_channels
-    first_spec = {"inputs": dict(last_spec["inputs"]), "outputs": last_spec["outputs"]}
-    first_spec["inputs"]["tap_projections"] = ["N", 9, gk, s, s]
+    reference_spec = {"inputs": dict(bundle_spec["inputs"]), "outputs": bundle_spec["outputs"]}
+    reference_spec["inputs"]["support_offset"] = ["N", 2 * TAPS, s, s]
+    reference_spec["inputs"]["tap_projections"] = ["N", TAPS, gk, s, s]
     gen = torch.Generator().manual_seed(1)
     query = torch.randn(2, config.channels, s, s, generator=gen)
     with torch.no_grad():
         bank = model.class_bank(torch.randn(3, config.channels, s, s, generator=gen))
-    first = (query, *bank)
-    last = (query, bank.support_offset, to_bank_last(bank.tap_projections), bank.class_weight)
+    reference_args = (query, *bank)
+    bundle_args = (query, *bundle_head.bundle_bank(bank))
+    modules = {
+        "gridsample": (_Reference(model), reference_args, reference_spec),
+        "gather": (HeadGraph(model, SOLVER, STEPS), bundle_args, bundle_spec),
+        "gather-poly": (HeadGraph(model, SOLVER, STEPS), bundle_args, bundle_spec),
+        "gather-ref": (_ConvertingGather(model), reference_args, reference_spec),
+        "dense": (_DenseHead(model), reference_args, reference_spec),
+    }
     paths = {}
     for name in VARIANTS:
         path = out / f"head-{name}.onnx"
         paths[name] = path
         if path.is_file():  # a kept graph (--keep)
             continue
-        model.head.sampler = "grid_sample" if name == "gridsample" else "gather"
-        if name == "gather":
-            export_graph(HeadGraph(model, SOLVER, STEPS).eval(), last, last_spec, path, OPSET)
-        elif name == "dense":
-            export_graph(_DenseHead(model).eval(), first, first_spec, path, OPSET)
-        else:
-            export_graph(_Head(model, channels_last_bank=False).eval(), first, first_spec, path, OPSET)
-    model.head.sampler = None
+        module, args, spec = modules[name]
+        context = polynomial_growth() if name == "gather-poly" else contextlib.nullcontext()
+        with context:
+            export_graph(module.eval(), args, spec, path, OPSET)
     return paths
 
 
-def to_bank_last(taps):
-    """[N, 9, GK, h, w] -> [N, 9, h, w, GK] (torch or numpy)."""
-    if isinstance(taps, np.ndarray):
-        return np.ascontiguousarray(taps.transpose(0, 1, 3, 4, 2))
-    return taps.permute(0, 1, 3, 4, 2).contiguous()
+def to_bundle_layout(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference-layout bank as support.onnx writes it (`bundle_head.bundle_bank` in numpy)."""
+    offset, taps = feeds["support_offset"], feeds["tap_projections"]
+    n, _, h, w = offset.shape
+    offset = offset.reshape(n, TAPS, 2, h, w).transpose(0, 2, 3, 4, 1)
+    taps = taps.transpose(0, 1, 3, 4, 2)
+    return {
+        **feeds,
+        "support_offset": np.ascontiguousarray(offset),
+        "tap_projections": np.ascontiguousarray(taps),
+    }
 
 
 def session(path: Path, threads: int):
@@ -181,8 +221,8 @@ def make_inputs(model: DMFNet, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def runner(sess, name: str, feeds: dict[str, np.ndarray], chunk: int | None) -> Callable[[], np.ndarray]:
-    if name in CHANNELS_LAST:
-        feeds = {**feeds, "tap_projections": to_bank_last(feeds["tap_projections"])}
+    if name in BUNDLE_LAYOUT:
+        feeds = to_bundle_layout(feeds)
     n = len(feeds["class_weight"])
     if not chunk or chunk >= n:
         return lambda: sess.run(["scores"], feeds)[0]

@@ -3,10 +3,9 @@
 Graph I/O names (stable, documented in README.md):
 
 - backbone.onnx: ``images`` [B,3,S,S] -> ``features`` [B,C,h,w]
-- support.onnx:  ``prototypes`` [N,C,h,w] -> ``support_offset`` [N,18,h,w],
-  ``tap_projections`` [N,9,h,w,G*k*k] (channel-last: the head gathers rows of G*k*k values from it,
-  and a channel-first bank would cost the head one transpose of the whole bank per frame),
-  ``class_weight`` [N,C]
+- support.onnx:  ``prototypes`` [N,C,h,w] -> ``support_offset`` [N,2,h,w,9],
+  ``tap_projections`` [N,9,h,w,G*k*k], ``class_weight`` [N,C] (the layouts the head samples in
+  without transposing any per-class tensor: see `dmf_deploy.bundle_head`)
 - head.onnx:     ``query_features`` [Q,C,h,w] + the three class-bank tensors -> ``scores`` [Q,N]
 """
 
@@ -58,7 +57,7 @@ def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
     """Input/output names and shapes of each graph; strings are the dynamic axes."""
     c, s, size = config.channels, config.feature_size, config.preprocess.image_size
     bank = {
-        "support_offset": ["N", 18, s, s],
+        "support_offset": ["N", 2, s, s, 9],
         "tap_projections": ["N", 9, s, s, config.filter_channels],
         "class_weight": ["N", c],
     }

@@ -65,12 +65,10 @@ class DMFNet(nn.Module):
         bank: ClassBank,
         solver: str | None = None,
         steps: int | None = None,
-        channels_last_bank: bool = False,
     ) -> torch.Tensor:
-        """Factored per-position scores [Q, N, h, w]. `channels_last_bank`: see `DMFHead.filters`."""
+        """Factored per-position scores [Q, N, h, w]."""
         solver, steps = self.resolve_solver(solver, steps)
-        tolerances = (self.config.rtol, self.config.atol)
-        return self.head.score_map(query_features, bank, solver, steps, *tolerances, channels_last_bank)
+        return self.head.score_map(query_features, bank, solver, steps, self.config.rtol, self.config.atol)
 
     def head_scores(
         self,
@@ -78,10 +76,10 @@ class DMFNet(nn.Module):
         bank: ClassBank,
         solver: str | None = None,
         steps: int | None = None,
-        channels_last_bank: bool = False,
     ) -> torch.Tensor:
-        """[Q, N] scores from query features and a class bank (what head.onnx computes)."""
-        maps = self.score_map(query_features, bank, solver, steps, channels_last_bank)
+        """[Q, N] scores from query features and a class bank (what head.onnx computes, there from the
+        bank in the bundle's layout: `dmf_deploy.bundle_head`)."""
+        maps = self.score_map(query_features, bank, solver, steps)
         return maps.mean(dim=(2, 3)) * self.config.score_scale(tuple(maps.shape[-2:]))
 
     # ----- the public few-shot API -----------------------------------------------------------------

@@ -7,6 +7,7 @@ Python so that an ONNX trace sees plain arithmetic: no Loop, no data-dependent c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction as Fr
@@ -129,14 +130,23 @@ def stability_polynomial(solver: str) -> tuple[float, ...]:
 
 
 def linear_growth(
-    rate: torch.Tensor, solver: str, steps: int, rtol: float = 1e-2, atol: float = 1e-2
+    rate: torch.Tensor,
+    solver: str,
+    steps: int,
+    rtol: float = 1e-2,
+    atol: float = 1e-2,
+    max_rate: float | None = None,
 ) -> torch.Tensor:
     """What the solver makes of y' = rate * y, y(0) = 1, at t = 1: exp(rate) for `exact`.
 
     For the k = 1 ODE on a positive entry this is the whole solution (DESIGN.md, "closed form").
+    `max_rate`: a bound on `rate` (the head's rates are sigmoids, below 1). Where the fixed-step
+    solver's R(rate/steps)^steps equals exp(rate) to within the dtype's rounding over [0, max_rate]
+    (`growth_is_exp`), the growth is evaluated as exp(rate): the same value, more accurately than
+    the polynomial's float arithmetic, in one op instead of about fifteen.
     """
     check_solver(solver, steps)
-    if solver == "exact":
+    if solver == "exact" or (max_rate is not None and growth_is_exp(solver, steps, rate.dtype, max_rate)):
         return torch.exp(rate)
     if solver == "dopri5-adaptive":
         return adaptive_solve(lambda y: rate * y, torch.ones_like(rate), rtol, atol)
@@ -146,6 +156,37 @@ def linear_growth(
     for c in reversed(coeffs[:-2]):  # Horner
         factor = factor * rate + c
     return _power(factor, steps)
+
+
+def growth_is_exp(solver: str, steps: int, dtype: torch.dtype, max_rate: float) -> bool:
+    """True when `solver` x `steps` applied to y' = r y gives exp(r) to within half an ulp of `dtype`
+    for every r in [0, max_rate]: its truncation error is below the dtype's rounding.
+
+    Fixed-step dopri5 with 8 steps on rates in [0, 1]: 6.8e-9 relative, under float32's 6.0e-8; the
+    polynomial evaluated in float32 is off by 8.5e-7, exp(r) by 6.3e-8. One rk4-38 step: 3.7e-3.
+    """
+    if solver == "exact":
+        return True
+    if solver not in TABLEAUS:
+        return False
+    return truncation_error(solver, steps, max_rate) < torch.finfo(dtype).eps / 2
+
+
+@cache
+def truncation_error(solver: str, steps: int, max_rate: float) -> float:
+    """max over r in [0, max_rate] of |R(r/steps)^steps - exp(r)| / R(r/steps)^steps, in float64.
+
+    Plain Python floats, so that it also runs while torch traces a graph. The error grows like
+    r^(order + 1), so a grid that includes the end point finds the maximum.
+    """
+    coeffs = stability_polynomial(solver)
+    worst = 0.0
+    for i in range(1025):
+        rate = max_rate * i / 1024
+        z = rate / steps
+        growth = sum(c * z**k for k, c in enumerate(coeffs)) ** steps
+        worst = max(worst, abs(growth - math.exp(rate)) / growth)
+    return worst
 
 
 def _power(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dmf_deploy.bundle_head import bundle_bank, bundle_head_scores
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, graph_io
 from dmf_deploy.model import DMFNet
@@ -28,11 +29,6 @@ class BackboneGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.features(images)
-
-
-def bundle_bank(bank: ClassBank) -> ClassBank:
-    """A PyTorch class bank in the bundle's layout: tap_projections channel-last, [N, 9, h, w, GK]."""
-    return bank._replace(tap_projections=bank.tap_projections.permute(0, 1, 3, 4, 2).contiguous())
 
 
 class SupportGraph(nn.Module):
@@ -57,7 +53,7 @@ class HeadGraph(nn.Module):
         class_weight: torch.Tensor,
     ) -> torch.Tensor:
         bank = ClassBank(support_offset, tap_projections, class_weight)
-        return self.model.head_scores(query_features, bank, self.solver, self.steps, channels_last_bank=True)
+        return bundle_head_scores(self.model, query_features, bank, self.solver, self.steps)
 
 
 def graph_modules(model: DMFNet, solver: str, steps: int) -> dict[str, nn.Module]:

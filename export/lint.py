@@ -23,7 +23,7 @@ ALLOWED_OPS = frozenset(
         "Sqrt",
         "Reciprocal",
         "Pow",
-        "Floor",  # the gather sampler's bilinear corners (dmf_deploy/head.py)
+        "Floor",  # the gather sampler's bilinear corners (dmf_deploy/bundle_head.py)
         "Max",
         "Min",
         "Clip",

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmf_deploy.export.graphs import bundle_bank
+from dmf_deploy.bundle_head import bundle_bank
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
 from dmf_deploy.model import DMFNet

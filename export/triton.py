@@ -145,7 +145,8 @@ def write_triton_repository(
         )
         atomic_write_bytes(out / model / "config.pbtxt", text.encode("utf-8"))
         platforms[model] = platform
-    readme = repository_readme(config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH)
+    bank_shapes = io[SUPPORT]["outputs"]
+    readme = repository_readme(config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH, bank_shapes)
     atomic_write_bytes(out / "README.md", readme.encode("utf-8"))
     return platforms
 
@@ -155,14 +156,21 @@ def _human(size: int) -> str:
     return f"{mib:.2f} MiB" if mib >= 0.01 else f"{size / 2**10:.1f} KiB"
 
 
-def repository_readme(config: ModelConfig, out: Path, platforms: Mapping[str, str], max_batch: int) -> str:
+def _shape_text(shape: list[Any]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def repository_readme(
+    config: ModelConfig,
+    out: Path,
+    platforms: Mapping[str, str],
+    max_batch: int,
+    bank_shapes: Mapping[str, list[Any]],
+) -> str:
+    """The repository's README; `bank_shapes`: the support graph's outputs as the bundle records them."""
     per_class = class_bank_bytes_per_class(config)
-    s, c, gk, size = (
-        config.feature_size,
-        config.channels,
-        config.filter_channels,
-        config.preprocess.image_size,
-    )
+    bank = ", ".join(f"`{name}` {_shape_text(shape)}" for name, shape in bank_shapes.items())
+    s, c, size = config.feature_size, config.channels, config.preprocess.image_size
     name = f"{'ResNet-12' if config.backbone == 'resnet12' else 'Conv-4'} G={config.groups} k={config.kernel}"
     models = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
     return f"""# DMF model repository for Triton Inference Server
@@ -183,8 +191,7 @@ tritonserver --model-repository {out.resolve()}
    RGB, /255, mean/std normalised) -> `features` [B,{c},{s},{s}]. Triton batches these requests
    dynamically (max_batch_size {max_batch}).
 2. `dmf_support`, at enrolment: `prototypes` [N,{c},{s},{s}] (the mean of each class's support features)
-   -> the class bank `support_offset` [N,18,{s},{s}], `tap_projections` [N,9,{s},{s},{gk}] (channel-last),
-   `class_weight` [N,{c}]. The client keeps the bank; the server keeps nothing.
+   -> the class bank {bank}. The client keeps the bank; the server keeps nothing.
 3. `dmf_head`, per frame: `query_features` [Q,{c},{s},{s}] + the class bank -> `scores` [Q,N].
    max_batch_size 0 and no dynamic batching: the bank is part of each request, so any replica can
    answer any request (stateless, scales out), and banks of different clients are never merged.

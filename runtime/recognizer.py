@@ -291,7 +291,7 @@ class Recognizer:
     def _complete_banks(self) -> None:
         """Compute the class banks the gallery lacks from its stored prototypes: rows added without
         one, or every row when the gallery was saved with another bank layout (a bundle of the same
-        model exported by an earlier version, e.g. with a channel-first `tap_projections`)."""
+        model exported by an earlier version, e.g. with `support_offset` [N,18,h,w])."""
         g = self.gallery
         wanted = bundle_bank_shapes(self.manifest)
         if g.bank_shapes != wanted:

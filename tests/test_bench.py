@@ -1,6 +1,6 @@
 """`dmf-bench` (runtime/bench.py) and the exactness claim of benchmarks/head_formulations.py: the
-gather sampler that exported heads use computes what grid_sample (the reference) and torchvision's
-deformable conv compute."""
+head that bundles export (dmf_deploy/bundle_head.py, a Gather sampler) computes what grid_sample (the
+reference) and torchvision's deformable conv compute."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_dmf_bench_runs_without_torch(tmp_path):
     assert json.loads(out.read_text())["pytorch"] == {"skipped": "torch is not installed"}
 
 
-# ----- the gather sampler (head formulations) --------------------------------------------------------------
+# ----- the bundle's head (dmf_deploy/bundle_head.py, head formulations) ----------------------------------
 def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
     import torch
 
@@ -127,9 +127,12 @@ def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
     [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5), (1, 4, (4, 1), 1.5)],
     ids=["k1-square", "k1-nonsquare", "k3", "one-row", "one-column"],
 )
-def test_gather_sampler_equals_grid_sample(kernel, groups, size, offset_px):
-    """float64, offsets of pixels so that samples fall inside, across the border and outside the map."""
+def test_bundle_head_equals_the_grid_sample_reference(kernel, groups, size, offset_px):
+    """float64, offsets of pixels so that samples fall inside, across the border and outside the map:
+    the gather sampler on the bundle's bank layout gives grid_sample's filters and scores."""
     torch = pytest.importorskip("torch")
+    from dmf_deploy import bundle_head
+
     h, w = size
     head, gen = _head(8, groups, kernel, offset_px, seed=h * 10 + w)
     query = torch.randn(3, 8, h, w, generator=gen, dtype=torch.float64)
@@ -141,17 +144,20 @@ def test_gather_sampler_equals_grid_sample(kernel, groups, size, offset_px):
         straddle = ~outside & ((py < 0) | (py > h - 1) | (px < 0) | (px > w - 1))
         assert outside.any() and straddle.any()
         assert min(h, w) == 1 or (~outside & ~straddle).any()
-        results = {}
+        stored = bundle_head.bundle_bank(bank)
+        positions = bundle_head.sampling_positions(head, query, stored)  # [Q, N, 2, hw, 9]
+        for axis, ref in enumerate((py, px)):  # the same sums in another order: rounding apart
+            assert (positions[:, :, axis] - ref.flatten(3).transpose(2, 3)).abs().max() < 1e-12
+        filters = bundle_head.filters(head, query, stored)
+        scores = bundle_head.head_scores(head, query, stored, "dopri5", 3)
         # grid_sample's align_corners=True divides by (h - 1): the reference needs h, w >= 2
-        for sampler in ("gather", "grid_sample") if min(h, w) > 1 else ("gather",):
-            head.sampler = sampler
-            results[sampler] = (head.filters(query, bank), head.score_map(query, bank, "dopri5", 3))
-    if min(h, w) > 1:
-        for got, ref in zip(results["gather"], results["grid_sample"]):
-            assert got.shape == ref.shape
-            assert (got - ref).abs().max() < 1e-12
+        if min(h, w) > 1:
+            assert (filters - head.filters(query, bank)).abs().max() < 1e-12
+            ref = head.score_map(query, bank, "dopri5", 3).mean(dim=(2, 3))
+            assert scores.shape == ref.shape == (3, 4)
+            assert (scores - ref).abs().max() < 1e-12 * ref.abs().max()
     if kernel == 1:
-        _check_against_deform_conv(head, query, protos, results["gather"][0])
+        _check_against_deform_conv(head, query, protos, filters)
 
 
 def _check_against_deform_conv(head, query, protos, filters):
@@ -166,16 +172,6 @@ def _check_against_deform_conv(head, query, protos, filters):
     assert (filters - ref.reshape(filters.shape)).abs().max() < 1e-12
 
 
-def test_sampler_is_gather_when_exporting_and_validated():
-    pytest.importorskip("torch")
-    from dmf_deploy.head import DMFHead
-
-    head = DMFHead(8, 4, 1)
-    assert head.sampler is None and head.active_sampler() == "grid_sample"
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        head.sampler = "nearest"
-
-
 def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
     """A bundle's head has no GridSample, passes the TensorRT-readiness lint, and on ONNX Runtime equals
     the PyTorch grid_sample reference (N = 1, 3, 7: the class axis stays dynamic). The bundle is the
@@ -186,8 +182,8 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
     import onnxruntime as ort
     from bundles import checkpoint_of, export_small_bundle  # tests/bundles.py
 
+    from dmf_deploy.bundle_head import bundle_bank
     from dmf_deploy.checkpoint import load_checkpoint
-    from dmf_deploy.export.graphs import bundle_bank
     from dmf_deploy.export.lint import lint_file
     from dmf_deploy.manifest import HEAD, graph_io
 
@@ -207,7 +203,6 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
     # Offsets are linear in the features: large features move samples across the border and out.
     scale = 25.0
     query = scale * torch.randn(2, config.channels, s, s, generator=gen)
-    model.head.sampler = "grid_sample"
     for n in (1, 3, 7):
         protos = scale * torch.randn(n, config.channels, s, s, generator=gen)
         with torch.inference_mode():
@@ -215,7 +210,7 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
             ref = model.head_scores(query, bank, manifest["solver"], manifest["steps"]).numpy()
             py, px = model.head.sampling_positions(query, bank)
         assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
-        stored = bundle_bank(bank)  # tap_projections channel-last, as bundles store them
+        stored = bundle_bank(bank)  # the bundle's layout
         feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in stored._asdict().items()}}
         got = session.run(["scores"], feeds)[0]
         assert got.shape == (2, n)

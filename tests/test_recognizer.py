@@ -489,16 +489,24 @@ def test_gallery_of_another_model_is_refused_naming_both(bundle, other_bundle, t
     assert Gallery.load(path, mine.manifest["fingerprint"]).names == ["a"]  # still intact
 
 
-def channel_first_copy(gallery: Gallery) -> Gallery:
-    """The same classes as a gallery saved by an earlier version: tap_projections [9, GK, h, w]."""
+def earlier_layout_copy(gallery: Gallery, taps_channel_first: bool) -> Gallery:
+    """The same classes as a gallery saved by an earlier version: support_offset [18, h, w], and with
+    `taps_channel_first` tap_projections [9, GK, h, w] as well (the first bundle layout)."""
     shapes = gallery.bank_shapes
-    t, h, w, gk = shapes["tap_projections"]
-    old = Gallery(gallery.fingerprint, gallery.feature_shape, {**shapes, "tap_projections": (t, gk, h, w)})
+    _, h, w, taps = shapes["support_offset"]
+    gk = shapes["tap_projections"][-1]
+    old_shapes = {**shapes, "support_offset": (2 * taps, h, w)}
+    if taps_channel_first:
+        old_shapes["tap_projections"] = (taps, gk, h, w)
+    old = Gallery(gallery.fingerprint, gallery.feature_shape, old_shapes)
     banks = gallery.bank_arrays()
     for row, name in enumerate(gallery.names):
         old.add_shots(name, gallery.feature_sums[row], int(gallery.counts[row]))
         bank = {k: v[row] for k, v in banks.items()}
-        old.set_bank(row, {**bank, "tap_projections": bank["tap_projections"].transpose(0, 3, 1, 2)})
+        bank["support_offset"] = bank["support_offset"].transpose(3, 0, 1, 2).reshape(2 * taps, h, w)
+        if taps_channel_first:
+            bank["tap_projections"] = bank["tap_projections"].transpose(0, 3, 1, 2)
+        old.set_bank(row, bank)
     return old
 
 
@@ -510,14 +518,15 @@ def test_sessions_do_not_spin_after_a_run(rec):
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_gallery_with_another_bank_layout_gets_its_banks_recomputed(rec, tmp_path):
-    """A gallery of the same model saved with the earlier channel-first bank opens on a channel-last
-    bundle: its banks are recomputed from the stored prototypes, names, shots and scores unchanged."""
+@pytest.mark.parametrize("taps_channel_first", [False, True], ids=["18-channel-offsets", "first-layout"])
+def test_gallery_with_another_bank_layout_gets_its_banks_recomputed(rec, tmp_path, taps_channel_first):
+    """A gallery of the same model saved with an earlier bank layout opens on a bundle of the current
+    one: its banks are recomputed from the stored prototypes, names, shots and scores unchanged."""
     rec.enroll("a", shots(0, 2))
     rec.enroll("b", shots(1, 1))
     queries = shots(0, 2, first=300) + shots(1, 2, first=300)
     expected = rec.scores(queries)
-    old = channel_first_copy(rec.gallery)
+    old = earlier_layout_copy(rec.gallery, taps_channel_first)
     assert old.bank_shapes != rec.gallery.bank_shapes
     path = old.save(tmp_path / "old.dmfg")
     before = Gallery.load(path, rec.manifest["fingerprint"])

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), r
 
 class TableHead:
     """The bundle's backend, except that the head answers from a table: score(class) = exact[id], where
-    id is written into the class's bank (support_offset[0, 0, 0]). Records the classes of every call."""
+    id is written into the class's bank (the first value of its support_offset). Records the classes
+    of every call."""
 
     def __init__(self, real, exact: dict[int, float]) -> None:
         self.real, self.exact, self.calls = real, exact, []
@@ -34,7 +35,8 @@ class TableHead:
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph != HEAD:
             return self.real.run(graph, inputs)
-        ids = [int(round(v)) for v in inputs["support_offset"][:, 0, 0, 0]]
+        offsets = inputs["support_offset"]
+        ids = [int(round(v)) for v in offsets.reshape(len(offsets), -1)[:, 0]]
         self.calls.append(ids)
         row = np.array([self.exact[i] for i in ids], np.float32)
         return {"scores": np.tile(row, (len(inputs["query_features"]), 1))}
@@ -74,7 +76,7 @@ def constructed(manifest, backend, coarse: list[float], exact: list[float], shor
     for i, value in enumerate(coarse):
         row = gallery.add_shots(f"c{i}", np.zeros(gallery.feature_shape, np.float32), 1, None)
         bank = {k: np.zeros(shapes[k], np.float32) for k in CLASS_BANK}
-        bank["support_offset"][0, 0, 0] = i
+        bank["support_offset"].flat[0] = i
         bank["class_weight"][:] = value * mean / float(mean @ mean)  # <mean q, w> = value
         gallery.set_bank(row, bank)
     rec = Recognizer(DEMO_BUNDLE, manifest, head, gallery, None, shortlist=shortlist, threshold=-1e30)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from dmf_deploy.config import FIXED_SOLVERS
 from dmf_deploy.head import DMFHead, dynamic_conv, filter_per_tap, integrate_channels
-from dmf_deploy.solvers import fixed_solve, linear_growth, solve, stability_polynomial
+from dmf_deploy.solvers import (
+    fixed_solve,
+    growth_is_exp,
+    linear_growth,
+    solve,
+    stability_polynomial,
+    truncation_error,
+)
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -153,6 +160,33 @@ def test_linear_growth_equals_stepping_y_prime_equals_f_y(solver, steps):
     grown = linear_growth(rate, solver, steps)
     # float64: Horner plus repeated squaring against n explicit steps; a few ulps per step (~1e-15).
     assert relative(grown, stepped) < 1e-13
+
+
+@pytest.mark.parametrize(
+    ("solver", "steps", "dtype", "is_exp"),
+    [
+        ("dopri5", 8, torch.float32, True),  # truncation 6.8e-9 < 6.0e-8 = half float32's eps
+        ("dopri5", 6, torch.float32, True),  # 2.7e-8
+        ("dopri5", 4, torch.float32, False),  # 1.7e-7
+        ("rk4", 8, torch.float32, False),  # 1.8e-6
+        ("rk4-38", 1, torch.float32, False),  # 3.7e-3: the training solver keeps its polynomial
+        ("dopri5", 8, torch.float64, False),  # float64 resolves the truncation
+        ("dopri5-adaptive", 1, torch.float32, False),
+        ("exact", 1, torch.float32, True),
+    ],
+)
+def test_growth_is_exp_only_where_the_polynomial_is_exp_in_that_dtype(solver, steps, dtype, is_exp):
+    assert growth_is_exp(solver, steps, dtype, max_rate=1.0) is is_exp
+    rate = torch.rand(4096, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grown = linear_growth(rate, solver, steps, 1e-2, 1e-2, max_rate=1.0)
+    assert torch.equal(grown, torch.exp(rate)) is is_exp
+    if is_exp and solver != "exact":
+        # The exp shortcut is the closer float32 value of the solver's own result (float64 polynomial).
+        truth = linear_growth(rate.double(), solver, steps)
+        polynomial = linear_growth(rate, solver, steps)  # no max_rate: Horner + squaring in float32
+        assert truncation_error(solver, steps, 1.0) < 6e-8
+        assert relative(grown.double(), truth) < relative(polynomial.double(), truth)
+        assert relative(grown.double(), truth) < 1.2e-7
 
 
 def test_positive_k1_state_is_x0_times_polynomial():

@@ -36,10 +36,11 @@ def _tensorrt_installed() -> bool:
 
 
 def _tiny_bundle(
-    root: Path, config: ModelConfig | None = None, opset: int = 18, channel_first_bank: bool = False
+    root: Path, config: ModelConfig | None = None, opset: int = 18, first_bank_layout: bool = False
 ) -> Path:
     """A real (if numerically trivial) bundle: three ONNX graphs with the manifest's I/O names/shapes.
-    `channel_first_bank`: tap_projections [N,9,GK,h,w], as bundles written before the channel-last bank.
+    `first_bank_layout`: the class bank as the first bundles wrote it, support_offset [N,18,h,w] and
+    tap_projections [N,9,GK,h,w] (today's: [N,2,h,w,9] and [N,9,h,w,GK]).
 
     Until the exporter lands this stands in for `export_bundle`: backbone = a stride-8 conv, support =
     1x1 convs + a spatial mean, head = <mean query feature, class weight> plus a small bank term so that
@@ -48,11 +49,12 @@ def _tiny_bundle(
     config = config or conv4_config(image_size=16, width=8)
     io = graph_io(config)
     c, s, gk = config.channels, config.feature_size, config.filter_channels
-    tap_shape = [-1, 9, s, s, gk]
-    if channel_first_bank:
-        tap_shape = [-1, 9, gk, s, s]
-        io["support"]["outputs"]["tap_projections"] = ["N", *tap_shape[1:]]
-        io["head"]["inputs"]["tap_projections"] = ["N", *tap_shape[1:]]
+    tap_shape, offset_shape = [-1, 9, s, s, gk], [-1, 2, s, s, 9]
+    if first_bank_layout:
+        tap_shape, offset_shape = [-1, 9, gk, s, s], [-1, 18, s, s]
+        for name, shape in (("tap_projections", tap_shape), ("support_offset", offset_shape)):
+            io["support"]["outputs"][name] = ["N", *shape[1:]]
+            io["head"]["inputs"][name] = ["N", *shape[1:]]
     size = config.preprocess.image_size
     rng = np.random.default_rng(0)
     stride = size // s
@@ -86,7 +88,8 @@ def _tiny_bundle(
     save(
         "support",
         [
-            helper.make_node("Conv", ["prototypes", "w_off"], ["support_offset"]),
+            helper.make_node("Conv", ["prototypes", "w_off"], ["offsets"]),
+            helper.make_node("Reshape", ["offsets", "offset_shape"], ["support_offset"]),
             helper.make_node("Conv", ["prototypes", "w_tap"], ["taps"]),
             helper.make_node("Reshape", ["taps", "tap_shape"], ["tap_projections"]),
             helper.make_node("ReduceMean", ["prototypes", "hw"], ["class_weight"], keepdims=0),
@@ -95,6 +98,7 @@ def _tiny_bundle(
             init("w_off", rng.normal(0, 0.2, (18, c, 1, 1)).astype(np.float32)),
             init("w_tap", rng.normal(0, 0.2, (9 * gk, c, 1, 1)).astype(np.float32)),
             init("tap_shape", np.array(tap_shape, dtype=np.int64)),
+            init("offset_shape", np.array(offset_shape, dtype=np.int64)),
             init("hw", np.array([2, 3], dtype=np.int64)),
         ],
     )
@@ -112,7 +116,7 @@ def _tiny_bundle(
         ],
         [
             init("hw", np.array([2, 3], dtype=np.int64)),
-            init("chw", np.array([1, 2, 3], dtype=np.int64)),
+            init("chw", np.array(list(range(1, len(offset_shape))), dtype=np.int64)),
             init("tchw", np.array([1, 2, 3, 4], dtype=np.int64)),
             init("small", np.array(0.01, dtype=np.float32)),
         ],

@@ -18,7 +18,7 @@ from dmf_deploy.export.triton import (
     repository_readme,
     write_triton_repository,
 )
-from dmf_deploy.manifest import GRAPH_NAMES, read_manifest, sha256_file
+from dmf_deploy.manifest import GRAPH_NAMES, graph_io, read_manifest, sha256_file
 
 
 def _load_helpers():
@@ -143,11 +143,11 @@ def bundle(tmp_path: Path) -> Path:
     return _helpers._tiny_bundle(tmp_path)
 
 
-@pytest.mark.parametrize("channel_first_bank", [False, True], ids=["bundle", "earlier-bank-layout"])
-def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, channel_first_bank: bool) -> None:
-    """The configs follow the graphs' own I/O, as the manifest records it: also for a bundle written
-    before the class bank went channel-last (not what `graph_io(config)` gives today)."""
-    bundle = _helpers._tiny_bundle(tmp_path, channel_first_bank=channel_first_bank)
+@pytest.mark.parametrize("first_bank_layout", [False, True], ids=["bundle", "earlier-bank-layout"])
+def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, first_bank_layout: bool) -> None:
+    """The configs and the README follow the graphs' own I/O, as the manifest records it: also for a
+    bundle written with the first class-bank layout (not what `graph_io(config)` gives today)."""
+    bundle = _helpers._tiny_bundle(tmp_path, first_bank_layout=first_bank_layout)
     out = tmp_path / "repo"
     platforms = write_triton_repository(bundle, read_manifest(bundle), out, use_plans=False)
     assert platforms == {model: "onnxruntime_onnx" for model in MODEL_NAMES.values()}
@@ -173,6 +173,9 @@ def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, channel_first_
                 assert tensor.data_type == fp32
     head = _parse(out / "dmf_head" / "config.pbtxt")
     assert [list(t.dims) for t in head.output] == [[-1, -1]]  # scores [Q, N]
+    readme = (out / "README.md").read_text()
+    for name, shape in read_manifest(bundle)["graphs"]["support"]["outputs"].items():
+        assert f"`{name}` [{','.join(str(d) for d in shape)}]" in readme
 
 
 def test_plans_are_used_where_they_exist(bundle: Path, tmp_path: Path) -> None:
@@ -206,7 +209,8 @@ def test_plans_are_used_where_they_exist(bundle: Path, tmp_path: Path) -> None:
 def test_readme_has_serve_command_client_and_request_size(bundle: Path, tmp_path: Path) -> None:
     resnet = ModelConfig()  # ResNet-12, G=64, k=1, 84x84 -> 11x11
     assert class_bank_bytes_per_class(resnet) == 4 * (18 * 121 + 9 * 64 * 121 + 640) == 290_056
-    text = repository_readme(resnet, tmp_path / "repo", {"dmf_backbone": "onnxruntime_onnx"}, 8)
+    bank_shapes = graph_io(resnet)["support"]["outputs"]
+    text = repository_readme(resnet, tmp_path / "repo", {"dmf_backbone": "onnxruntime_onnx"}, 8, bank_shapes)
     assert "290,056 bytes = **0.28 MiB per class for ResNet-12 G=64 k=1**" in text
     assert "tritonserver --model-repository" in text
     for needle in ("tritonclient.http", "InferInput", "InferRequestedOutput", "dmf_support", "dmf_head"):
