@@ -24,6 +24,7 @@ from dmf_deploy.solvers import linear_growth, solve
 
 TAPS = 9  # the 3x3 deformable kernel
 TAP_SHIFTS = tuple((ty - 1, tx - 1) for ty in range(3) for tx in range(3))
+MAX_FILTER = 1.0  # filters are sigmoids: the k = 1 ODE's rates lie in (0, 1) (see `linear_growth`)
 
 
 class ClassBank(NamedTuple):
@@ -115,7 +116,7 @@ class DMFHead(nn.Module):
         q, c, h, w = query.shape
         n, g = weight.shape[0], self.groups
         r = c // g
-        growth = linear_growth(filt, solver, steps, rtol, atol, max_rate=1.0).reshape(q, n, g, h * w)
+        growth = linear_growth(filt, solver, steps, rtol, atol, max_rate=MAX_FILTER).reshape(q, n, g, h * w)
         positive = F.relu(query).reshape(q, g, r, h * w).transpose(2, 3)  # [Q, G, hw, R]
         per_group = torch.matmul(positive, weight.reshape(n, g, r).permute(1, 2, 0))  # [Q, G, hw, N]
         aligned = (growth * per_group.permute(0, 3, 1, 2)).sum(dim=2)  # [Q, N, hw]
