@@ -183,16 +183,9 @@ def export_variants(model: DMFNet, out: Path) -> dict[str, Path]:
 
 
 def to_bundle_layout(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference-layout bank as support.onnx writes it (`bundle_head.bundle_bank` in numpy)."""
-    offset, taps = feeds["support_offset"], feeds["tap_projections"]
-    n, _, h, w = offset.shape
-    offset = offset.reshape(n, TAPS, 2, h, w).transpose(0, 2, 3, 4, 1)
-    taps = taps.transpose(0, 1, 3, 4, 2)
-    return {
-        **feeds,
-        "support_offset": np.ascontiguousarray(offset),
-        "tap_projections": np.ascontiguousarray(taps),
-    }
+    """The reference-layout bank as support.onnx writes it (`bundle_head.bundle_bank`)."""
+    bank = bundle_head.bundle_bank(ClassBank(**{k: torch.from_numpy(feeds[k]) for k in ClassBank._fields}))
+    return {**feeds, **{k: v.numpy() for k, v in bank._asdict().items()}}
 
 
 def session(path: Path, threads: int):

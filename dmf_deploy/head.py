@@ -37,13 +37,7 @@ class ClassBank(NamedTuple):
 
 
 class DMFHead(nn.Module):
-    def __init__(
-        self,
-        channels: int,
-        groups: int,
-        kernel: int,
-        official_filter_order: bool = False,
-    ) -> None:
+    def __init__(self, channels: int, groups: int, kernel: int, official_filter_order: bool = False) -> None:
         super().__init__()
         self.channels, self.groups, self.kernel = channels, groups, kernel
         self.official_filter_order = official_filter_order
