@@ -18,6 +18,7 @@ import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, read_manifest
 from dmf_deploy.names import validate_class_name
+from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError
@@ -50,6 +51,10 @@ class Prediction:
     score: float
     scores: dict[str, float] = field(default_factory=dict)
     message: str = ""
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The k best (class, score) pairs, best first."""
+        return sorted(self.scores.items(), key=lambda kv: kv[1], reverse=True)[:k]
 
 
 class Recognizer:
@@ -99,10 +104,12 @@ class Recognizer:
     ) -> Recognizer:
         """Verify the bundle (sha256 of every graph), create every session, and load or start a gallery.
 
+        `bundle`: a bundle folder, or "demo" for the packaged demo bundle (from any working directory;
+        "./demo" names a folder called demo).
         `gallery`: a file to load (a missing file starts an empty gallery that `save()` writes there),
         a Gallery, or None (in-memory; pass a path to `save`).
         """
-        root = Path(bundle)
+        root = resolve_bundle_path(bundle)
         manifest = read_manifest(root)
         runner = open_backend(root, manifest, backend, threads)
         gallery_path = None
@@ -226,6 +233,14 @@ class Recognizer:
         if self.gallery_path is None:
             self.gallery_path = target
         return saved
+
+    def head_scores(self, feats: np.ndarray, bank: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The exact head alone: [B, N] scores of backbone features against a class bank (default:
+        the gallery's), in the chunks `classify` runs it. For timing the head on its own (dmf-bench)."""
+        if bank is None:
+            with self._lock.read():
+                bank = self.gallery.bank_arrays()
+        return self._head(feats, bank)
 
     # ----- internals -------------------------------------------------------------------------------
     def _head(self, feats: np.ndarray, bank: dict[str, np.ndarray]) -> np.ndarray:

@@ -269,9 +269,11 @@ def test_commands_after_the_source_ends_still_run(bundle, clip, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     _, events = parse_lines(done.stdout)
-    assert [e["event"] for e in events] == ["started", "enrolled", "list", "error", "saved", "stopped"]
-    assert events[1]["shots"] == 2 and events[1]["requested"] == 5
-    assert "ended" in events[3]["message"]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["started", "end_of_source", "enrolled", "list", "error", "saved", "stopped"]
+    assert events[1]["frames"] == n  # the end is reported once, on its own, when it happens
+    assert events[2]["shots"] == 2 and events[2]["requested"] == 5
+    assert events[4]["command"] == "enroll more 2" and "ended" in events[4]["message"]
 
 
 def test_parse_command():
