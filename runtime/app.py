@@ -279,7 +279,8 @@ def finish(session: Session, output: Output, result: RunResult, screenshot: Path
     if screenshot is not None:
         canvas = output.last_canvas if isinstance(output, Window) else None
         if canvas is None and result.last_frame is not None:
-            view = View(prediction=result.last_prediction, fps=result.stats.fps, source=f"{result.source} (headless)")
+            source = f"{result.source} (headless)"
+            view = View(prediction=result.last_prediction, fps=result.stats.fps, source=source)
             view.classes, view.thumbnails = class_strip(session)
             canvas = render(result.last_frame, view)
         if canvas is None or not _write_image(screenshot, canvas):

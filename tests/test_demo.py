@@ -22,9 +22,9 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from dmf_deploy.export import demo
 from dmf_deploy.manifest import model_fingerprint, read_manifest, sha256_file
-from dmf_deploy.runtime.app import demo_bundle_path
+from dmf_deploy.packaged import DEMO_BUNDLE
+from dmf_deploy.runtime import demo
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
@@ -39,7 +39,7 @@ def dmf_demo_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("dmf-demo")
-    return [found] if found else [sys.executable, "-m", "dmf_deploy.export.demo"]
+    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.demo"]
 
 
 def number(pattern: str, text: str) -> float:
@@ -77,11 +77,13 @@ def test_dmf_demo_end_to_end(tmp_path):
 
 
 def test_dmf_demo_runs_without_torch():
-    """Without --export the demo is runtime-only: it must work where torch is not installed."""
+    """Without --export the demo is runtime-only: it must work where neither torch nor the export
+    and train extras' other packages (rich) are installed."""
     code = (
         "import sys\n"
-        "sys.modules['torch'] = None  # importing torch now raises ImportError\n"
-        "from dmf_deploy.export.demo import main\n"
+        "for name in ('torch', 'rich', 'onnx'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "from dmf_deploy.runtime.demo import main\n"
         "main(['--classes', '3', '--frames-per-class', '4'], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
@@ -151,7 +153,7 @@ def test_demo_bundle_was_exported_from_the_shipped_checkpoint():
     from dmf_deploy.checkpoint import DEMO_PATH, weights_sha256
 
     model = dmf_deploy.load_checkpoint("demo")
-    manifest = read_manifest(demo_bundle_path())
+    manifest = read_manifest(DEMO_BUNDLE)
     weights = weights_sha256(model.state_dict())
     assert weights == manifest["weights_sha256"]
     assert manifest["checkpoint_sha256"] == sha256_file(DEMO_PATH)
