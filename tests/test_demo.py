@@ -112,6 +112,21 @@ def test_script_enrols_the_first_frames_and_shuffles_the_second_pass():
     assert (a == b).all() and a.shape == (demo.FRAME_SIZE, demo.FRAME_SIZE, 3) and a.dtype == "uint8"
 
 
+@pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
+def test_enrolment_progress_counts_shots_not_frames(tmp_path):
+    from dmf_deploy.runtime import Recognizer
+
+    script = demo.make_script(classes=3, shots=2, frames_per_class=4, seed=1)
+    video = tmp_path / "demo.avi"
+    demo.write_video(video, demo.render_frames(script, seed=1), demo.FRAME_SIZE)
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    ticks = []
+    demo.enrol_from_video(rec, video, script, lambda: ticks.append(len(rec.classes)))
+    assert len(ticks) == 3 * 2 < max(script.enroll) + 1  # 6 shots, out of the 10 frames decoded
+    assert ticks == [1, 1, 2, 2, 3, 3]  # a class's shots count once the class is enrolled
+    assert rec.classes == list(script.symbols)
+
+
 def test_bad_options_are_usage_errors():
     runner = CliRunner()
     result = runner.invoke(demo.main, ["--shots", "9", "--frames-per-class", "4"])
