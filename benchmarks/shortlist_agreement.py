@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dmf_deploy import packaged
 from dmf_deploy.manifest import CLASS_BANK, SUPPORT
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
-DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
+DEMO_BUNDLE = packaged.DEMO_BUNDLE
 DATA = Path("/work/shared/data/omniglot")
 TARGET = 0.995  # top-1 agreement with exact at >= 200 classes
 ROTATION_SETS = ((0,), (0, 90), (0, 90, 180), (0, 90, 180, 270))
