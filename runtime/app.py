@@ -12,7 +12,9 @@ Headless and deterministic: with a file or folder source and stdin that is not a
 stdin is read (to EOF) before the first frame, and the commands then run in order, each before the
 next frame: `enroll NAME K` takes the next K frames (they are enrolled, not predicted) and `wait N`
 lets N frames be predicted before the next command. The same input therefore always gives the same
-output. With a camera or stream (or a terminal on stdin), commands apply as they arrive.
+output. With a camera or stream (or a terminal on stdin), commands apply as they arrive. When the
+source ends, an `end_of_source` event says so; the commands still waiting run (`enroll` and `wait`
+answer with an error), then the run stops. The window instead holds the last frame until q.
 """
 
 from __future__ import annotations
@@ -194,7 +196,8 @@ def main(
     Headless (--headless): one JSON line per frame on stdout (frame, label, score, top, latency_ms)
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,
     wait N, quit. With a file or folder source and piped stdin, all of stdin is read first and the
-    commands run in order between frames, so runs are reproducible.
+    commands run in order between frames, so runs are reproducible. The end of the source is the
+    event end_of_source.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="dmf-run: %(message)s")
     if not verbose:

@@ -100,14 +100,13 @@ def run_loop(
     """Frames from `source` until quit, the output ends it, or the frames run out (see the module doc)."""
     result = RunResult(Stats(), source.description)
     stats = result.stats
-    version = session.version
+    predicted_at = session.version  # the gallery version of the last prediction
     while not session.stopped:
         session.run_due_commands()
         if session.stopped:
             break
         if not session.frames_over:
             if max_frames is not None and stats.frames >= max_frames:
-                session.end_of_frames(stats.frames, source_ended=False)
                 break
             frame = source.read()
             if frame is None:
@@ -117,17 +116,19 @@ def run_loop(
             result.last_frame = frame
             prediction = None if session.take_frame(frame) else classify(rec, frame, stats)
             if prediction is not None:
-                result.last_prediction = prediction
+                result.last_prediction, predicted_at = prediction, session.version
             keep_going = output.show(frame, prediction, session, stats)
         elif output.holds_last_frame and result.last_frame is not None:
-            if version != session.version:  # the held frame, against the changed gallery
+            if predicted_at != session.version:  # the held frame, against the changed gallery
                 result.last_prediction = classify(rec, result.last_frame, stats)
+                predicted_at = session.version
             keep_going = output.show(result.last_frame, result.last_prediction, session, stats)
         else:
             break
-        version = session.version
         if not keep_going:
             break
+    # Stopped (quit, SIGTERM, --max-frames, the window closed): a pending enrol keeps the frames it got.
+    session.end_of_frames(stats.frames, source_ended=False)
     session.run_due_commands()  # commands left once the frames are over still run if they need none
     return result
 
