@@ -171,12 +171,12 @@ def run(bundle: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     rec = Recognizer.open(bundle, backend="onnxruntime")
     open_s = time.perf_counter() - start
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     frame = random_frames(1, 7)[0]
     results: dict = {
         "bundle": str(bundle),
         "model": f"{cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} G={cfg.groups} "
-        f"k={cfg.kernel}, {rec.manifest['solver']} x {rec.manifest['steps']}",
+        f"k={cfg.kernel}, {rec.manifest.solver} x {rec.manifest.steps}",
         "backend": f"onnxruntime {', '.join(rec.backend.providers)}",
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),

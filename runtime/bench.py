@@ -28,6 +28,7 @@ torch is optional: without it (or without the checkpoint) the PyTorch rows are s
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -40,7 +41,7 @@ from typing import Any
 import click
 import numpy as np
 
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, read_manifest, sha256_file
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, Manifest, sha256_file
 from dmf_deploy.runtime.backends import BACKENDS
 from dmf_deploy.runtime.gallery import Gallery
 from dmf_deploy.runtime.recognizer import Recognizer, new_gallery
@@ -51,7 +52,6 @@ WARMUP = 2
 SUPPORT_BATCH = 50
 LITERAL_MAX = 100  # the literal PyTorch form costs ~40 ms per class on a CPU (ResNet-12): N above is skipped
 LITERAL_CHUNK = 10  # classes per literal call
-FLOAT_BYTES = 4
 
 
 # ----- timing ----------------------------------------------------------------------------------------
@@ -96,13 +96,15 @@ def peak_rss_mb() -> float:
 
 
 # ----- the class bank --------------------------------------------------------------------------------
-def bank_bytes_per_class(manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes of each class-bank tensor per class (float32), from the manifest's support outputs."""
-    outputs = manifest["graphs"][SUPPORT]["outputs"]
-    return {k: FLOAT_BYTES * int(np.prod(outputs[k][1:])) for k in CLASS_BANK}
+def bank_bytes_per_class(manifest: Manifest) -> dict[str, int]:
+    """Bytes of each class-bank tensor per class, from the manifest's support outputs and dtypes."""
+    dtypes = manifest.bank_dtypes
+    return {
+        k: np.dtype(dtypes[k]).itemsize * math.prod(shape) for k, shape in manifest.bank_shapes.items()
+    }
 
 
-def memory_floor(manifest: dict[str, Any], n: int, shortlist: int | None) -> dict[str, int]:
+def memory_floor(manifest: Manifest, n: int, shortlist: int | None) -> dict[str, int]:
     """Bytes of class bank one frame reads: exact, and with a shortlist of K (if given)."""
     per_class = bank_bytes_per_class(manifest)
     floor = {"exact_bytes": n * sum(per_class.values())}
@@ -138,7 +140,7 @@ def fill_gallery(rec: Recognizer, n: int, seed: int = 0) -> Gallery:
     return gallery
 
 
-def first_rows(full: Gallery, manifest: dict[str, Any], n: int) -> Gallery:
+def first_rows(full: Gallery, manifest: Manifest, n: int) -> Gallery:
     """A gallery of the first n classes of `full`."""
     gallery = new_gallery(manifest)
     banks = full.bank_arrays()
@@ -150,10 +152,10 @@ def first_rows(full: Gallery, manifest: dict[str, Any], n: int) -> Gallery:
 
 # ----- the PyTorch forms -----------------------------------------------------------------------------
 def resolve_torch_checkpoint(
-    bundle: Path, manifest: dict[str, Any], ckpt: str | None
+    bundle: Path, manifest: Manifest, ckpt: str | None
 ) -> tuple[Path | None, str]:
     """The checkpoint for the PyTorch rows, or (None, why they are skipped)."""
-    expected = manifest.get("checkpoint_sha256")
+    expected = manifest.checkpoint_sha256
     if ckpt is None:
         import dmf_deploy
 
@@ -179,7 +181,7 @@ def demo_or_path(ckpt: str) -> Path:
 
 def torch_forms(
     ckpt: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     query: np.ndarray,
     galleries: dict[int, Gallery],
     repeats: int,
@@ -195,7 +197,7 @@ def torch_forms(
     if threads:
         torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
-    solver, steps = manifest["solver"], manifest["steps"]
+    solver, steps = manifest.solver, manifest.steps
     scale = model.config.score_scale()
     out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "by_classes": {}}
     q = torch.from_numpy(np.ascontiguousarray(query))
@@ -251,11 +253,11 @@ def run_bench(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     rec = Recognizer.open(bundle, backend=backend, threads=threads)
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     results: dict[str, Any] = {
         "bundle": str(bundle),
         "model": f"{cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} G={cfg.groups} "
-        f"k={cfg.kernel}, {rec.manifest['solver']} x {rec.manifest['steps']}",
+        f"k={cfg.kernel}, {rec.manifest.solver} x {rec.manifest.steps}",
         "backend": getattr(rec.backend, "description", None)
         or f"{rec.backend.name} ({', '.join(getattr(rec.backend, 'providers', []))})",
         "threads": threads,
@@ -572,7 +574,7 @@ def main(
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
     try:
-        read_manifest(bundle)
+        Manifest.read(bundle)
     except BundleError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -44,11 +44,11 @@ def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -
     if solver == "dopri5":  # 8 fixed steps sit within float32 rounding of the exact solution
         assert report["solver_distance"]["vs exact (exact/1)"] < 1e-5
     manifest = read_manifest(bundle)
-    assert manifest["solver"] == solver and manifest["steps"] == steps and manifest["opset"] == 18
+    assert manifest.solver == solver and manifest.steps == steps and manifest.opset == 18
     for name in GRAPH_NAMES:
-        graph = onnx.load(str(bundle / manifest["graphs"][name]["file"]))
+        graph = onnx.load(str(bundle / manifest.graphs[name].file))
         dims = {d.dim_param for i in graph.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
-        assert dims == set(manifest["graphs"][name]["dynamic_axes"])  # symbolic, never specialised to 2
+        assert dims == set(manifest.graphs[name].dynamic_axes)  # symbolic, never specialised to 2
         assert not [n for n in graph.graph.node if n.op_type in ("Loop", "If", "Scan")]
 
 
@@ -191,9 +191,9 @@ def test_shipped_demo_bundle_passes_the_lint() -> None:
 
     bundle = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
     manifest = read_manifest(bundle)
-    spec = graph_io(manifest["model_config"])
+    spec = graph_io(manifest.model)
     for name in GRAPH_NAMES:
-        report = lint_file(bundle / manifest["graphs"][name]["file"], name, spec[name])
+        report = lint_file(bundle / manifest.graphs[name].file, name, spec[name])
         assert report.ok, report.errors
 
 
