@@ -427,7 +427,9 @@ def _parse(raw: Any, source: str) -> Manifest:
         model = ModelConfig.from_dict(r.get(raw, "model", "", dict))
     except (TypeError, ValueError) as exc:
         raise r.fail("model", f"is not a valid model config: {exc}") from exc
-    r.get(raw, "preprocess", "", dict, {})
+    preprocess = r.get(raw, "preprocess", "", dict, None)
+    if preprocess is not None and preprocess != model.to_dict()["preprocess"]:
+        raise r.fail("preprocess", "differs from model.preprocess, the preprocessing the runtime applies")
     feature_shape = r.shape(r.get(raw, "feature_shape", "", list), "feature_shape")
     if len(feature_shape) != 3 or not all(isinstance(d, int) for d in feature_shape):
         raise r.fail("feature_shape", "must be three positive integers [C, h, w]")

@@ -62,7 +62,7 @@ def test_official_checkpoint_bundle_matches_pytorch(tmp_path: Path) -> None:
     ckpt = save_official(tmp_path / "official.pth.tar", state)
     bundle = export_bundle(ckpt, tmp_path / "bundle", solver="rk4-38", steps=1)
     _check_parity(bundle, "rk4-38", 1)
-    assert read_manifest(bundle)["model"]["official_score_scale"] is True
+    assert read_manifest(bundle).model.official_score_scale is True
 
 
 # ----- failures: a clear message, exit code 2, and nothing left behind ------------------------------
@@ -137,7 +137,7 @@ def test_existing_bundle_needs_force_and_failed_export_keeps_it(tmp_path: Path, 
         export_bundle(small_ckpt, bundle, steps=0, force=True)
     assert (bundle / "manifest.json").read_bytes() == before and not _leftovers(tmp_path)
     replaced = export_bundle(small_ckpt, bundle, solver="exact", force=True, check=False)
-    assert read_manifest(replaced)["solver"] == "exact" and not _leftovers(tmp_path)
+    assert read_manifest(replaced).solver == "exact" and not _leftovers(tmp_path)
 
 
 # ----- the TensorRT-readiness lint on graphs made to fail it -----------------------------------------

@@ -136,6 +136,8 @@ WRONG_FIELDS = [
     ("weights_sha256", None, "weights_sha256", "must be a string"),
     ("model", "conv4", "model", "must be a mapping"),
     ("model.groups", 5, "model", "not a valid model config"),
+    ("preprocess", [56], "preprocess", "must be a mapping"),
+    ("preprocess.image_size", 84, "preprocess", "differs from model.preprocess"),
     ("precision", "fp16", "precision", "one of fp32, int8"),
     ("target", "bilinear", "target", "one of gather, gridsample"),
     ("calibration", "images/", "calibration", "must be a mapping"),
