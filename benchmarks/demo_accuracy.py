@@ -180,11 +180,11 @@ def main() -> None:
     bundle = args.bundle or DEMO_BUNDLE
     rec = Recognizer.open(bundle, backend="onnxruntime", threads=args.threads)
     manifest = rec.manifest
-    cfg = manifest["model_config"]
+    cfg = manifest.model
     print(
         f"bundle: {bundle} ({cfg.backbone}, {cfg.preprocess.image_size}px, G={cfg.groups}, k={cfg.kernel}; "
-        f"solver {manifest['solver']} x {manifest['steps']}, opset {manifest['opset']}; weights "
-        f"{manifest['weights_sha256'][:12]}); backend {rec.backend.name}"
+        f"solver {manifest.solver} x {manifest.steps}, opset {manifest.opset}; weights "
+        f"{manifest.weights_sha256[:12]}); backend {rec.backend.name}"
     )
     tasks = (
         Task("5-way 1-shot", 5, 1, False, args.episodes),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dmf_deploy.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from dmf_deploy.manifest import read_manifest, sha256_file
+from dmf_deploy.manifest import Manifest, sha256_file
 from dmf_deploy.packaged import DEMO_CHECKPOINT, resolve_bundle_path
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.bench import (
@@ -47,10 +47,10 @@ LITERAL_MAX = 100  # the literal form costs ~40 ms per class on a CPU (ResNet-12
 LITERAL_CHUNK = 10  # classes per literal call
 
 
-def bundle_checkpoint(manifest: dict[str, Any], ckpt: str | None) -> Path:
+def bundle_checkpoint(manifest: Manifest, ckpt: str | None) -> Path:
     """The checkpoint the bundle was exported from: --ckpt, or the demo checkpoint when it matches."""
     path = resolve_checkpoint(ckpt) if ckpt is not None else DEMO_CHECKPOINT
-    expected = manifest.get("checkpoint_sha256")
+    expected = manifest.checkpoint_sha256
     if expected and sha256_file(path) != expected:
         raise SystemExit(f"checkpoint {path} is not the one this bundle was exported from (sha256 differs)")
     return path
@@ -70,7 +70,7 @@ def make_random_resnet12(out: Path) -> Path:
 
 def torch_forms(
     ckpt: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     query: np.ndarray,
     galleries: dict[int, Gallery],
     repeats: int,
@@ -82,7 +82,7 @@ def torch_forms(
     if threads:
         torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
-    solver, steps = manifest["solver"], manifest["steps"]
+    solver, steps = manifest.solver, manifest.steps
     scale = model.config.score_scale()
     out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "by_classes": {}}
     q = torch.from_numpy(np.ascontiguousarray(query))
@@ -162,7 +162,7 @@ def main() -> None:
         return
 
     bundle = resolve_bundle_path(args.bundle)
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     try:
         ckpt = bundle_checkpoint(manifest, args.ckpt)
     except CheckpointError as exc:

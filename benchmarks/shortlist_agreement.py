@@ -99,7 +99,7 @@ def run_seed(rec, names, labels, feats, ks, seed, batch, check, rng_check, cache
     is_query[shot] = False
     q_idx = np.flatnonzero(is_query)
     start = time.perf_counter()
-    head_sha = rec.manifest["graphs"]["head"]["sha256"][:12]
+    head_sha = rec.manifest.graphs["head"].sha256[:12]
     cached = cache / f"exact-{head_sha}-seed{seed}.npy" if cache else None
     if cached is not None and cached.is_file():
         exact_all = np.load(cached)
@@ -181,14 +181,14 @@ def main() -> None:
     args = parser.parse_args()
 
     rec = Recognizer.open(args.bundle, backend="onnxruntime", threads=args.threads)
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     start = time.perf_counter()
     names, labels, images = load_images(args.data)
     feats = features(rec, images)
     print(
         f"bundle {args.bundle} ({cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} "
         f"G={cfg.groups}, "
-        f"{rec.manifest['solver']} x {rec.manifest['steps']}); {len(names)} classes, {len(images)} images; "
+        f"{rec.manifest.solver} x {rec.manifest.steps}); {len(names)} classes, {len(images)} images; "
         f"features in {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

@@ -219,7 +219,7 @@ def main(
     gallery_is_default = gallery is None
     if gallery is None:
         try:
-            gallery = default_gallery_path(read_manifest(bundle_path)["fingerprint"])
+            gallery = default_gallery_path(read_manifest(bundle_path).fingerprint)
         except BundleError as exc:
             raise AppError(str(exc)) from exc
     gallery_path = gallery

@@ -30,6 +30,7 @@ The PyTorch forms of the head (factored and literal) are timed by benchmarks/pyt
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -43,7 +44,7 @@ from typing import Any
 import click
 import numpy as np
 
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, read_manifest
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, Manifest
 from dmf_deploy.packaged import DEMO_NAME, resolve_bundle_path
 from dmf_deploy.runtime.backends import BACKENDS
 from dmf_deploy.runtime.gallery import Gallery
@@ -53,7 +54,6 @@ DEFAULT_CLASSES = (1, 10, 100, 1000)
 BACKBONE_BATCHES = (1, 8)
 WARMUP = 2
 SUPPORT_BATCH = 50
-FLOAT_BYTES = 4
 
 
 # ----- timing ----------------------------------------------------------------------------------------
@@ -98,13 +98,15 @@ def peak_rss_mb() -> float:
 
 
 # ----- the class bank --------------------------------------------------------------------------------
-def bank_bytes_per_class(manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes of each class-bank tensor per class (float32), from the manifest's support outputs."""
-    outputs = manifest["graphs"][SUPPORT]["outputs"]
-    return {k: FLOAT_BYTES * int(np.prod(outputs[k][1:])) for k in CLASS_BANK}
+def bank_bytes_per_class(manifest: Manifest) -> dict[str, int]:
+    """Bytes of each class-bank tensor per class, from the manifest's support outputs and dtypes."""
+    dtypes = manifest.bank_dtypes
+    return {
+        k: np.dtype(dtypes[k]).itemsize * math.prod(shape) for k, shape in manifest.bank_shapes.items()
+    }
 
 
-def memory_floor(manifest: dict[str, Any], n: int, shortlist: int | None) -> dict[str, int]:
+def memory_floor(manifest: Manifest, n: int, shortlist: int | None) -> dict[str, int]:
     """Bytes of class bank one frame reads: exact, and with a shortlist of K (if given)."""
     per_class = bank_bytes_per_class(manifest)
     floor = {"exact_bytes": n * sum(per_class.values())}
@@ -140,7 +142,7 @@ def fill_gallery(rec: Recognizer, n: int, seed: int = 0) -> Gallery:
     return gallery
 
 
-def first_rows(full: Gallery, manifest: dict[str, Any], n: int) -> Gallery:
+def first_rows(full: Gallery, manifest: Manifest, n: int) -> Gallery:
     """A gallery of the first n classes of `full`."""
     gallery = new_gallery(manifest)
     banks = full.bank_arrays()
@@ -228,11 +230,11 @@ def run_bench(
     """Every stage of one bundle (see the module docstring); the figures as a JSON-ready dict."""
     start = time.perf_counter()
     rec = Recognizer.open(bundle, backend=backend, threads=threads)
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     results: dict[str, Any] = {
         "bundle": str(bundle),
         "model": f"{cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} G={cfg.groups} "
-        f"k={cfg.kernel}, {rec.manifest['solver']} x {rec.manifest['steps']}",
+        f"k={cfg.kernel}, {rec.manifest.solver} x {rec.manifest.steps}",
         "backend": getattr(rec.backend, "description", None)
         or f"{rec.backend.name} ({', '.join(getattr(rec.backend, 'providers', []))})",
         "threads": threads,
@@ -588,7 +590,7 @@ def main(
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
     for bundle in bundles:  # every bundle checked before the first is timed
         try:
-            read_manifest(bundle)
+            Manifest.read(bundle)
         except BundleError as exc:
             raise click.ClickException(str(exc)) from None
 

@@ -65,7 +65,7 @@ def test_dmf_bench_compares_bundles_in_one_json_and_one_png(tmp_path):
 @needs_demo
 def test_memory_floor_counts_the_class_bank():
     manifest = read_manifest(DEMO_BUNDLE)
-    cfg = manifest["model_config"]
+    cfg = manifest.model
     hw = cfg.feature_size**2
     per = bench.bank_bytes_per_class(manifest)
     assert per == {
@@ -243,7 +243,7 @@ def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
         protos = scale * torch.randn(n, config.channels, s, s, generator=gen)
         with torch.inference_mode():
             bank = model.class_bank(protos)
-            ref = model.head_scores(query, bank, manifest["solver"], manifest["steps"]).numpy()
+            ref = model.head_scores(query, bank, manifest.solver, manifest.steps).numpy()
             py, px = model.head.sampling_positions(query, bank)
         assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
         stored = bundle_bank(bank)  # the bundle's layout
@@ -268,14 +268,14 @@ def test_fp16_head_gathers_the_right_rows_on_a_large_map(tmp_path_factory, tmp_p
 
     bundle = export_small_bundle(tmp_path_factory, image_size=168, width=8, groups=4)
     manifest = read_manifest(bundle)
-    assert manifest["feature_shape"][1:] == [21, 21]
+    assert manifest.feature_shape[1:] == (21, 21)
     half_path = tmp_path / "head.fp16.onnx"
     cast_onnx_to_fp16(bundle / "head.onnx", half_path)
     rng = np.random.default_rng(0)
     sizes = {"Q": 3, "N": 5}
     feeds = {
         name: rng.normal(0.0, 1.0, [sizes.get(d, d) for d in shape]).astype(np.float32)
-        for name, shape in manifest["graphs"]["head"]["inputs"].items()
+        for name, shape in manifest.graphs["head"].inputs.items()
     }
     options = ort.SessionOptions()
     options.log_severity_level = 3  # float16 nodes without CPU kernels log warnings

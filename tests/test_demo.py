@@ -170,11 +170,11 @@ def test_demo_bundle_was_exported_from_the_shipped_checkpoint():
     model = dmf_deploy.load_checkpoint("demo")
     manifest = read_manifest(DEMO_BUNDLE)
     weights = weights_sha256(model.state_dict())
-    assert weights == manifest["weights_sha256"]
-    assert manifest["checkpoint_sha256"] == sha256_file(DEMO_PATH)
-    assert manifest["fingerprint"] == model_fingerprint(weights, model.config)
-    assert (manifest["solver"], manifest["steps"]) == ("dopri5", 8)
-    cfg = manifest["model_config"]
+    assert weights == manifest.weights_sha256
+    assert manifest.checkpoint_sha256 == sha256_file(DEMO_PATH)
+    assert manifest.fingerprint == model_fingerprint(weights, model.config)
+    assert (manifest.solver, manifest.steps) == ("dopri5", 8)
+    cfg = manifest.model
     assert (cfg.backbone, cfg.preprocess.image_size) == ("conv4", 56)
 
 
