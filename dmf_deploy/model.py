@@ -107,30 +107,6 @@ class DMFNet(nn.Module):
         return self.head_scores(query_feats, self.class_bank(protos), solver, steps)
 
     # ----- training --------------------------------------------------------------------------------
-    def training_loss(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        query: torch.Tensor,
-        query_labels: torch.Tensor,
-        query_global_labels: torch.Tensor,
-        fewshot_weight: float | None = None,
-        solver: str | None = None,
-        steps: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The paper's loss for one episode of images (see `loss_from_features`)."""
-        feats = self.features(torch.cat([support, query], dim=0))
-        return self.loss_from_features(
-            feats[: support.shape[0]],
-            support_labels,
-            feats[support.shape[0] :],
-            query_labels,
-            query_global_labels,
-            fewshot_weight,
-            solver,
-            steps,
-        )
-
     def loss_from_features(
         self,
         support_feats: torch.Tensor,

@@ -98,9 +98,10 @@ def main(
     if check:
         _print_parity(path, format_report)
     if trt:
-        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle, tensorrt_unavailable_reason
+        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle
+        from dmf_deploy.tensorrt_support import tensorrt_import_reason
 
-        reason = tensorrt_unavailable_reason()
+        reason = tensorrt_import_reason()
         if reason:
             console.print(f"[red]error:[/red] --trt: {reason}")
             sys.exit(2)

@@ -15,7 +15,7 @@ import torch
 
 from dmf_deploy.bundle_head import bundle_bank
 from dmf_deploy.head import ClassBank
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.model import DMFNet
 from dmf_deploy.preprocess import preprocess_frames
 
@@ -34,6 +34,25 @@ class Comparison:
     mean_abs: float
     relative: float
     passed: bool
+
+
+class OrtGraphs:
+    """The bundle's three graphs in ONNX Runtime sessions (CPU), run by graph name."""
+
+    def __init__(self, bundle: Path, manifest: Manifest) -> None:
+        import onnxruntime as ort
+
+        self._sessions = {
+            graph: ort.InferenceSession(
+                str(verify_graph(bundle, manifest, graph)), providers=["CPUExecutionProvider"]
+            )
+            for graph in GRAPH_NAMES
+        }
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, inputs)))
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -94,7 +113,7 @@ def _episode_images(source: str, n_way: int, shots: int, queries: int, model: DM
 def check_bundle(
     model: DMFNet,
     bundle: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     solver: str,
     steps: int,
     tol: float = RELATIVE_TOLERANCE,
@@ -102,9 +121,7 @@ def check_bundle(
     class_counts: tuple[int, ...] = CLASS_COUNTS,
 ) -> dict[str, Any]:
     """Run every graph and the whole pipeline on ORT and PyTorch; return a JSON-able report."""
-    from dmf_deploy.runtime.backends import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(bundle, manifest)
+    backend = OrtGraphs(bundle, manifest)
     comparisons: list[Comparison] = []
     agreement: list[float] = []
     solver_distance: dict[str, float] = {}
@@ -145,7 +162,7 @@ def check_bundle(
 
 
 def _ort_episode(
-    backend, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int
+    backend: OrtGraphs, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int
 ) -> np.ndarray:
     feats = backend.run(BACKBONE, {"images": np.concatenate([support, query])})["features"]
     s_feats, q_feats = feats[: len(support)], feats[len(support) :]

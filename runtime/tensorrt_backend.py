@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +22,14 @@ from typing import Any
 import numpy as np
 
 from dmf_deploy.manifest import GRAPH_NAMES, BundleError, EngineSpec, Manifest, bundle_graph_io, sha256_file
-
-TRT_MISSING = (
-    "the tensorrt Python package is not installed; install dmf-deploy[tensorrt] on a machine with "
-    "NVIDIA TensorRT 10+"
+from dmf_deploy.tensorrt_support import (
+    cuda_check,
+    gpu_identity,
+    import_cudart,
+    tensorrt_import_reason,
+    version_parts,
 )
+
 # Which input's leading axis is a batch of independent rows: larger batches run in chunks of the
 # profile's max, which is exact because rows never interact (BatchNorm is folded, eval mode).
 BATCH_INPUTS = {"backbone": "images", "head": "query_features"}
@@ -37,70 +39,6 @@ _AXIS_FLAGS = {"B": "--max-batch", "Q": "--max-batch", "N": "--max-classes"}
 
 class ProfileLimitError(ValueError):
     """An input shape the engine's optimization profile does not cover."""
-
-
-# ----- imports and device identity (shared with export.tensorrt_build) -------------------------------
-
-
-def version_parts(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(version).split("."):
-        match = re.match(r"\d+", piece)
-        if not match:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts) or (0,)
-
-
-def tensorrt_import_reason() -> str | None:
-    """None when `import tensorrt` works and it is TensorRT 10 or later; else why not."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return TRT_MISSING
-    except Exception as exc:  # a broken install raises OSError etc. from its shared libraries
-        return f"the tensorrt Python package failed to import: {exc}"
-    version = getattr(trt, "__version__", "0")
-    if version_parts(version)[0] < 10:
-        return f"TensorRT {version} is too old: dmf-deploy needs TensorRT 10 or later"
-    return None
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+) or the older `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError as exc:
-            raise ImportError(
-                "cuda-python is not installed; install dmf-deploy[tensorrt] (it brings cuda-python)"
-            ) from exc
-    return cudart
-
-
-def cuda_check(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise RuntimeError naming a CUDA error."""
-    cudart = import_cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"{what} failed: {getattr(err, 'name', err)}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def gpu_identity(device: int | None = None) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of the current CUDA device."""
-    cudart = import_cudart()
-    if device is None:
-        device = cuda_check(cudart.cudaGetDevice(), "cudaGetDevice")
-    props = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-    name = props.name
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-    return str(name).strip(), f"{props.major}.{props.minor}"
 
 
 # ----- pure logic: staleness and profile limits --------------------------------------------------------
@@ -393,9 +331,6 @@ class TensorRTBackend:
             low, _opt, high = engine.get_tensor_profile_shape(name, 0)
             limits[name] = (tuple(int(d) for d in low), tuple(int(d) for d in high))
         return _EngineGraph(engine, context, inputs, outputs, limits, dict(axes))
-
-    def profile_max(self, graph: str, name: str) -> tuple[int, ...]:
-        return self._graphs[graph].limits[name][1]
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph on host arrays; same names, shapes and float32 outputs as onnxruntime."""

@@ -264,7 +264,7 @@ def test_fp16_head_gathers_the_right_rows_on_a_large_map(tmp_path_factory, tmp_p
     import onnxruntime as ort
     from bundles import export_small_bundle  # tests/bundles.py
 
-    from dmf_deploy.export.tensorrt_build import cast_onnx_to_fp16
+    from dmf_deploy.export.fp16 import cast_onnx_to_fp16
 
     bundle = export_small_bundle(tmp_path_factory, image_size=168, width=8, groups=4)
     manifest = read_manifest(bundle)

@@ -18,9 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dmf_deploy.config import ModelConfig, conv4_config
+from dmf_deploy.export import engine_names, profiles
 from dmf_deploy.export import tensorrt_build as tb
+from dmf_deploy.export.fp16 import cast_onnx_to_fp16
 from dmf_deploy.manifest import GRAPH_NAMES, EngineSpec, Manifest, graph_io, read_manifest, sha256_file
 from dmf_deploy.runtime import tensorrt_backend as rt
+from dmf_deploy.tensorrt_support import TRT_MISSING, gpu_identity, tensorrt_import_reason
 
 TRT_SKIP = (
     "tensorrt is not installed: engine build/run needs NVIDIA TensorRT 10+ "
@@ -29,7 +32,7 @@ TRT_SKIP = (
 
 
 def _tensorrt_installed() -> bool:
-    return rt.tensorrt_import_reason() is None
+    return tensorrt_import_reason() is None
 
 
 # ----- a tiny real bundle ---------------------------------------------------------------------------------
@@ -127,7 +130,7 @@ def _fake_engines(bundle: Path, **overrides: str) -> dict[str, EngineSpec]:
     for graph in GRAPH_NAMES:
         name = f"{graph}.trt10.0.0.sm80.A100.fp32.plan"
         (bundle / name).write_bytes(b"not a real engine: " + graph.encode())
-        shapes = tb.profile_shapes(io, graph, 4, 16)
+        shapes = profiles.profile_shapes(io, graph, 4, 16)
         fields = {
             "file": name,
             "sha256": sha256_file(bundle / name),
@@ -153,50 +156,50 @@ def bundle(tmp_path: Path) -> Path:
 
 def test_profile_shapes_follow_the_flags() -> None:
     io = graph_io(ModelConfig())  # ResNet-12, 84x84 -> 640x11x11, G=64, k=1
-    backbone = tb.profile_shapes(io, "backbone", max_batch=8, max_classes=256)
+    backbone = profiles.profile_shapes(io, "backbone", max_batch=8, max_classes=256)
     assert backbone == {"images": ((1, 3, 84, 84), (1, 3, 84, 84), (8, 3, 84, 84))}
 
-    support = tb.profile_shapes(io, "support", max_batch=8, max_classes=256)
+    support = profiles.profile_shapes(io, "support", max_batch=8, max_classes=256)
     assert support["prototypes"] == ((1, 640, 11, 11), (32, 640, 11, 11), (256, 640, 11, 11))
 
-    head = tb.profile_shapes(io, "head", max_batch=8, max_classes=512, max_queries=16)
+    head = profiles.profile_shapes(io, "head", max_batch=8, max_classes=512, max_queries=16)
     assert set(head) == {"query_features", "support_offset", "tap_projections", "class_weight"}
     assert head["query_features"] == ((1, 640, 11, 11), (1, 640, 11, 11), (16, 640, 11, 11))
     assert head["tap_projections"][2] == (512, 9, 11, 11, 64)  # channel-last bank
     assert head["class_weight"] == ((1, 640), (32, 640), (512, 640))
     # max_queries defaults to max_batch
-    assert tb.profile_shapes(io, "head", 4, 8)["query_features"][2][0] == 4
+    assert profiles.profile_shapes(io, "head", 4, 8)["query_features"][2][0] == 4
     # opt never exceeds max
-    assert tb.profile_shapes(io, "support", 8, 4)["prototypes"][1][0] == 4
+    assert profiles.profile_shapes(io, "support", 8, 4)["prototypes"][1][0] == 4
     with pytest.raises(ValueError, match="max_classes"):
-        tb.profile_shapes(io, "support", 8, 0)
+        profiles.profile_shapes(io, "support", 8, 0)
     with pytest.raises(ValueError, match="unknown graph"):
-        tb.profile_shapes(io, "tail", 8, 8)
+        profiles.profile_shapes(io, "tail", 8, 8)
 
 
 def test_engine_names_carry_version_gpu_cc_and_precision() -> None:
     assert (
-        tb.engine_file_name("head", "10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9", "fp16")
+        engine_names.engine_file_name("head", "10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9", "fp16")
         == "head.trt10.8.0.sm89.RTX4090.fp16.plan"
     )
-    assert tb.engine_key("backbone", "11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "fp32") == (
+    assert engine_names.engine_key("backbone", "11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "fp32") == (
         "backbone.trt11.4.0.sm90.H10080GBHBM3.fp32"
     )
-    assert tb.sanitize_gpu_name("Orin (nvgpu)") == "Orinnvgpu"
-    assert tb.sanitize_gpu_name("../../etc") == "etc"  # never a path
-    assert tb.trt_version_tag("10") == "10.0.0"
+    assert engine_names.sanitize_gpu_name("Orin (nvgpu)") == "Orinnvgpu"
+    assert engine_names.sanitize_gpu_name("../../etc") == "etc"  # never a path
+    assert engine_names.trt_version_tag("10") == "10.0.0"
     keys = {
-        tb.engine_key("head", v, g, cc, p)
+        engine_names.engine_key("head", v, g, cc, p)
         for v in ("10.8.0", "10.9.0")
         for g in ("NVIDIA A100", "NVIDIA L4")
         for cc in ("8.0", "8.9")
-        for p in tb.PRECISIONS
+        for p in engine_names.PRECISIONS
     }
     assert len(keys) == 16
     with pytest.raises(ValueError, match="precision"):
-        tb.engine_key("head", "10.8.0", "A100", "8.0", "int8")
+        engine_names.engine_key("head", "10.8.0", "A100", "8.0", "int8")
     with pytest.raises(ValueError, match="graph"):
-        tb.engine_key("neck", "10.8.0", "A100", "8.0", "fp16")
+        engine_names.engine_key("neck", "10.8.0", "A100", "8.0", "fp16")
 
 
 # ----- staleness and profile limits -----------------------------------------------------------------------
@@ -243,7 +246,7 @@ def test_engine_staleness_names_the_field_that_differs(tmp_path: Path) -> None:
 
 def test_profile_limits_give_a_clear_error() -> None:
     io = graph_io(ModelConfig())
-    shapes = tb.profile_shapes(io, "head", 8, 256)
+    shapes = profiles.profile_shapes(io, "head", 8, 256)
     limits = {n: (lo, hi) for n, (lo, _, hi) in shapes.items()}
     axes = io["head"]["inputs"]
     ok = {n: (3,) + hi[1:] if n == "query_features" else (300,) + hi[1:] for n, (lo, hi) in limits.items()}
@@ -263,7 +266,7 @@ def test_profile_limits_give_a_clear_error() -> None:
         )
     with pytest.raises(rt.ProfileLimitError, match="takes inputs"):
         rt.check_input_shapes("head", {"query_features": fits["query_features"]}, limits, axes)
-    backbone = {n: (lo, hi) for n, (lo, _, hi) in tb.profile_shapes(io, "backbone", 8, 256).items()}
+    backbone = {n: (lo, hi) for n, (lo, _, hi) in profiles.profile_shapes(io, "backbone", 8, 256).items()}
     with pytest.raises(
         rt.ProfileLimitError, match="B=9 exceeds .* 8 images; rebuild with dmf-export --trt --max-batch 16"
     ):
@@ -290,7 +293,7 @@ def test_auto_backend_falls_back_to_onnxruntime_with_the_reason(bundle: Path, ca
     reason = rt.unavailable_reason(bundle, manifest)
     assert reason  # no tensorrt here; with tensorrt, the fake engines are stale (version/GPU)
     if not _tensorrt_installed():
-        assert reason == rt.TRT_MISSING
+        assert reason == TRT_MISSING
 
     with caplog.at_level(logging.WARNING, logger="dmf_deploy.runtime"):
         backend = open_backend(bundle, manifest, "auto")
@@ -326,7 +329,6 @@ def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
         open_backend(bundle, read_manifest(bundle), "tensorrt")
     with pytest.raises(RuntimeError, match="tensorrt Python package is not installed"):
         rt.TensorRTBackend(bundle, read_manifest(bundle))
-    assert tb.tensorrt_unavailable_reason() == tb.TRT_MISSING
     with pytest.raises(RuntimeError, match="cannot build TensorRT engines: the tensorrt Python package"):
         tb.build_trt_for_bundle(bundle)
 
@@ -436,7 +438,7 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
         "Where",
     } <= ops
 
-    stats = tb.cast_onnx_to_fp16(src, dst)
+    stats = cast_onnx_to_fp16(src, dst)
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
     floats = [i for i in model.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
@@ -469,6 +471,31 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
     # errors added up that is 10u = 4.9e-3. Measured: about 6e-4.
     assert relative < 5e-3, relative
     assert agreement >= 0.99, agreement
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_onnxconverter_common_breaks_the_dmf_graphs(tmp_path: Path) -> None:
+    """Why export/fp16.py is our own converter, not onnxconverter-common's (the one Polygraphy uses).
+
+    On the GridSample grid arithmetic (x * 2 / (w - 1) - 1 with w read from the tensor's shape, as the
+    TensorRT head form computes it) `convert_float_to_float16` retypes the Cast of w to float16 but
+    leaves the Constant 2.0 float32, so the Mul mixes float16 and float32 and the graph is not valid
+    ONNX. (On the Gather head form its graph passes the checker but crashes ONNX Runtime with SIGSEGV
+    at session creation, which a test cannot show without crashing too.) If this test starts failing,
+    the converter is fixed: switch export/fp16.py to it.
+    """
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    src = tmp_path / "fp32.onnx"
+    _dmf_like_onnx(src)
+    half = float16.convert_float_to_float16(
+        onnx.load(str(src)),
+        keep_io_types=True,
+        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "ReduceL2"],
+    )
+    with pytest.raises(onnx.shape_inference.InferenceError, match="inconsistent type tensor"):
+        onnx.shape_inference.infer_shapes(half, check_type=True, strict_mode=True)
 
 
 def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) -> None:
@@ -518,7 +545,7 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
     model.ir_version = 8
     src, dst = tmp_path / "edge.onnx", tmp_path / "edge16.onnx"
     onnx.save(model, src)
-    tb.cast_onnx_to_fp16(src, dst)
+    cast_onnx_to_fp16(src, dst)
     cast = onnx.load(str(dst))
     inits = {i.name: i.data_type for i in cast.graph.initializer}
     assert inits == {
@@ -536,17 +563,8 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3)
     assert not np.isnan(got[2]).any() and not got[2].any()  # the epsilon guard survived the cast
     # keep_fp32_ops=() converts everything that has a float16 variant
-    tb.cast_onnx_to_fp16(src, dst, keep_fp32_ops=())
+    cast_onnx_to_fp16(src, dst, keep_fp32_ops=())
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
-
-
-def test_fp16_parity_report_on_a_bundle(bundle: Path) -> None:
-    report = tb.fp16_parity_report(bundle, classes=4, queries_per_class=3)
-    assert set(report["graphs"]) == set(GRAPH_NAMES)
-    assert report["graphs"]["head"]["scores"]["relative_error"] < 5e-3
-    assert report["graphs"]["support"]["tap_projections"]["relative_error"] < 5e-3
-    assert 0.0 <= report["top1_agreement"] <= 1.0
-    assert "skipped" in report["tensorrt"]  # no engines in this bundle
 
 
 # ----- with a GPU (cuda-python) / with TensorRT -----------------------------------------------------------
@@ -554,7 +572,7 @@ def test_fp16_parity_report_on_a_bundle(bundle: Path) -> None:
 
 def _gpu_or_skip() -> tuple[str, str]:
     try:
-        return rt.gpu_identity()
+        return gpu_identity()
     except (ImportError, RuntimeError) as exc:
         pytest.skip(f"no usable CUDA GPU through cuda-python: {exc}")
 
