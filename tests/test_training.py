@@ -27,10 +27,11 @@ import torch.distributed as dist  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from dmf_deploy import load_checkpoint  # noqa: E402
+from dmf_deploy.backbones import BasicBlock  # noqa: E402
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata  # noqa: E402
 from dmf_deploy.train.cli import main  # noqa: E402
-from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate  # noqa: E402
-from dmf_deploy.train.presets import PRESETS  # noqa: E402
+from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate, rank_batches  # noqa: E402
+from dmf_deploy.train.presets import PRESETS, resolved_settings  # noqa: E402
 from dmf_deploy.train.schedule import learning_rate  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -230,6 +231,75 @@ def test_ddp_on_cpu_with_gloo_writes_one_checkpoint_set(tmp_path):
     assert not any(k.startswith("module.") for k in model.state_dict())
     assert meta["resume"]["epoch"] == 0 and meta["settings"]["episodes_per_epoch"] == 8
     assert not list(tmp_path.glob("**/*.tmp*"))
+
+
+DDP_RUN = {"episodes_per_batch": 4, "episodes_per_epoch": 8, "epochs": 2, "val_episodes": 2, "width": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_two_gloo_ranks_take_one_process_steps_and_episodes(tmp_path):
+    """N ranks reproduce one process's recipe: 4 episodes per step across both ranks (2 each), the
+    same number of optimizer steps at the same learning rates, and between them the same episodes."""
+    script, settings = str(Path(__file__).with_name("ddp_record.py")), json.dumps(DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), settings], env=env, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
+    port = _free_port()
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            script, str(tmp_path / "two"), settings,
+        ],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert single["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
+    steps = DDP_RUN["epochs"] * DDP_RUN["episodes_per_epoch"] // DDP_RUN["episodes_per_batch"]
+    assert len(single["lr_history"]) == steps  # 2 epochs x 2 steps of 4 episodes
+    for rank in ranks:
+        assert rank["lr_history"] == single["lr_history"]  # same steps, same rates
+        assert rank["last_epoch_classes"] == single["last_epoch_classes"]  # the same episode stream
+    # step by step, rank 0 took the first two of the single process's four episodes, rank 1 the rest
+    assert single["last_epoch_episodes"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    shares = zip(ranks[0]["last_epoch_episodes"], ranks[1]["last_epoch_episodes"], strict=True)
+    assert [a + b for a, b in shares] == single["last_epoch_episodes"]
+    assert all(len(step) == 2 for r in ranks for step in r["last_epoch_episodes"])
+    # DDP kept the two replicas identical (summed weights agree to float64 rounding of equal tensors)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_an_odd_split_of_episodes_over_ranks_is_refused():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        rank_batches(PRESETS["mini-1shot"], rank=0, world=3)
+    with pytest.raises(ValueError, match="multiple of episodes_per_batch"):
+        rank_batches(PRESETS["mini-1shot"].replace(episodes_per_epoch=1202), rank=1, world=2)
+    assert rank_batches(PRESETS["mini-1shot"], rank=1, world=4)[:2] == [[1], [5]]
+
+
+# ----- DropBlock ramp: every backbone pass counts, validation included, as in the official code ----------
+def test_dropblock_ramp_counts_validation_passes(tmp_path):
+    """1 epoch = 1 training step (2 episodes) + validation of 3 episodes, counted as ceil(3 / 2) = 2
+    passes (the official test loader feeds episodes_per_batch episodes a pass). BatchNorm's own
+    counters see the training steps only. ResNet-12 at 16x16 keeps this to a few seconds."""
+    settings = PRESETS["glyphs-smoke"].replace(
+        backbone="resnet12", image_size=16, groups=64, q_query=1, episodes_per_batch=2,
+        episodes_per_epoch=2, epochs=2, warmup_epochs=1, val_episodes=3,
+    )  # fmt: skip
+    trainer = Trainer(settings, tmp_path, CPU)
+    trainer.fit(progress=False)
+    blocks = [m for m in trainer.model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 4
+    assert [int(b.num_batches_tracked) for b in blocks] == [2 * (1 + 2)] * 4
+    assert int(blocks[0].bn1.num_batches_tracked) == 2
+    resolved = resolved_settings(settings)
+    assert resolved["dropblock_passes"] == 6 and resolved["final_drop_rate"] == pytest.approx(0.1 * 6 / 40000)
 
 
 # ----- 4. bad input fails before training, with exit code 2 and a clear message -------------------------
