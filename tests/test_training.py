@@ -30,7 +30,7 @@ from dmf_deploy import load_checkpoint  # noqa: E402
 from dmf_deploy.backbones import BasicBlock  # noqa: E402
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata  # noqa: E402
 from dmf_deploy.train.cli import main  # noqa: E402
-from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate, rank_batches  # noqa: E402
+from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate, model_config, rank_batches  # noqa: E402
 from dmf_deploy.train.presets import PRESETS, resolved_settings  # noqa: E402
 from dmf_deploy.train.schedule import learning_rate  # noqa: E402
 
@@ -126,6 +126,28 @@ def test_metrics_lines_have_the_documented_keys_and_curves_png_is_an_image(smoke
 def _fewshot_weight() -> float:
     h = w = 32 // 8  # conv4 at 32x32 -> 4x4 maps; the default weight 0.5 hw/((h+2)(w+2))
     return 0.5 * h * w / ((h + 2) * (w + 2))
+
+
+def test_validation_runs_on_the_scheduled_epochs_only(tmp_path):
+    """val_every 3: epochs 1 (the first), 3 and 4 (the last) are validated, epoch 2 is not; best.pt
+    comes from a validated epoch, last.pt from every epoch."""
+    settings = PRESETS["glyphs-smoke"].replace(
+        epochs=4, episodes_per_epoch=4, val_episodes=2, val_every=3, val_all_after=10, **SMALL
+    )
+    trainer = Trainer(settings, tmp_path, CPU)
+    trainer.fit(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] is not None for r in rows] == [True, False, True, True]
+    assert rows[1]["val_ci95"] is None and rows[1]["loss"] > 0
+    _, best = load_checkpoint_with_metadata(tmp_path / "best.pt")
+    _, last = load_checkpoint_with_metadata(tmp_path / "last.pt")
+    assert best["epoch"] + 1 in (1, 3, 4) and last["epoch"] == 3 and last["accuracy"] == rows[3]["val_acc"]
+    assert cv2.imread(str(tmp_path / "curves.png")) is not None
+
+
+def test_tiered_models_carry_the_official_evaluation_crop():
+    assert model_config(PRESETS["tiered-5shot"], 351).preprocess.crop_from == 92
+    assert model_config(PRESETS["mini-1shot"], 64).preprocess.crop_from is None
 
 
 # ----- 2. resume ----------------------------------------------------------------------------------------
@@ -421,6 +443,27 @@ def test_eval_works_for_an_official_checkpoint(tmp_path):
     assert "2-way 1-shot on glyphs/test" in line and "(2 episodes, seed 112)" in line
     mean, ci = (float(v) / 100 for v in re.search(PCT, line).groups())
     assert mean * 4 == pytest.approx(round(mean * 4), abs=1e-3) and ci >= 0  # 2 episodes x 2 queries
+
+
+def test_eval_on_tiered_data_resizes_then_centre_crops_as_the_official_test(smoke_run, tmp_path):
+    """--dataset tiered adds the official 92 -> 84 crop, scaled to this 32-pixel model (round(32 *
+    92 / 84) = 35), unless --crop-from says otherwise; other data keep the model's plain resize."""
+    out, *_ = smoke_run
+    root = _write_folder(tmp_path / "tiered", {"test": {f"c{i}": 2 for i in range(2)}})
+    base = ["eval", "--ckpt", str(out / "best.pt"), "--data-root", str(root), "--episodes", "2"]
+    base += ["--way", "2", "--queries", "1"]
+    cases = [
+        (["--dataset", "tiered"], "inputs: resize 35, centre crop 32"),
+        (["--dataset", "tiered", "--crop-from", "0"], "inputs: resize 32"),
+        (["--dataset", "folder"], "inputs: resize 32"),
+        (["--dataset", "folder", "--crop-from", "40"], "inputs: resize 40, centre crop 32"),
+    ]
+    for args, expected in cases:
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        assert result.output.strip().splitlines()[-1].endswith(expected), (args, result.output)
+    result = CliRunner().invoke(main, [*base, "--dataset", "tiered", "--crop-from", "20"])
+    assert result.exit_code == 2 and "crop_from must be >= image_size 32" in result.output, result.output
 
 
 def test_eval_refuses_bad_requests_before_evaluating(smoke_run, tmp_path):

@@ -431,11 +431,13 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     ax_loss.plot(epochs, [r["global_ce"] for r in rows], label="global CE")
     ax_loss.set_xlabel("epoch")
     ax_loss.legend()
-    acc = np.array([r["val_acc"] for r in rows])
-    ci = np.array([r["val_ci95"] for r in rows])
+    validated = [r for r in rows if r["val_acc"] is not None]
+    val_epochs = [r["epoch"] for r in validated]
+    acc = np.array([r["val_acc"] for r in validated])
+    ci = np.array([r["val_ci95"] for r in validated])
     ax_acc.plot(epochs, [r["accuracy"] for r in rows], label="train episodes")
-    ax_acc.plot(epochs, acc, label="validation")
-    ax_acc.fill_between(epochs, acc - ci, acc + ci, alpha=0.3)
+    ax_acc.plot(val_epochs, acc, marker=".", label="validation")
+    ax_acc.fill_between(val_epochs, acc - ci, acc + ci, alpha=0.3)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
