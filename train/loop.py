@@ -328,7 +328,7 @@ class Trainer:
             )
             elapsed = time.perf_counter() - started
             episodes_per_s = self.world * episodes / elapsed
-            validate = s.validates_after(epoch + 1) or epoch + 1 == total_epochs
+            validate = s.validates_after(epoch + 1)  # by the schedule alone, so that resuming is exact
             if self.rank == 0:
                 val = self._validate() if validate else None
                 last = {
