@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -38,7 +39,11 @@ class ExportError(ValueError):
 
 
 class ParityError(RuntimeError):
-    """The bundle was written but broke a parity tolerance (see its parity.json)."""
+    """The bundle was written but broke a parity tolerance; `report` is the parity report."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def validate_export_args(solver: str, steps: int, opset: int) -> None:
@@ -85,8 +90,12 @@ def export_bundle(
     force: bool = False,
     check: bool = True,
     progress: Progress | None = None,
+    on_parity: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Export a checkpoint (path or "demo") to a bundle folder and return its path."""
+    """Export a checkpoint (path or "demo") to a bundle folder and return its path.
+
+    With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
+    """
     say = progress or (lambda _msg: None)
     validate_export_args(solver, steps, opset)
     out = Path(out_dir).absolute()
@@ -99,8 +108,10 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask
     try:
-        paths = export_all(model, solver, steps, staging, opset, on_graph=lambda g: say(f"exported {g}.onnx"))
         io_spec = graph_io(model.config)
+        paths = export_all(
+            model, solver, steps, staging, opset, lambda g: say(f"exported {g}.onnx"), io_spec=io_spec
+        )
         for name, path in paths.items():
             onnx.checker.check_model(str(path), full_check=True)
             onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
@@ -116,6 +127,7 @@ def export_bundle(
             opset=opset,
             checkpoint_sha256=sha256_file(ckpt_path),
             weights_sha256=metadata["weights_sha256"],
+            io=io_spec,
         )
         manifest.write(staging)
         parity = None
@@ -123,14 +135,16 @@ def export_bundle(
             from dmf_deploy.export.parity import check_bundle
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
-            parity = check_bundle(model, staging, Manifest.read(staging), solver, steps)
+            parity = check_bundle(model, staging, manifest, solver, steps)
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if parity is not None and on_parity is not None:
+        on_parity(parity)
     if parity is not None and not parity["passed"]:
-        raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}")
+        raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}", parity)
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -76,6 +75,7 @@ def main(
     def progress(message: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {message}")
 
+    reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
         with console.status("exporting..."):
             path = export_bundle(
@@ -87,16 +87,17 @@ def main(
                 force=force,
                 check=check,
                 progress=progress,
+                on_parity=reports.append,
             )
     except (ExportError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
     except ParityError as exc:
-        _print_parity(Path(out_dir), format_report)
+        click.echo(format_report(exc.report))
         console.print(f"[red]parity failed:[/red] {exc}")
         sys.exit(1)
-    if check:
-        _print_parity(path, format_report)
+    for report in reports:
+        click.echo(format_report(report))
     if trt:
         from dmf_deploy.export.tensorrt_build import build_trt_for_bundle
         from dmf_deploy.tensorrt_support import tensorrt_import_reason
@@ -116,12 +117,6 @@ def main(
         write_triton_repository(path, read_manifest(path), triton_dir, use_plans=trt)
         progress(f"wrote Triton model repository {triton_dir}")
     progress(f"bundle ready: {path}")
-
-
-def _print_parity(bundle: Path, format_report) -> None:
-    report_path = bundle / "parity.json"
-    if report_path.is_file():
-        click.echo(format_report(json.loads(report_path.read_text())))
 
 
 if __name__ == "__main__":

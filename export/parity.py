@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dmf_deploy.bundle_head import bundle_bank
+from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.model import DMFNet
@@ -99,8 +100,6 @@ def _episode_images(source: str, n_way: int, shots: int, queries: int, model: DM
         support = gen.standard_normal((n_way * shots, 3, size, size)).astype(np.float32)
         query = gen.standard_normal((queries, 3, size, size)).astype(np.float32)
     else:
-        from dmf_deploy.train.glyphs import GlyphSet
-
         glyphs = GlyphSet(num_classes=n_way, seed=seed, image_size=max(size, 64))
         frames = [glyphs.render(c, i) for c in range(n_way) for i in range(shots)]
         support = preprocess_frames(frames, model.config.preprocess)

@@ -39,8 +39,10 @@ def _check_parity(bundle: Path, solver: str, steps: int) -> dict:
 @pytest.mark.parametrize(("solver", "steps"), [("dopri5", 8), ("rk4-38", 1), ("exact", 1)])
 def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -> None:
     ckpt = make_checkpoint(tmp_path / "conv4.pt", "conv4", image_size=32, width=16, groups=8, seed=1)
-    bundle = export_bundle(ckpt, tmp_path / "bundle", solver=solver, steps=steps)
+    handed: list[dict] = []
+    bundle = export_bundle(ckpt, tmp_path / "bundle", solver=solver, steps=steps, on_parity=handed.append)
     report = _check_parity(bundle, solver, steps)
+    assert handed == [report]  # the CLI prints the report it is handed, the same one parity.json holds
     if solver == "dopri5":  # 8 fixed steps sit within float32 rounding of the exact solution
         assert report["solver_distance"]["vs exact (exact/1)"] < 1e-5
     manifest = read_manifest(bundle)
