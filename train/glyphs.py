@@ -6,7 +6,7 @@ import numpy as np
 
 from dmf_deploy.glyphs import GlyphSet
 
-from .datasets import SPLITS, DatasetError, FewShotDataset
+from .fewshot import SPLITS, DatasetError, FewShotDataset
 
 __all__ = ["GlyphSet", "glyph_dataset", "glyph_split"]
 
