@@ -30,7 +30,9 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 )
 @click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option(
+    "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
