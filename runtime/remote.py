@@ -59,6 +59,8 @@ class RemoteRecognizer:
     def __init__(self, url: str = DEFAULT_URL, model: str = MODEL, timeout: float = 60.0) -> None:
         self.url, self.model, self.timeout = url, model, timeout
         self._local = threading.local()
+        self._clients: list[Any] = []  # every thread's, for close()
+        self._clients_lock = threading.Lock()
         try:
             config = self._client().get_model_config(model)
         except Exception as exc:
@@ -121,6 +123,20 @@ class RemoteRecognizer:
         _, out = self._call("save")
         return PurePath(out["message"][0, 0].decode("utf-8"))
 
+    def close(self) -> None:
+        """Close every thread's connection (an open keep-alive connection delays a server's shutdown)."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> RemoteRecognizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ----- transport -------------------------------------------------------------------------------
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
@@ -130,6 +146,8 @@ class RemoteRecognizer:
                 self.url, connection_timeout=self.timeout, network_timeout=self.timeout
             )
             self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
         return client
 
     def _batches(self, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -165,6 +183,8 @@ class RemoteRecognizer:
             raise RemoteError(f"{op} request to http://{self.url} failed: {exc}") from exc
         out = {name: result.as_numpy(name) for name in OUTPUTS}
         classes = [c.decode("utf-8") for c in out["classes"][0]] if len(out["classes"]) else []
+        if out["scores"].shape[1:] != (len(classes),):
+            raise RemoteError(f"the server sent scores {out['scores'].shape} for {len(classes)} classes")
         return classes, out
 
 

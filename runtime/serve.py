@@ -224,5 +224,83 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
+# ----- running dmf-serve from Python (tests, benchmarks/triton_load.py) ------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A `dmf-serve` child process and the tritonserver it started."""
+
+    process: subprocess.Popen
+    url: str  # host:port of the HTTP endpoint, as RemoteRecognizer takes it
+    log: Path
+
+    def server_pid(self) -> int | None:
+        """tritonserver's pid (the leader of its own process group, with the model stubs)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError, ValueError):
+            return int(children.read_text().split()[0])
+        return None
+
+    def kill(self) -> None:
+        """kill -9 the server, its model stubs and dmf-serve: no chance to finish anything."""
+        pid = self.server_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        self.process.kill()
+        self.process.wait(STOP_TIMEOUT_S)
+
+    def stop(self) -> int:
+        """SIGTERM dmf-serve (which stops the server); kill -9 everything left after the timeout."""
+        pid = self.server_pid()
+        code = stop(self.process, STOP_TIMEOUT_S + 10)
+        if pid is not None:  # only if dmf-serve itself had to be killed
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        return code
+
+
+@contextlib.contextmanager
+def serving(repo: Path, log: Path, timeout_s: float = 120.0, models: tuple[str, ...] = (DEFAULT_MODEL,)):
+    """Run `dmf-serve` on free loopback ports until the block ends; yields a Served. Always stopped."""
+    served = start_serving(repo, log, timeout_s, models)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def start_serving(
+    repo: Path, log: Path, timeout_s: float = 120.0, models: tuple[str, ...] = (DEFAULT_MODEL,)
+) -> Served:
+    """Start `dmf-serve` on free loopback ports and wait for its ready line (ServeError on failure)."""
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "dmf_deploy.runtime.serve", "--repo", str(repo)]
+    command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    command += ["--ready-timeout", str(timeout_s)]
+    command += [arg for m in models for arg in ("--model", m)]
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    served = Served(process, f"127.0.0.1:{http_port}", log)
+    deadline = time.monotonic() + timeout_s + 10
+    while time.monotonic() < deadline:
+        if b"dmf-serve: ready" in log.read_bytes():
+            return served
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    served.stop()
+    tail = log.read_bytes()[-3000:].decode("utf-8", "replace")
+    raise ServeError(f"dmf-serve did not become ready (status {process.returncode}); log tail:\n{tail}")
+
+
 if __name__ == "__main__":
     main()
