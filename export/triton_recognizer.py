@@ -55,19 +55,9 @@ input [
 ]
 output [
   {{
-    name: "classes"
-    data_type: TYPE_STRING
-    dims: [ -1 ]
-  }},
-  {{
     name: "scores"
     data_type: TYPE_FP32
     dims: [ -1 ]
-  }},
-  {{
-    name: "label"
-    data_type: TYPE_STRING
-    dims: [ 1 ]
   }},
   {{
     name: "score"
@@ -75,9 +65,9 @@ output [
     dims: [ 1 ]
   }},
   {{
-    name: "message"
-    data_type: TYPE_STRING
-    dims: [ 1 ]
+    name: "text"
+    data_type: TYPE_UINT8
+    dims: [ -1 ]
   }}
 ]
 instance_group [

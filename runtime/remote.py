@@ -12,6 +12,7 @@ Needs `tritonclient[http]` (the `serve` extra).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from dmf_deploy.runtime.recognizer import Prediction
 
 DEFAULT_URL = "127.0.0.1:8000"
 MODEL = "dmf_recognizer"
-OUTPUTS = ("classes", "scores", "label", "score", "message")
+OUTPUTS = ("scores", "score", "text")
 
 
 class RemoteError(RuntimeError):
@@ -91,12 +92,10 @@ class RemoteRecognizer:
         predictions = []
         for batch in self._batches(frames):
             classes, out = self._call("classify", frames=batch)
-            for r in range(len(batch)):
-                row = out["scores"][r]
-                table = {name: float(s) for name, s in zip(classes, row) if np.isfinite(s)}
-                label = out["label"][r, 0].decode("utf-8") or None
-                message = out["message"][r, 0].decode("utf-8")
-                predictions.append(Prediction(label, float(out["score"][r, 0]), table, message))
+            for r, text in enumerate(out["text"]):
+                table = {name: float(s) for name, s in zip(classes, out["scores"][r]) if np.isfinite(s)}
+                score = float(out["score"][r, 0])
+                predictions.append(Prediction(text["label"], score, table, text["message"]))
         return predictions[0] if single else predictions
 
     # ----- changing (the server saves each change) ------------------------------------------------
@@ -121,7 +120,7 @@ class RemoteRecognizer:
         if path is not None:
             raise ValueError("the server saves its gallery to its own file; save() takes no path")
         _, out = self._call("save")
-        return PurePath(out["message"][0, 0].decode("utf-8"))
+        return PurePath(out["text"][0]["message"])
 
     def close(self) -> None:
         """Close every thread's connection (an open keep-alive connection delays a server's shutdown)."""
@@ -182,8 +181,12 @@ class RemoteRecognizer:
         except Exception as exc:  # connection refused, timeout
             raise RemoteError(f"{op} request to http://{self.url} failed: {exc}") from exc
         out = {name: result.as_numpy(name) for name in OUTPUTS}
-        classes = [c.decode("utf-8") for c in out["classes"][0]] if len(out["classes"]) else []
-        if out["scores"].shape[1:] != (len(classes),):
+        try:
+            out["text"] = [json.loads(bytes(row).decode("utf-8")) for row in out["text"]]
+            classes = list(out["text"][0]["classes"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RemoteError(f"the server's answer to {op} is malformed: {exc}") from None
+        if out["scores"].shape != (len(out["text"]), len(classes)):
             raise RemoteError(f"the server sent scores {out['scores'].shape} for {len(classes)} classes")
         return classes, out
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import click
 
-INSTALL_HINT = 'pip install "dmf-deploy[serve]"  (nvidia-pytriton and tritonclient[http])'
+INSTALL_HINT = 'pip install "dmf-deploy[serve]" && pip install --no-deps nvidia-pytriton'
 DEFAULT_MODEL = "dmf_recognizer"
 SITE_DIRS_VARIABLE = "DMF_SERVE_SITE_DIRS"  # read by dmf_deploy/runtime/triton_model.py
 STOP_TIMEOUT_S = 30.0  # tritonserver's own exit timeout is 30 s; then it is killed

@@ -8,9 +8,14 @@ and answers requests to the one model, so that the state lives in one place:
   ``name`` and ``new_name`` carry class names (enroll, remove, rename).
 - input ``frames`` [B,H,W,C] uint8 (BGR or grey): classify, scores and enroll. Requests that carry no
   frames send the one-byte input ``control`` instead: Triton refuses a request without any input.
-- outputs, B rows each: ``classes`` [B,N] (the class list, the same in every row), ``scores`` [B,N]
-  (-inf for classes a shortlist left out), ``label`` [B,1] ("" for unknown), ``score`` [B,1],
-  ``message`` [B,1]. Requests without frames answer one row: the classes after the change.
+- outputs, B rows each: ``scores`` [B,N] float32 over the class list (-inf for classes a shortlist
+  left out), ``score`` [B,1] float32, and ``text`` [B,L] uint8: per row the UTF-8 JSON
+  ``{"classes": [...], "label": ... or null, "message": ...}``, padded with spaces to one length.
+  Requests without frames answer one row: the classes after the change.
+
+Tensors cross the stub by DLPack and text as UTF-8 bytes, never through the stub's own numpy
+conversions: Triton 2.51's Python stub is built against numpy 1.x, and with numpy 2 those read inputs as
+zeros and send empty outputs, silently. DLPack works with either numpy.
 
 Every change (enroll, remove, rename) is saved to the gallery file atomically before it is answered.
 Errors are answered as Triton errors whose message starts with the name of the error
@@ -112,36 +117,35 @@ class Rows:
     def __init__(self, classes: list[str], count: int) -> None:
         self.classes = classes
         self.scores = np.zeros((count, len(classes)), np.float32)
-        self.label = [""] * count
-        self.score = np.full(count, np.nan, np.float32)
+        self.label: list[str | None] = [None] * count
+        self.score = np.full((count, 1), np.nan, np.float32)
         self.message = [""] * count
 
     def arrays(self) -> dict[str, np.ndarray]:
-        count = len(self.scores)
+        rows = [
+            json.dumps({"classes": self.classes, "label": label, "message": message}).encode("utf-8")
+            for label, message in zip(self.label, self.message)
+        ]
+        width = max(len(row) for row in rows)
+        padded = bytearray(b"".join(row.ljust(width) for row in rows))  # writable: DLPack refuses read-only
+        text = np.frombuffer(padded, np.uint8).reshape(len(rows), width)
+        return {"scores": self.scores, "score": self.score, "text": text}
 
-        def text(values: list[str], width: int = 1) -> np.ndarray:
-            return np.array([v.encode("utf-8") for v in values], dtype=np.object_).reshape(count, width)
 
-        return {
-            "classes": text(self.classes * count, len(self.classes)),
-            "scores": self.scores,
-            "label": text(self.label),
-            "score": self.score.reshape(count, 1),
-            "message": text(self.message),
-        }
+def _quiet_consumed_capsules(unraisable: Any, default: Any = sys.unraisablehook) -> None:
+    """The stub renames the DLPack capsules it takes over to a name numpy's capsule destructor does not
+    expect, which then reports (and otherwise ignores) this ValueError for every output tensor."""
+    if isinstance(unraisable.exc_value, ValueError) and "PyCapsule_GetPointer" in str(unraisable.exc_value):
+        return
+    default(unraisable)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
 
-        if int(np.__version__.split(".")[0]) >= 2:
-            # Triton 2.51's Python stub is built against numpy 1.x: with numpy 2 it reads every input
-            # as zeros and sends empty outputs, silently. Refuse to load instead.
-            raise RuntimeError(
-                f"dmf_recognizer: numpy {np.__version__} at {np.__file__}; Triton's Python backend stub "
-                "needs numpy < 2 (pip install 'dmf-deploy[serve]' installs it)"
-            )
+        sys.unraisablehook = _quiet_consumed_capsules
+
         from dmf_deploy.runtime.recognizer import Recognizer
 
         self.pb = pb_utils
@@ -180,7 +184,8 @@ class TritonPythonModel:
         if op not in OPS:
             raise BadRequest(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
         tensor = self.pb.get_input_tensor_by_name(request, "frames")
-        frames = None if tensor is None else tensor.as_numpy()
+        # A copy: the DLPack view is of the request's memory, which Triton frees after the response.
+        frames = None if tensor is None else np.array(np.from_dlpack(tensor))
         if frames is not None and op not in FRAME_OPS:
             raise BadRequest(f"{op} takes no frames")
         return op, params, frames
@@ -210,8 +215,8 @@ class TritonPythonModel:
         rows = Rows(self.recognizer.classes, len(predictions))
         for r, p in enumerate(predictions):
             rows.scores[r] = [p.scores.get(name, -np.inf) for name in rows.classes]
-            rows.label[r] = p.label or ""
-            rows.score[r] = p.score
+            rows.label[r] = p.label
+            rows.score[r, 0] = p.score
             rows.message[r] = p.message
         return rows
 
@@ -238,7 +243,8 @@ class TritonPythonModel:
 
     # ----- responses -------------------------------------------------------------------------------
     def _respond(self, rows: Rows) -> Any:
-        tensors = [self.pb.Tensor(name, array) for name, array in rows.arrays().items()]
+        arrays = rows.arrays().items()
+        tensors = [self.pb.Tensor.from_dlpack(name, np.ascontiguousarray(a)) for name, a in arrays]
         return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, exc: BaseException) -> Any:

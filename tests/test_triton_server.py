@@ -211,7 +211,8 @@ def test_restart_keeps_the_classes(server: Served, repo: Path, remote, enrolled)
     before = remote.scores(queries())
     assert remote.save() == repo / MODEL_NAME / GALLERY_FILE
     remote.close()
-    server.stop()
+    assert server.stop() == 0  # dmf-serve stops the server on SIGTERM and exits cleanly
+    assert "dmf-serve: stopped" in server.log.read_text()
     with serving(repo, repo.parent / "restart.log") as again, RemoteRecognizer(again.url, timeout=30) as rec:
         assert rec.classes == enrolled
         assert relative_error(rec.scores(queries()), before) <= SCORE_RTOL
