@@ -7,7 +7,10 @@ One server serves the module; the restart and kill -9 tests start their own.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -144,6 +147,19 @@ def test_the_server_checks_what_a_raw_client_sends(server: Served, enrolled) -> 
     over = np.zeros((33, 8, 8, 3), np.uint8)  # max_batch_size is 32: Triton itself refuses
     assert "batch-size must be <= 32" in send(over, {})
     client.close()
+
+
+def test_readme_client_example_runs(server: Served, remote: RemoteRecognizer, enrolled) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### 6. Serve with Triton") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 5  # "a five-line client"
+    code = code.replace('"127.0.0.1:8000"', repr(server.url))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "label='ring'" in result.stdout
+    remote.remove("ring")
+    assert remote.classes == enrolled
 
 
 def test_classifying_threads_and_an_enrolling_one(remote: RemoteRecognizer, enrolled) -> None:
