@@ -169,7 +169,7 @@ def test_classifying_threads_and_an_enrolling_one(remote: RemoteRecognizer, enro
     final = enrolled + new
     problems: list[str] = []
     seen: list[list[str]] = []
-    enrolling = threading.Event()
+    enrolling, reading = threading.Event(), threading.Event()
     enrolling.set()
 
     def classify_loop(k: int) -> None:
@@ -185,6 +185,7 @@ def test_classifying_threads_and_an_enrolling_one(remote: RemoteRecognizer, enro
                     if list(p.scores) != final[: max(len(p.scores), len(enrolled))]:
                         problems.append(f"classify scored {list(p.scores)}")
                 seen.append(classes)
+                reading.set()
             except Exception as exc:  # any error is a failure of the test
                 problems.append(f"{type(exc).__name__}: {exc}")
             rounds += 1
@@ -195,6 +196,7 @@ def test_classifying_threads_and_an_enrolling_one(remote: RemoteRecognizer, enro
     for t in threads:
         t.start()
     try:
+        assert reading.wait(60), "no reader got an answer"
         for c, name in enumerate(new):
             remote.enroll(name, shots(10 + c))
     finally:
