@@ -262,7 +262,7 @@ class Served:
         """SIGTERM dmf-serve (which stops the server); kill -9 everything left after the timeout."""
         pid = self.server_pid()
         code = stop(self.process, STOP_TIMEOUT_S + 10)
-        if pid is not None:  # only if dmf-serve itself had to be killed
+        if pid is not None and code != 0:  # dmf-serve did not stop it cleanly
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         return code

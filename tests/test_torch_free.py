@@ -23,6 +23,8 @@ TORCH_FREE = [
     "dmf_deploy.preprocess",
     "dmf_deploy.runtime",
     "dmf_deploy.runtime.backends",
+    "dmf_deploy.runtime.remote",
+    "dmf_deploy.runtime.serve",
 ]
 
 PROBE = textwrap.dedent(
