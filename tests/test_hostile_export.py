@@ -22,8 +22,8 @@ from dmf_deploy.atomic import exchange_folders
 from dmf_deploy.checkpoint import CheckpointError, load_checkpoint
 from dmf_deploy.export.bundle import STALE_EXPORT_SECONDS, ExportError, export_bundle
 from dmf_deploy.manifest import FORMAT_VERSION, MANIFEST_NAME
+from dmf_deploy.packaged import DEMO_BUNDLE
 
-DEMO_BUNDLE = Path(__file__).parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
 CLI_TIMEOUT_S = 300  # an import of torch + onnx on a busy 2-core machine, with room to spare
 
 
