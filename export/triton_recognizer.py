@@ -10,12 +10,10 @@ REPO/dmf_recognizer/
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from dmf_deploy.atomic import atomic_write_bytes
-from dmf_deploy.manifest import GRAPH_NAMES, MANIFEST_NAME, verify_graph
+from dmf_deploy.manifest import MANIFEST_NAME, Manifest, verify_graph
 
 MODEL_NAME = "dmf_recognizer"
 GALLERY_FILE = "gallery.dmfg"
@@ -90,7 +88,7 @@ parameters {{
 """
 
 
-def write_recognizer_model(bundle_dir: Path, manifest: Mapping[str, Any], out_dir: Path) -> Path:
+def write_recognizer_model(bundle_dir: Path, manifest: Manifest, out_dir: Path) -> Path:
     """Write out_dir/dmf_recognizer (config, model.py, a copy of the bundle); returns the model folder.
 
     A gallery already there (the server's state) is kept: re-exporting never deletes enrolled classes.
@@ -99,8 +97,8 @@ def write_recognizer_model(bundle_dir: Path, manifest: Mapping[str, Any], out_di
     version_dir = model_dir / "1"
     bundle_copy = version_dir / BUNDLE_DIR
     bundle_copy.mkdir(parents=True, exist_ok=True)
-    for graph in GRAPH_NAMES:
-        source = verify_graph(bundle_dir, dict(manifest), graph)
+    for graph in manifest.graphs:  # the three graphs and any optional ones the bundle declares
+        source = verify_graph(bundle_dir, manifest, graph)
         shutil.copyfile(source, bundle_copy / source.name)
     shutil.copyfile(bundle_dir / MANIFEST_NAME, bundle_copy / MANIFEST_NAME)
     atomic_write_bytes(version_dir / "model.py", _model_source().read_bytes())

@@ -25,8 +25,8 @@ def test_recognizer_model_folder(tmp_path: Path) -> None:
     write_triton_repository(DEMO_BUNDLE, manifest, out)
     model = out / MODEL_NAME
     assert (model / "1" / "model.py").read_bytes() == Path(triton_model.__file__).read_bytes()
-    for graph in manifest["graphs"].values():  # the bundle travels with the model, unchanged
-        assert sha256_file(model / "1" / "bundle" / graph["file"]) == graph["sha256"]
+    for graph in manifest.graphs.values():  # the bundle travels with the model, unchanged
+        assert sha256_file(model / "1" / "bundle" / graph.file) == graph.sha256
     config = (model / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and f"max_batch_size: {RECOGNIZER_MAX_BATCH}" in config
     assert "dynamic_batching" in config and f'string_value: "{GALLERY_FILE}"' in config

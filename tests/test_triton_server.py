@@ -278,7 +278,7 @@ def test_kill_9_during_a_save_leaves_a_loadable_gallery(tmp_path: Path) -> None:
             rec.close()
     assert caught_in_save, "no save was seen in progress"
     manifest = read_manifest(demo_bundle())
-    loaded = Gallery.load(gallery_path, manifest["fingerprint"], describe_model(manifest))
+    loaded = Gallery.load(gallery_path, manifest.fingerprint, describe_model(manifest))
     assert loaded.names[:400] == [f"seed{c}" for c in range(400)]
     assert loaded.names[400:] == [f"new{k}" for k in range(len(loaded) - 400)]
     shutil.rmtree(repo)
