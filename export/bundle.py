@@ -19,7 +19,7 @@ import onnx
 
 from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
-from dmf_deploy.config import SOLVERS
+from dmf_deploy.config import DEFAULT_STEPS, Solver
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
@@ -34,7 +34,6 @@ from dmf_deploy.manifest import (
     sha256_file,
 )
 
-EXPORTABLE_SOLVERS = tuple(s for s in SOLVERS if s != "dopri5-adaptive")
 # A killed export leaves its staging (.partial) or swapped-out (.old) folder; one untouched this long is
 # stale. Longer than a gallery's temp files: a large export can write nothing for minutes while it checks.
 STALE_EXPORT_SECONDS = 3600.0
@@ -56,16 +55,17 @@ class ParityError(RuntimeError):
         self.report = report
 
 
-def validate_export_args(solver: str, steps: int, opset: int) -> None:
-    if solver == "dopri5-adaptive":
+def validate_export_args(solver: str, steps: int, opset: int, kernel: int) -> Solver:
+    """The export's solver for a model of `kernel`, checked once; ExportError says what is wrong."""
+    try:
+        checked = Solver.checked(solver, steps, kernel)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if checked.adaptive:
         raise ExportError(
-            "dopri5-adaptive cannot be exported: its step count depends on the data. Use the fixed-step "
+            f"{solver} cannot be exported: its step count depends on the data. Use the fixed-step "
             "'dopri5' with --steps (8 reaches ~1e-6 of exact), or 'exact' for k = 1"
         )
-    if solver not in EXPORTABLE_SOLVERS:
-        raise ExportError(f"unknown solver {solver!r}; choose one of {', '.join(EXPORTABLE_SOLVERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ExportError(f"--steps must be a positive integer, got {steps!r}")
     if opset >= 20:
         raise ExportError(
             f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
@@ -75,6 +75,7 @@ def validate_export_args(solver: str, steps: int, opset: int) -> None:
         raise ExportError(
             f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
         )
+    return checked
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -95,7 +96,7 @@ def export_bundle(
     ckpt: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] = "bundle",
     solver: str = "dopri5",
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     check: bool = True,
@@ -107,13 +108,11 @@ def export_bundle(
     With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
     """
     say = progress or (lambda _msg: None)
-    validate_export_args(solver, steps, opset)
     out = Path(out_dir).absolute()
     _check_destination(out, force)
     ckpt_path = resolve_checkpoint(ckpt)
     model, metadata = load_checkpoint_with_metadata(ckpt_path)
-    if solver == "exact" and model.config.kernel != 1:
-        raise ExportError("the 'exact' solver exists only for kernel 1 models; this checkpoint has k = 3")
+    validate_export_args(solver, steps, opset, model.config.kernel)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask

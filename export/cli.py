@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
 from dmf_deploy.manifest import DEFAULT_OPSET
 
 
@@ -25,9 +26,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     "--solver",
     default="dopri5",
     show_default=True,
-    help="Fixed-step ODE solver unrolled into head.onnx: euler, midpoint, rk4, rk4-38, dopri5, exact.",
+    type=click.Choice(EXPORTABLE_SOLVERS),
+    help="Fixed-step ODE solver unrolled into head.onnx (exact: the closed form, kernel 1 only).",
 )
-@click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
+@click.option(
+    "--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(min=1), help="Solver steps."
+)
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
 @click.option(
     "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."

@@ -17,10 +17,12 @@ import numpy as np
 import onnx
 import pytest
 from bundles import make_checkpoint
+from click.testing import CliRunner
 from onnx import TensorProto, helper
 from test_checkpoint import add_official_head, official_base_state, save_official
 
-from dmf_deploy.export.bundle import ExportError, export_bundle
+from dmf_deploy.export.bundle import ExportError, export_bundle, validate_export_args
+from dmf_deploy.export.cli import main as export_cli
 from dmf_deploy.export.lint import lint_model
 from dmf_deploy.manifest import GRAPH_NAMES, read_manifest
 
@@ -90,19 +92,40 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("solver", "steps", "opset", "kernel", "message"),
     [
-        (["--steps", "0"], "--steps must be a positive integer"),
-        (["--solver", "heun"], "unknown solver 'heun'"),
-        (["--solver", "dopri5-adaptive"], "dopri5-adaptive cannot be exported"),
-        (["--opset", "20"], "opset 20 is refused"),
-        (["--opset", "16"], "opset 16 is too old"),
+        ("dopri5", 0, 18, 1, "steps must be a positive integer"),
+        ("heun", 8, 18, 1, "unknown solver 'heun'"),
+        ("dopri5-adaptive", 8, 18, 1, "dopri5-adaptive cannot be exported"),
+        ("exact", 1, 18, 3, "exists only for kernel 1; this model has k = 3"),
+        ("dopri5", 8, 20, 1, "opset 20 is refused"),
+        ("dopri5", 8, 16, 1, "opset 16 is too old"),
     ],
 )
-def test_bad_arguments_fail_cleanly(tmp_path: Path, small_ckpt: Path, extra: list[str], message: str) -> None:
-    result = _run_export("--ckpt", str(small_ckpt), "--out", "bundle", *extra, cwd=tmp_path)
+def test_bad_export_arguments_are_named(
+    solver: str, steps: int, opset: int, kernel: int, message: str
+) -> None:
+    with pytest.raises(ExportError, match=message):
+        validate_export_args(solver, steps, opset, kernel)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "'--steps': 0 is not in the range x>=1"),
+        (["--solver", "heun"], "'heun' is not one of"),
+    ],
+)
+def test_cli_refuses_values_outside_its_choices(small_ckpt: Path, extra: list[str], message: str) -> None:
+    result = CliRunner().invoke(export_cli, ["--ckpt", str(small_ckpt), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_bad_arguments_exit_2_and_leave_nothing(tmp_path: Path, small_ckpt: Path) -> None:
+    """The one subprocess run: the exit code and stderr a shell script sees."""
+    result = _run_export("--ckpt", str(small_ckpt), "--out", "bundle", "--opset", "20", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert message in " ".join(result.stderr.split())
+    assert "opset 20 is refused" in " ".join(result.stderr.split())
     assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmf_deploy.config import FIXED_SOLVERS
+from dmf_deploy.config import FIXED_SOLVERS, Solver
 from dmf_deploy.head import DMFHead, dynamic_conv, filter_per_tap, integrate_channels
 from dmf_deploy.solvers import (
     fixed_solve,
@@ -204,10 +204,15 @@ def test_positive_k1_state_is_x0_times_polynomial():
 
 
 def test_solver_argument_errors():
-    rhs, x0, _ = dynconv_ode()
     with pytest.raises(ValueError, match="unknown solver"):
-        solve(rhs, x0, "rk45", 1)
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        solve(rhs, x0, "euler", 0)
+        Solver.checked("rk45", 1, kernel=1)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            Solver.checked("euler", steps, kernel=1)
+    with pytest.raises(ValueError, match="exists only for kernel 1; this model has k = 3"):
+        Solver.checked("exact", 1, kernel=3)
+    assert Solver.checked("dopri5-adaptive", 1, kernel=3).adaptive
+    assert not Solver.checked("exact", 1, kernel=1).adaptive
+    rhs, x0, _ = dynconv_ode()
     with pytest.raises(ValueError, match="closed form"):
         solve(rhs, x0, "exact", 1)
