@@ -134,7 +134,7 @@ def linear_growth(
 ) -> torch.Tensor:
     """What the solver makes of y' = rate * y, y(0) = 1, at t = 1: exp(rate) for `exact`.
 
-    For the k = 1 ODE on a positive entry this is the whole solution (DESIGN.md, "closed form").
+    For the k = 1 ODE on a positive entry this is the whole solution (docs/solvers.md, "The closed form").
     `max_rate`: a bound on `rate` (the head's rates are sigmoids, below 1). Where the fixed-step
     solver's R(rate/steps)^steps equals exp(rate) to within the dtype's rounding over [0, max_rate]
     (`growth_is_exp`), the growth is evaluated as exp(rate): the same value, more accurately than

@@ -1,6 +1,6 @@
 """Parity: the exported graphs on ONNX Runtime against the PyTorch model run with the SAME solver.
 
-"relative" = max|got - ref| / max|ref| over a whole output (DESIGN.md). The comparison itself is
+"relative" = max|got - ref| / max|ref| over a whole output. The comparison itself is
 Polygraphy's (`SimpleCompareFunc` with atol = tolerance * max|ref| and rtol = 0, which is that definition).
 """
 

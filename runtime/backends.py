@@ -20,8 +20,8 @@ log = logging.getLogger("dmf_deploy.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # ONNX Runtime's intra-op threads spin for a while after each run by default. The three bundle
-# sessions take turns on the same cores, so a spinning session steals them from the next one: on two
-# cores the backbone after a head run took 67 ms instead of 35 (benchmarks/README.md, dmf-bench).
+# sessions take turns on the same cores, so a spinning session steals them from the next one
+# (benchmarks/README.md, "Runtime latency", has the figures).
 ALLOW_SPINNING = "0"
 
 

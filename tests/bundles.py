@@ -163,6 +163,6 @@ def checkpoint_of(bundle: Path) -> Path:
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """DESIGN.md: max|got - ref| / max|ref| over the whole [Q, N] score matrix."""
+    """max|got - ref| / max|ref| over the whole [Q, N] score matrix: what "relative" means everywhere."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(got - ref).max() / np.abs(ref).max())

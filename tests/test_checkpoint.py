@@ -1,8 +1,8 @@
 """Checkpoints: official chmxu/Dynamic-Meta-filter files, our own format, and files we must refuse.
 
-The official forward is reimplemented here from DESIGN.md ("The model, exactly" and "Facts that differ
-between the paper and the official code") with plain functional ops on the state dict, so that it
-shares no code with `dmf_deploy.head` or `dmf_deploy.backbones`.
+The official forward is reimplemented here from the paper and the official code (chmxu/Dynamic-Meta-filter:
+rk4 means one 3/8-rule step, the padded 1x1 meta-classifier scales scores) with plain functional ops on
+the state dict, so that it shares no code with `dmf_deploy.head` or `dmf_deploy.backbones`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REL_TOL = 1e-5
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """DESIGN.md: max|got - ref| / max|ref| over the whole [Q, N] score matrix."""
+    """max|got - ref| / max|ref| over the whole [Q, N] score matrix."""
     got, ref = got.double(), ref.double()
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -193,7 +193,7 @@ def ref_episode(
     return ref_head_scores(sd64, fq, protos, groups, kernel, **kw)
 
 
-# ----- the episode: classes that really differ (DESIGN.md, testing notes) ------------------------------
+# ----- the episode: classes that really differ (on random images all scores look alike) ---------------
 @pytest.fixture(scope="module")
 def episode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)

@@ -1,6 +1,6 @@
 """dmf-export: parity against PyTorch with the same solver, TensorRT-readiness, and clean failures.
 
-Parity tolerance 1e-4 relative (DESIGN.md: max|got - ref| / max|ref| over the score matrix): ORT and
+Parity tolerance 1e-4 relative (max|got - ref| / max|ref| over the score matrix): ORT and
 PyTorch pick different float32 conv kernels (~1e-6 relative per layer); a real export error (wrong tap,
 solver weight or scale) moves scores by 1e-2 or more.
 """

@@ -32,7 +32,7 @@ REL_TOL = 1e-5
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """DESIGN.md: max|got - ref| / max|ref| over the whole matrix."""
+    """max|got - ref| / max|ref| over the whole matrix."""
     got, ref = got.double(), ref.double()
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -114,7 +114,7 @@ SOLVERS = [
     ("dopri5", 1), ("dopri5", 3), ("dopri5", 8), ("exact", 1),
 ]  # fmt: skip
 # dopri5-adaptive is excluded: its step control takes a norm over the whole batched state, so its
-# result depends on the batch and on the form (group or channel space); DESIGN.md, "three cautions".
+# result depends on the batch and on the form (group or channel space); docs/solvers.md.
 FACTORS: dict[str, list[Any]] = {
     "kernel": [1, 3],
     "groups": [1, 64, 160],  # with C = 320 every G divides C (R = 320, 5, 2 channels per group)

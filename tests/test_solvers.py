@@ -22,7 +22,7 @@ from dmf_deploy.solvers import (
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
-# torchdiffeq's names for our fixed-grid methods (DESIGN.md, "Solver names").
+# torchdiffeq's names for our fixed-grid methods (docs/solvers.md, "The names").
 TORCHDIFFEQ = {"euler": "euler", "midpoint": "midpoint", "rk4-38": "rk4"}
 STAGES = {"euler": 1, "midpoint": 2, "rk4-38": 4}
 
@@ -190,7 +190,7 @@ def test_growth_is_exp_only_where_the_polynomial_is_exp_in_that_dtype(solver, st
 
 
 def test_positive_k1_state_is_x0_times_polynomial():
-    """DESIGN.md: on positive entries each fixed method equals X0 * R(hF)^n exactly (up to rounding)."""
+    """docs/solvers.md: on positive entries each fixed method equals X0 * R(hF)^n exactly (up to rounding)."""
     head = DMFHead(channels=6, groups=3, kernel=1).double()
     gen = torch.Generator().manual_seed(8)
     x0 = torch.randn(2, 6, 4, 4, generator=gen, dtype=torch.float64)
