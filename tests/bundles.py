@@ -14,10 +14,21 @@ bundle in one pytest session export it once.
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
+import pytest
+
+from dmf_deploy.runtime.gallery import Gallery
+
+if TYPE_CHECKING:
+    import torch
 
 # The small model most runtime tests use: conv4, 16 channels, 8 groups, 32x32 input -> 4x4 feature maps.
 SMALL = {"backbone": "conv4", "image_size": 32, "width": 16, "groups": 8}
@@ -162,7 +173,190 @@ def checkpoint_of(bundle: Path) -> Path:
     return Path(bundle).parent / "model.pt"
 
 
-def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """max|got - ref| / max|ref| over the whole [Q, N] score matrix: what "relative" means everywhere."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+def relative_error(got: Any, ref: Any) -> float:
+    """max|got - ref| / max|ref| over the whole [Q, N] score matrix: what "relative" means everywhere.
+
+    numpy arrays or CPU torch tensors; computed in float64.
+    """
+    got, ref = (np.asarray(x.detach() if hasattr(x, "detach") else x, np.float64) for x in (got, ref))
     return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+# ----- an official (chmxu/Dynamic-Meta-filter) checkpoint, built from random weights --------------------
+
+OFFICIAL_WIDTHS = (64, 160, 320, 640)  # the official ResNet-12
+OFFICIAL_CLASSES = 64  # global classifier rows
+OFFICIAL_C = OFFICIAL_WIDTHS[-1]  # feature channels
+
+
+def _bn(sd: dict[str, torch.Tensor], prefix: str, ch: int, gen: torch.Generator) -> None:
+    """Randomised BatchNorm statistics: identity stats (mean 0, var 1) would hide a BN mix-up."""
+    import torch
+
+    sd[prefix + "weight"] = 0.5 + torch.rand(ch, generator=gen)
+    sd[prefix + "bias"] = 0.1 * torch.randn(ch, generator=gen)
+    sd[prefix + "running_mean"] = 0.1 * torch.randn(ch, generator=gen)
+    sd[prefix + "running_var"] = 0.5 + 1.5 * torch.rand(ch, generator=gen)
+    sd[prefix + "num_batches_tracked"] = torch.tensor(int(torch.randint(1, 10**5, (1,), generator=gen)))
+
+
+def official_base_state(seed: int) -> dict[str, torch.Tensor]:
+    """The official ResNet-12 and global classifier, random weights, under the official key names."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    chans = (3, *OFFICIAL_WIDTHS)
+    for i in range(4):
+        pre, cin, cout = f"base.layer{i + 1}.0.", chans[i], chans[i + 1]
+        for j, fan_in in ((1, cin), (2, cout), (3, cout)):
+            sd[f"{pre}conv{j}.weight"] = torch.randn(cout, fan_in, 3, 3, generator=gen) * math.sqrt(
+                2.0 / (9 * fan_in)
+            )
+            _bn(sd, f"{pre}bn{j}.", cout, gen)
+        sd[f"{pre}downsample.0.weight"] = torch.randn(cout, cin, 1, 1, generator=gen) / math.sqrt(cin)
+        _bn(sd, f"{pre}downsample.1.", cout, gen)
+        # The official BasicBlock registers its own counter (DropBlock warm-up) at block level.
+        sd[f"{pre}num_batches_tracked"] = torch.tensor(40000 + i)
+    weight = torch.randn(OFFICIAL_CLASSES, OFFICIAL_C, 1, 1, generator=gen)
+    sd["global_clasifier.weight"] = weight / math.sqrt(OFFICIAL_C)  # sic: the official spelling
+    sd["global_clasifier.bias"] = 0.1 * torch.randn(OFFICIAL_CLASSES, generator=gen)
+    return sd
+
+
+def add_official_head(
+    sd: dict[str, torch.Tensor], groups: int, kernel: int, feature_rms: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """dw_gen weights scaled to the features: offsets of about 1.5 px (many past the 4x4 map's edge)
+    and pre-sigmoid filters of about 2 (sigmoid neither flat nor saturated)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = dict(sd)
+    sd["dw_gen.off_conv.weight"] = torch.randn(18, 2 * OFFICIAL_C, 5, 5, generator=gen) * (
+        1.5 / (feature_rms * math.sqrt(2 * OFFICIAL_C * 25))
+    )
+    taps = groups * kernel * kernel
+    sd["dw_gen.kernel_conv.weight"] = torch.randn(taps, OFFICIAL_C, 3, 3, generator=gen) * (
+        2.0 / (feature_rms * math.sqrt(9 * OFFICIAL_C))
+    )
+    return sd
+
+
+def save_official(path: Path, state: dict[str, torch.Tensor], prefix: str = "") -> Path:
+    import torch
+
+    payload = {"state_dict": {prefix + k: v for k, v in state.items()}, "acc": 0.6789, "epoch": 87}
+    torch.save(payload, path, _use_new_zipfile_serialization=False)  # torch 1.4 wrote the legacy format
+    return path
+
+
+# ----- small galleries without a bundle (fake banks: any function of the prototype will do) ---------------
+
+FP = "a1b2c3d4e5f6" + "0" * 52
+FEATURE_SHAPE = (8, 3, 3)
+BANK_SHAPES = {"support_offset": (18, 3, 3), "tap_projections": (9, 4, 3, 3), "class_weight": (8,)}
+
+
+def fake_bank(prototype: np.ndarray) -> dict[str, np.ndarray]:
+    """A deterministic stand-in for support.onnx: any function of the prototype will do here."""
+    p = prototype.astype(np.float32)
+    return {
+        "support_offset": np.concatenate([p, p, p[:2]]),
+        "tap_projections": np.stack([p[:4] * (t + 1) for t in range(9)]),
+        "class_weight": p.mean(axis=(1, 2)),
+    }
+
+
+def enroll(g: Gallery, name: str, feats: np.ndarray, frame: np.ndarray | None = None) -> int:
+    """What the Recognizer does: add the shots, then set the bank computed from the new prototype."""
+    row = g.add_shots(name, feats.sum(axis=0), len(feats), frame)
+    g.set_bank(row, fake_bank(g.prototype(row)))
+    return row
+
+
+def new_gallery(description: str = "conv4 test model") -> Gallery:
+    return Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, description)
+
+
+def filled(n: int, seed: int = 0, thumbs: bool = True) -> Gallery:
+    rng = np.random.default_rng(seed)
+    g = new_gallery()
+    for i in range(n):
+        frame = rng.integers(0, 256, (48 + i, 80, 3), dtype=np.uint8) if thumbs and i % 2 == 0 else None
+        enroll(g, f"class {i}", rng.standard_normal((1 + i % 3, *FEATURE_SHAPE)).astype(np.float32), frame)
+    return g
+
+
+def snapshot(g: Gallery) -> dict:
+    return {
+        "names": g.names,
+        "counts": g.counts.copy(),
+        "sums": g.feature_sums.copy(),
+        "banks": {k: v.copy() for k, v in g.bank_arrays().items()},
+        "thumbs": [g.thumbnail(n) for n in g.names],
+        "stamps": [g.timestamps(n) for n in g.names],
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["names"] == b["names"]
+    assert a["thumbs"] == b["thumbs"]
+    assert a["stamps"] == b["stamps"]
+    for key in ("counts", "sums"):
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key])
+    assert a["banks"].keys() == b["banks"].keys()
+    for key in a["banks"]:
+        assert a["banks"][key].dtype == b["banks"][key].dtype
+        assert np.array_equal(a["banks"][key], b["banks"][key])
+
+
+def npz_members(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_header(path: Path) -> dict:
+    return json.loads(npz_members(path)["header"].tobytes())
+
+
+def savez(path: Path, **members: np.ndarray) -> None:
+    """np.savez to exactly `path` (given a name, np.savez would append ".npz")."""
+    with open(path, "wb") as handle:
+        np.savez(handle, **members)
+
+
+def rewrite(path: Path, header: dict | None = None, **arrays: np.ndarray) -> None:
+    """Re-save a gallery file with some members replaced (np.savez, as a tampering writer would)."""
+    members = npz_members(path)
+    if header is not None:
+        members["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    members.update(arrays)
+    savez(path, **members)
+
+
+# ----- dmf-run as a user runs it ------------------------------------------------------------------------
+
+
+def dmf_run_command() -> list[str]:
+    """The installed console script, or the module when the script is not on this venv's bin."""
+    script = Path(sys.executable).with_name("dmf-run")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("dmf-run")
+    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.app"]
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 15.0) -> Path:
+    """mp4v .mp4, or MJPG .avi where this OpenCV build cannot write mp4."""
+    h, w = frames[0].shape[:2]
+    for target, codec in ((path.with_suffix(".mp4"), "mp4v"), (path.with_suffix(".avi"), "MJPG")):
+        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*codec), fps, (w, h))
+        if writer.isOpened():
+            for frame in frames:
+                writer.write(frame)
+            writer.release()
+            if target.stat().st_size > 0:
+                return target
+        writer.release()
+    pytest.skip("this OpenCV build can write neither mp4v nor MJPG video")

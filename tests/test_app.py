@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bundles import export_small_bundle  # tests/bundles.py
+from bundles import dmf_run_command, export_small_bundle, write_video  # tests/bundles.py
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Gallery, Recognizer
@@ -46,15 +45,6 @@ PRED_KEYS = {"frame", "label", "score", "top", "latency_ms"}
 TIMEOUT = 60
 
 
-def dmf_run_command() -> list[str]:
-    """The installed console script, or the module when the script is not on this venv's bin."""
-    script = Path(sys.executable).with_name("dmf-run")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("dmf-run")
-    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.app"]
-
-
 def run_app(args: list[str], stdin: str = "", timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*dmf_run_command(), *map(str, args)], input=stdin, capture_output=True, text=True, timeout=timeout
@@ -65,21 +55,6 @@ def parse_lines(stdout: str) -> tuple[list[dict], list[dict]]:
     """(predictions, events) from dmf-run's JSON lines; every line must be JSON."""
     records = [json.loads(line) for line in stdout.splitlines() if line.strip()]
     return [r for r in records if "event" not in r], [r for r in records if "event" in r]
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: float = 15.0) -> Path:
-    """mp4v .mp4, or MJPG .avi where this OpenCV build cannot write mp4."""
-    h, w = frames[0].shape[:2]
-    for target, codec in ((path.with_suffix(".mp4"), "mp4v"), (path.with_suffix(".avi"), "MJPG")):
-        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*codec), fps, (w, h))
-        if writer.isOpened():
-            for frame in frames:
-                writer.write(frame)
-            writer.release()
-            if target.stat().st_size > 0:
-                return target
-        writer.release()
-    pytest.skip("this OpenCV build can write neither mp4v nor MJPG video")
 
 
 def decode(path: Path) -> list[np.ndarray]:

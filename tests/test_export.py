@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bundles import make_checkpoint
+from bundles import add_official_head, make_checkpoint, official_base_state, save_official
 from click.testing import CliRunner
 from onnx import TensorProto, helper
-from test_checkpoint import add_official_head, official_base_state, save_official
 
 from dmf_deploy.export.bundle import ExportError, export_bundle, validate_export_args
 from dmf_deploy.export.cli import main as export_cli
