@@ -37,6 +37,7 @@ def _check_parity(bundle: Path, solver: str, steps: int) -> dict:
     return report
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 @pytest.mark.parametrize(("solver", "steps"), [("dopri5", 8), ("rk4-38", 1), ("exact", 1)])
 def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -> None:
     ckpt = make_checkpoint(tmp_path / "conv4.pt", "conv4", image_size=32, width=16, groups=8, seed=1)
@@ -55,11 +56,13 @@ def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -
         assert not [n for n in graph.graph.node if n.op_type in ("Loop", "If", "Scan")]
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_resnet12_bundle_matches_pytorch(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "r12.pt", "resnet12", image_size=32, groups=64, seed=2)
     _check_parity(export_bundle(ckpt, tmp_path / "bundle", solver="dopri5", steps=8), "dopri5", 8)
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_official_checkpoint_bundle_matches_pytorch(tmp_path: Path) -> None:
     state = add_official_head(official_base_state(seed=5), groups=64, kernel=1, feature_rms=1.0, seed=6)
     ckpt = save_official(tmp_path / "official.pth.tar", state)
@@ -151,6 +154,7 @@ def test_unwritable_output_folder_fails_cleanly(tmp_path: Path, small_ckpt: Path
             export_bundle(small_ckpt, locked / "bundle", check=False)
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_existing_bundle_needs_force_and_failed_export_keeps_it(tmp_path: Path, small_ckpt: Path) -> None:
     bundle = export_bundle(small_ckpt, tmp_path / "bundle", check=False)
     before = (bundle / "manifest.json").read_bytes()
@@ -221,6 +225,7 @@ def test_shipped_demo_bundle_passes_the_lint() -> None:
         assert report.ok, report.errors
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_scores_are_finite_on_real_frames(tmp_path: Path, small_ckpt: Path) -> None:
     """A smoke check on the runtime side of an exported bundle (full parity lives in test_recognizer)."""
     from dmf_deploy.runtime import Recognizer

@@ -66,6 +66,7 @@ def test_force_refuses_a_bundle_holding_files_its_manifest_does_not_name(tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_force_replaces_an_empty_folder_then_a_bundle_of_any_version(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()

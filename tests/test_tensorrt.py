@@ -568,6 +568,7 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_fp16_head_gathers_the_right_rows_on_a_large_map(tmp_path_factory, tmp_path):
     """A 21x21 map has 9 * 21 * 21 = 3969 table rows per class, more than the integers float16 holds
     exactly (2048). The FP16 cast of head.onnx (what `dmf-export --trt --fp16` builds) must still
