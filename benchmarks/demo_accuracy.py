@@ -17,7 +17,7 @@ float64 mean of its shots' features cast to float32 (as enroll), support.onnx ma
 call (as scores). The first --check episodes of every task are also run through a fresh Recognizer's
 enroll + scores on the raw images, and the script stops if any score differs.
 
-    python benchmarks/demo_accuracy.py [--data-root /work/shared/data/omniglot] [--bundle DIR]
+    python benchmarks/demo_accuracy.py [--data-root OMNIGLOT_DIR] [--bundle DIR]
         [--episodes 600] [--episodes-20 400] [--queries 15] [--splits test,val] [--check 2] [--json F]
 """
 
