@@ -8,7 +8,11 @@ part of the package can import this module on machines without them.
 from __future__ import annotations
 
 import re
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 TRT_MISSING = (
     "the tensorrt Python package is not installed; install dmf-deploy[tensorrt] on a machine with "
@@ -39,6 +43,28 @@ def tensorrt_import_reason() -> str | None:
     if version_parts(version)[0] < 10:
         return f"TensorRT {version} is too old: dmf-deploy needs TensorRT 10 or later"
     return None
+
+
+_SHARED: dict[str, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def process_shared(key: str, factory: Callable[[], T]) -> T:
+    """The one object of `key` in this process: made by `factory` on first use, under a lock."""
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = factory()
+        return _SHARED[key]
+
+
+def tensorrt_logger() -> Any:
+    """The process's one `trt.Logger` (WARNING), shared by the engine builder and the backend.
+
+    TensorRT keeps one logger per process and warns when a later Builder/Runtime passes a different one.
+    """
+    import tensorrt as trt
+
+    return process_shared("tensorrt.Logger", lambda: trt.Logger(trt.Logger.WARNING))
 
 
 def import_cudart() -> Any:

@@ -45,6 +45,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option(
     "--max-classes", default=256, show_default=True, type=int, help="TensorRT profile: max classes N."
 )
+@click.option(
+    "--opt-batch",
+    default=None,
+    type=click.IntRange(min=1),
+    help="TensorRT profile: the batch kernels are tuned for [default: --max-batch with --triton, else 1].",
+)
 @click.option("--workspace", default=1024, show_default=True, type=int, help="TensorRT workspace, MB.")
 @click.option(
     "--triton",
@@ -65,6 +71,7 @@ def main(
     fp16: bool,
     max_batch: int,
     max_classes: int,
+    opt_batch: int | None,
     workspace: int,
     triton_dir: Path | None,
 ) -> None:
@@ -94,6 +101,8 @@ def main(
         reason = tensorrt_import_reason()
         if reason:
             fail(f"--trt: {reason}")
+    if opt_batch is not None and opt_batch > max_batch:
+        fail(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
     reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
         with console.status("exporting..."):
@@ -117,11 +126,20 @@ def main(
     for report in reports:
         click.echo(format_report(report))
     if trt:
-        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle
+        from dmf_deploy.export.profiles import choose_opt_batch
+        from dmf_deploy.export.tensorrt_build import EngineBuildError, build_trt_for_bundle
 
-        build_trt_for_bundle(
-            path, fp16=fp16, max_batch=max_batch, max_classes=max_classes, workspace_mb=workspace
-        )
+        try:
+            build_trt_for_bundle(
+                path,
+                fp16=fp16,
+                max_batch=max_batch,
+                max_classes=max_classes,
+                opt_batch=choose_opt_batch(max_batch, opt_batch, triton=triton_dir is not None),
+                workspace_mb=workspace,
+            )
+        except EngineBuildError as exc:  # the bundle and its earlier engines are unchanged (one transaction)
+            fail(f"--trt: {exc}")
         progress("built TensorRT engines")
     if triton_dir is not None:
         from dmf_deploy.export.triton import write_triton_repository

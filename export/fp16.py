@@ -25,6 +25,13 @@ from dmf_deploy.atomic import atomic_write_bytes
 # C = 640 channels overflows float16's 65504 as soon as the features' RMS exceeds 10. These ops run
 # on the support side (once per class), so keeping them in float32 costs nothing per frame.
 DEFAULT_KEEP_FP32_OPS = frozenset({"ReduceL2", "ReduceSumSquare", "LpNormalization"})
+_NORM_OPS = DEFAULT_KEEP_FP32_OPS
+# The epsilon guard after such a norm, x / max(||x||, eps) (F.normalize: ReduceL2 -> Clip -> Expand ->
+# Div), stays float32 with it. In float16, eps = 1e-12 becomes 2^-24, a subnormal that kernels which
+# flush subnormals read as 0, so an all-zero prototype would divide 0/0. The guard ops are followed
+# from the norm; the division (or reciprocal) that reads them ends the float32 chain.
+_NORM_GUARD_OPS = frozenset({"Clip", "Max", "Add", "Sqrt", "Expand", "Reshape", "Unsqueeze", "Squeeze"})
+_NORM_DIVIDE_OPS = frozenset({"Div", "Reciprocal"})
 # Ops that read only their input's shape: they take whichever float type is there, no Cast needed.
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 # Ops whose float output type comes from a `dtype` attribute (float32 when absent).
@@ -50,7 +57,8 @@ def cast_onnx_to_fp16(
     touched. Why float32 I/O: the bundle contract (`graph_io`), the runtime, Triton configs and the
     clients stay the same for fp32 and fp16 engines, and in a strongly typed network the Cast layers
     are the only place precision changes, so TensorRT has nothing to guess. Ops in `keep_fp32_ops`
-    (and inputs the spec types as float32 only, e.g. Resize scales) stay float32 behind Casts.
+    (and inputs the spec types as float32 only, e.g. Resize scales) stay float32 behind Casts; so do
+    the epsilon guard and the division after a kept norm (an L2 normalisation stays float32 whole).
 
     Constants outside float16's range are clipped to +-65504, and nonzero ones below its smallest
     subnormal become +-2^-24 rather than 0 (epsilon guards must stay nonzero).
@@ -105,6 +113,7 @@ def convert_model_to_fp16(
     rules = [_fp16_rules(node, opset) for node in nodes]
     # A node stays float32 when asked to, or when its schema has no float16 variant (e.g. Range).
     kept = [node.op_type in keep or not fp16_ok for node, (fp16_ok, _) in zip(nodes, rules)]
+    _keep_norm_guards(nodes, kept, keep & _NORM_OPS)
 
     def required(index: int, slot: int) -> int | None:
         """The float type input `slot` of node `index` must read; None: whatever is produced."""
@@ -209,6 +218,25 @@ def convert_model_to_fp16(
     del graph.value_info[:]
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     return stats
+
+
+def _keep_norm_guards(nodes: list[Any], kept: list[bool], norm_ops: Iterable[str]) -> None:
+    """Mark, in place, the epsilon guard and division after each kept norm node as kept float32."""
+    roots = frozenset(norm_ops)
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    frontier = [i for i, node in enumerate(nodes) if kept[i] and node.op_type in roots]
+    while frontier:
+        for name in nodes[frontier.pop()].output:
+            for index in consumers.get(name, ()):
+                op = nodes[index].op_type
+                if kept[index] or op not in _NORM_GUARD_OPS | _NORM_DIVIDE_OPS:
+                    continue
+                kept[index] = True
+                if op in _NORM_GUARD_OPS:
+                    frontier.append(index)
 
 
 def _fp16_rules(node: Any, opset: Mapping[str, int]) -> tuple[bool, frozenset[int]]:

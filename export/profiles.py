@@ -16,6 +16,14 @@ Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]
 
 
+def choose_opt_batch(max_batch: int, opt_batch: int | None = None, *, triton: bool = False) -> int:
+    """The batch (B, Q) TensorRT tunes its kernels for: `--opt-batch` when given; for a Triton
+    repository `--max-batch`, since Triton batches backbone requests dynamically up to it; else 1."""
+    if opt_batch is not None:
+        return int(opt_batch)
+    return int(max_batch) if triton else DEFAULT_OPT_BATCH
+
+
 def profile_shapes(
     manifest_graph_io: Mapping[str, Any],
     graph: str,

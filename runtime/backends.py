@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from dmf_deploy.manifest import GRAPH_NAMES, BundleError, verify_graph
 log = logging.getLogger("dmf_deploy.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+REBUILD_HINT = "Rebuild them with `dmf-export --trt`."
 # ONNX Runtime's intra-op threads spin for a while after each run by default. The three bundle
 # sessions take turns on the same cores, so a spinning session steals them from the next one
 # (benchmarks/README.md, "Runtime latency", has the figures).
@@ -81,22 +83,45 @@ def open_backend(
     """Create the requested backend; `auto` prefers matching TensorRT engines, else onnxruntime."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("auto", "tensorrt"):
-        from dmf_deploy.runtime import tensorrt_backend
 
-        reason = tensorrt_backend.unavailable_reason(Path(bundle), manifest)
-        if reason is None:
-            chosen = tensorrt_backend.TensorRTBackend(Path(bundle), manifest)
-            log.info("backend: tensorrt (%s)", chosen.description)
-            return chosen
+    def onnxruntime() -> Backend:
+        chosen = OnnxRuntimeBackend(bundle, manifest, threads)
+        log.info("backend: onnxruntime (%s)", ", ".join(chosen.providers))
+        return chosen
+
+    if backend == "onnxruntime":
+        return onnxruntime()
+    from dmf_deploy.runtime import tensorrt_backend
+
+    reason = tensorrt_backend.unavailable_reason(Path(bundle), manifest)
+    if reason is None:
+        return tensorrt_or_fallback(
+            backend, lambda: tensorrt_backend.TensorRTBackend(Path(bundle), manifest), onnxruntime
+        )
+    if backend == "tensorrt":
+        raise RuntimeError(f"backend 'tensorrt' is not usable: {reason}")
+    if tensorrt_backend.has_engines(manifest):
+        log.warning("TensorRT engines not used (%s); falling back to onnxruntime. %s", reason, REBUILD_HINT)
+    return onnxruntime()
+
+
+def tensorrt_or_fallback(
+    backend: str, open_tensorrt: Callable[[], Backend], open_onnxruntime: Callable[[], Backend]
+) -> Backend:
+    """Open the TensorRT backend for engines that match this machine (version, GPU, sha256).
+
+    TensorRT can still fail to load them (EngineLoadError: a plan from another OS, GPU memory short).
+    `auto` then warns with the reason and returns `open_onnxruntime()`, like a stale engine does;
+    `tensorrt` raises.
+    """
+    from dmf_deploy.runtime.tensorrt_backend import EngineLoadError
+
+    try:
+        chosen = open_tensorrt()
+    except EngineLoadError as exc:
         if backend == "tensorrt":
-            raise RuntimeError(f"backend 'tensorrt' is not usable: {reason}")
-        if tensorrt_backend.has_engines(manifest):
-            log.warning(
-                "TensorRT engines not used (%s); falling back to onnxruntime. "
-                "Rebuild them with `dmf-export --trt`.",
-                reason,
-            )
-    chosen = OnnxRuntimeBackend(bundle, manifest, threads)
-    log.info("backend: onnxruntime (%s)", ", ".join(chosen.providers))
+            raise
+        log.warning("TensorRT engines not used (%s); falling back to onnxruntime. %s", exc, REBUILD_HINT)
+        return open_onnxruntime()
+    log.info("backend: tensorrt (%s)", getattr(chosen, "description", chosen.name))
     return chosen

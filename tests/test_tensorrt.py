@@ -443,8 +443,9 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
     floats = [i for i in model.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
-    assert floats and all(i.data_type == TensorProto.FLOAT16 for i in floats)
-    assert stats["initializers_converted"] == len(floats)
+    # `classes` feeds only F.normalize, which stays float32 whole (its epsilon guard and division too)
+    assert {i.name for i in floats if i.data_type == TensorProto.FLOAT} == {"classes"}
+    assert stats["initializers_converted"] == len(floats) - 1
     # float32 at the boundary, float16 inside (GridSample's input and grid included)
     assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [
         TensorProto.FLOAT
@@ -619,19 +620,15 @@ def test_cuda_buffers_round_trip_and_grow_only() -> None:
     try:
         assert isinstance(cuda.handle, int) and cuda.handle != 0
         data = np.arange(1000, dtype=np.float32)
-        ptr = cuda.buffer("x", data.nbytes)
-        cuda.upload(ptr, data)
-        back = np.empty_like(data)
-        cuda.download(back, ptr)
+        ptr = cuda.upload("x", data)
+        back = cuda.download("y", ptr, data.shape, data.dtype)  # a pinned staging array
         cuda.synchronize()
         np.testing.assert_array_equal(back, data)
         assert cuda.buffer("x", 100) == ptr  # smaller: reused
         assert cuda.capacity("x") == data.nbytes
-        bigger = cuda.buffer("x", data.nbytes * 4)
+        bigger = cuda.upload("x", np.tile(data, 4))
         assert cuda.capacity("x") == data.nbytes * 4
-        cuda.upload(bigger, np.tile(data, 4))
-        out = np.empty(4000, np.float32)
-        cuda.download(out, bigger)
+        out = cuda.download("y", bigger, (4000,), np.float32)
         cuda.synchronize()
         np.testing.assert_array_equal(out, np.tile(data, 4))
     finally:
