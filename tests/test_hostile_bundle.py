@@ -4,7 +4,7 @@ Regressions of issue "Hardening" item 9, on copies of the packaged demo bundle: 
 with its own, matching sha256) opened and crashed at the first frame with a raw ONNX Runtime error; an
 image_size of 12000 cost 690 MB per frame before ONNX Runtime refused it; weights kept in an external-data
 file beside a graph were covered by no sha256. The manifest reader is fuzzed with Hypothesis in a child
-process with a memory limit (`bounded_child`). Real files and real ONNX Runtime sessions throughout.
+process with a memory limit (`bounded_reader`). Real files and real ONNX Runtime sessions throughout.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from bounded_child import BoundedChild
+from bounded_reader import BoundedReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -119,8 +119,8 @@ def test_the_demo_bundle_still_opens() -> None:
 
 
 @pytest.fixture(scope="module")
-def reader() -> Iterator[BoundedChild]:
-    child = BoundedChild("dmf_deploy.manifest:Manifest.read", memory_mb=256)
+def reader() -> Iterator[BoundedReader]:
+    child = BoundedReader(memory_mb=256, kind="manifest")
     yield child
     child.close()
 
@@ -130,10 +130,10 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("manifest-fuzz")
 
 
-def check(reader: BoundedChild, folder: Path, data: bytes) -> None:
+def check(reader: BoundedReader, folder: Path, data: bytes) -> None:
     folder.mkdir(exist_ok=True)
     (folder / MANIFEST_NAME).write_bytes(data)
-    answer = reader.call(folder)
+    answer = reader.load(folder)
     assert answer["outcome"] in ("ok", "BundleError"), answer["message"]
     assert answer["cpu_s"] < CPU_BOUND_S, answer
 
