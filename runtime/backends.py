@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dmf_deploy.manifest import GRAPH_NAMES, BundleError, verify_graph
+from dmf_deploy.manifest import GRAPH_NAMES, BundleError, GraphSpec, verify_graph
+from dmf_deploy.runtime.onnx_scan import NotOnnx, external_tensors
 
 log = logging.getLogger("dmf_deploy.runtime")
 
@@ -57,10 +58,12 @@ class OnnxRuntimeBackend:
         self._outputs: dict[str, list[str]] = {}
         for graph in GRAPH_NAMES:
             path = verify_graph(bundle, manifest, graph)
+            refuse_external_data(path)
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BundleError(f"onnxruntime cannot load {path}: {exc}") from exc
+            check_session_io(session, manifest.graphs[graph], graph)
             self._sessions[graph] = session
             self._outputs[graph] = [o.name for o in session.get_outputs()]
 
@@ -72,6 +75,58 @@ class OnnxRuntimeBackend:
         names = self._outputs[graph]
         values = self._sessions[graph].run(names, inputs)
         return dict(zip(names, values))
+
+
+def refuse_external_data(path: Path) -> None:
+    """Weights in files beside a graph are covered by no sha256 of the manifest: refuse them."""
+    try:
+        outside = external_tensors(path.read_bytes())
+    except NotOnnx as exc:
+        raise BundleError(f"{path} is not an ONNX model: {exc}") from None
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise BundleError(
+            f"{path.name} keeps tensors outside itself (external data: {shown}); no sha256 covers those "
+            "files, so bundles must hold their weights inside each .onnx (re-export with dmf-export)"
+        )
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
+
+
+def check_session_io(session: Any, spec: GraphSpec, graph: str) -> None:
+    """The session's inputs and outputs are the manifest's: names, shapes (a named axis in the
+    manifest is a dynamic one in the graph) and element types. BundleError naming graph and tensor."""
+    where = f"graph {graph} ({spec.file})"
+    for kind, declared, actual in (
+        ("input", spec.inputs, session.get_inputs()),
+        ("output", spec.outputs, session.get_outputs()),
+    ):
+        found = {arg.name: arg for arg in actual}
+        if set(found) != set(declared):
+            raise BundleError(
+                f"{where} has {kind}s {sorted(found)}, but the manifest names {sorted(declared)}"
+            )
+        for tensor, shape in declared.items():
+            arg = found[tensor]
+            if not _same_shape(shape, arg.shape):
+                raise BundleError(
+                    f"{where} {kind} {tensor!r} has shape {list(arg.shape)}, "
+                    f"but the manifest says {list(shape)}"
+                )
+            wanted = ORT_TYPES[spec.dtype(tensor)]
+            if arg.type != wanted:
+                raise BundleError(f"{where} {kind} {tensor!r} is {arg.type}, but the manifest says {wanted}")
+
+
+def _same_shape(declared: tuple[int | str, ...], actual: list[int | str | None]) -> bool:
+    if len(declared) != len(actual):
+        return False
+    for want, have in zip(declared, actual):
+        fixed = isinstance(have, int)
+        if (isinstance(want, int) and have != want) or (isinstance(want, str) and fixed):
+            return False
+    return True
 
 
 def open_backend(

@@ -421,6 +421,15 @@ def main(
         elif not demo_bundle_installed():
             raise click.ClickException(f"the demo bundle is not installed ({bundle}); try --export")
         if camera is not None:
+            from dmf_deploy.runtime.app import no_display
+
+            if no_display():
+                raise click.ClickException(
+                    "dmf-demo --camera opens a window, and there is no display to open it on (DISPLAY "
+                    "is not set). Without --camera, dmf-demo needs no window (it recognises a generated "
+                    f"video); for a camera without a window, run `dmf-run --camera {camera} --headless` "
+                    "(commands on stdin, JSON lines out); over ssh: ssh -X, or DISPLAY=:0"
+                )
             explicit = ctx.get_parameter_source("shots") != click.core.ParameterSource.DEFAULT
             live(camera, bundle if reexport else None, shots if explicit else None)
             return

@@ -377,7 +377,7 @@ def test_stream_that_ends_is_reconnected(bundle, http_clip, tmp_path):
     assert done.stderr.count("reconnecting") >= 2
 
 
-def test_stream_that_goes_away_exits_cleanly(bundle, http_clip, tmp_path):
+def test_stream_that_goes_away_is_lost(bundle, http_clip, tmp_path):
     server, url, _ = http_clip
     child = subprocess.Popen(
         [
@@ -404,8 +404,8 @@ def test_stream_that_goes_away_exits_cleanly(bundle, http_clip, tmp_path):
         out, err = child.communicate(timeout=TIMEOUT)
     finally:
         child.kill()
-    assert child.returncode == 0, err
-    assert "giving up after 2 reconnect attempts" in err
+    assert child.returncode == 1, err  # a lost stream is a failure a supervisor must see
+    assert "lost the stream" in err and "more than 2 times within 60 s (--retries 2)" in err
     assert json.loads(out.splitlines()[-1])["event"] == "stopped"
 
 

@@ -64,8 +64,7 @@ def session_for(rec, output, tmp_path, script: str | None) -> Session:
     if script is not None:
         stdin = tmp_path / "commands.txt"
         stdin.write_text(script)
-        with stdin.open() as handle:
-            feed = CommandFeed(handle, read_all=True)
+        feed = CommandFeed(stdin.open("rb"), on_demand=True)  # read as the loop runs: kept open
     return Session(rec, tmp_path / "g.dmfg", output.emit, 5, feed)
 
 
