@@ -11,8 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from test_app import write_video
-from test_loop import Recorder, cross, ring, session_for
+from bundles import Recorder, cross, ring, session_for, write_video  # tests/bundles.py
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.preprocess import InvalidFrame

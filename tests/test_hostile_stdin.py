@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import test_app
+from bundles import CLIP_CLASSES, dmf_run_command  # tests/bundles.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_app import CLASSES, dmf_run_command
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
@@ -36,7 +35,6 @@ START_TIMEOUT_S = 60  # dmf-run's start (onnxruntime sessions) on a loaded CI ma
 # when due holds a pipe buffer (64 KB) and a chunk. 40 MB is far above the second, far below the first.
 FLOOD_BYTES = 32 << 20
 RSS_GROWTH_BOUND_MB = 40
-bundle, clip, http_clip = test_app.bundle, test_app.clip, test_app.http_clip  # its fixtures, shared
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
@@ -237,13 +235,13 @@ def test_a_signal_while_waiting_for_a_command_stops_within_a_second_and_saves(
     runs are reproducible), and a signal ends that wait; the class enrolled so far is saved."""
     gallery = tmp_path / "g.dmfg"
     r = start(run, ["--source", clip, "--loop", "--bundle", bundle, "--gallery", gallery])
-    r.send(f"enroll {CLASSES[0]} 2\n")  # answered before stdin ends: no read to EOF first
+    r.send(f"enroll {CLIP_CLASSES[0]} 2\n")  # answered before stdin ends: no read to EOF first
     assert r.wait_for("enrolled")["shots"] == 2
     code, seconds = r.stop(signum)
     assert code == status, r.stderr()
     assert seconds < STOP_BOUND_S
     assert [e["event"] for e in r.records if "event" in e][-2:] == ["saved", "stopped"]
-    assert Recognizer.open(bundle, gallery=gallery).classes == [CLASSES[0]]
+    assert Recognizer.open(bundle, gallery=gallery).classes == [CLIP_CLASSES[0]]
 
 
 def flood(r: Run, stop: threading.Event) -> threading.Thread:

@@ -2,7 +2,7 @@
 
 Regression of issue "Hardening" item 10: a source that sent a few frames and closed, again and again,
 was reconnected forever (the retry budget reset on every frame), and a lost stream exited with status 0.
-The stream is a real MJPG clip served over HTTP by a local server (test_app's `http_clip`); OpenCV's
+The stream is a real MJPG clip served over HTTP by a local server (conftest.py's `http_clip`); OpenCV's
 FFmpeg backend reads it, ends at its last frame and reconnects, as it does with a camera's stream.
 """
 
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import subprocess
 
-import test_app
-from test_app import dmf_run_command
+from bundles import dmf_run_command, parse_lines  # tests/bundles.py
 
 from dmf_deploy.runtime.sources import RECONNECT_WINDOW_S, StreamSource
 
-bundle, clip, http_clip = test_app.bundle, test_app.clip, test_app.http_clip  # its fixtures, shared
 TIMEOUT_S = 60  # a run that reconnects forever is stopped here and fails
 
 
@@ -52,6 +50,6 @@ def test_dmf_run_exits_non_zero_when_a_flapping_stream_is_lost(bundle, http_clip
     )
     assert done.returncode == 1, done.stderr
     assert "dmf-run: lost the stream http://127.0.0.1" in done.stderr
-    preds, events = test_app.parse_lines(done.stdout)
+    preds, events = parse_lines(done.stdout)
     assert len(preds) == 3 * n  # the first pass and two reconnects, then no more
     assert [e["event"] for e in events][-2:] == ["end_of_source", "stopped"]

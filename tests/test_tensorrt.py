@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bundles import relative_error  # tests/bundles.py
+from bundles import cpu_session, fake_engines, relative_error, tiny_bundle  # tests/bundles.py
 from onnx import TensorProto, helper, numpy_helper
 
-from dmf_deploy.config import ModelConfig, conv4_config
+from dmf_deploy.config import ModelConfig
 from dmf_deploy.export import engine_names, profiles
 from dmf_deploy.export import tensorrt_build as tb
 from dmf_deploy.export.fp16 import cast_onnx_to_fp16
-from dmf_deploy.manifest import GRAPH_NAMES, EngineSpec, Manifest, graph_io, read_manifest, sha256_file
+from dmf_deploy.manifest import EngineSpec, graph_io, read_manifest, sha256_file
 from dmf_deploy.runtime import tensorrt_backend as rt
 from dmf_deploy.tensorrt_support import TRT_MISSING, gpu_identity, tensorrt_import_reason
 
@@ -36,120 +36,9 @@ def _tensorrt_installed() -> bool:
     return tensorrt_import_reason() is None
 
 
-# ----- a tiny real bundle ---------------------------------------------------------------------------------
-
-
-def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18) -> Path:
-    """A real (if numerically trivial) bundle: three ONNX graphs with the manifest's I/O names/shapes.
-
-    Until the exporter lands this stands in for `export_bundle`: backbone = a stride-8 conv, support =
-    1x1 convs + a spatial mean, head = <mean query feature, class weight> plus a small bank term so that
-    every class-bank input is used.
-    """
-    config = config or conv4_config(image_size=16, width=8)
-    io = graph_io(config)
-    c, s, gk = config.channels, config.feature_size, config.filter_channels
-    tap_shape, offset_shape = [-1, 9, s, s, gk], [-1, 2, s, s, 9]
-    size = config.preprocess.image_size
-    rng = np.random.default_rng(0)
-    stride = size // s
-    bundle = root / "bundle"
-    bundle.mkdir(parents=True)
-
-    def value_info(shape_spec: dict[str, list]) -> list:
-        return [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in shape_spec.items()]
-
-    def init(name: str, array: np.ndarray) -> TensorProto:
-        return numpy_helper.from_array(np.asarray(array), name)
-
-    def save(name: str, nodes: list, inits: list) -> None:
-        graph = helper.make_graph(
-            nodes, name, value_info(io[name]["inputs"]), value_info(io[name]["outputs"]), initializer=inits
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, bundle / f"{name}.onnx")
-
-    w = rng.normal(0, 0.2, (c, 3, stride, stride)).astype(np.float32)
-    save(
-        "backbone",
-        [
-            helper.make_node("Conv", ["images", "w"], ["conv"], strides=[stride, stride]),
-            helper.make_node("Relu", ["conv"], ["features"]),
-        ],
-        [init("w", w)],
-    )
-    save(
-        "support",
-        [
-            helper.make_node("Conv", ["prototypes", "w_off"], ["offsets"]),
-            helper.make_node("Reshape", ["offsets", "offset_shape"], ["support_offset"]),
-            helper.make_node("Conv", ["prototypes", "w_tap"], ["taps"]),
-            helper.make_node("Reshape", ["taps", "tap_shape"], ["tap_projections"]),
-            helper.make_node("ReduceMean", ["prototypes", "hw"], ["class_weight"], keepdims=0),
-        ],
-        [
-            init("w_off", rng.normal(0, 0.2, (18, c, 1, 1)).astype(np.float32)),
-            init("w_tap", rng.normal(0, 0.2, (9 * gk, c, 1, 1)).astype(np.float32)),
-            init("tap_shape", np.array(tap_shape, dtype=np.int64)),
-            init("offset_shape", np.array(offset_shape, dtype=np.int64)),
-            init("hw", np.array([2, 3], dtype=np.int64)),
-        ],
-    )
-    save(
-        "head",
-        [
-            helper.make_node("ReduceMean", ["query_features", "hw"], ["q"], keepdims=0),
-            helper.make_node("Transpose", ["class_weight"], ["wt"], perm=[1, 0]),
-            helper.make_node("MatMul", ["q", "wt"], ["dot"]),
-            helper.make_node("ReduceMean", ["support_offset", "chw"], ["b1"], keepdims=0),
-            helper.make_node("ReduceMean", ["tap_projections", "tchw"], ["b2"], keepdims=0),
-            helper.make_node("Add", ["b1", "b2"], ["b"]),
-            helper.make_node("Mul", ["b", "small"], ["bias"]),
-            helper.make_node("Add", ["dot", "bias"], ["scores"]),
-        ],
-        [
-            init("hw", np.array([2, 3], dtype=np.int64)),
-            init("chw", np.array(list(range(1, len(offset_shape))), dtype=np.int64)),
-            init("tchw", np.array([1, 2, 3, 4], dtype=np.int64)),
-            init("small", np.array(0.01, dtype=np.float32)),
-        ],
-    )
-    graphs = {g: bundle / f"{g}.onnx" for g in GRAPH_NAMES}
-    weights = "0" * 64  # no checkpoint: the graphs' weights are the seeded arrays above
-    Manifest.build(
-        config, graphs, solver="exact", steps=1, opset=opset, checkpoint_sha256="", weights_sha256=weights
-    ).write(bundle)
-    return bundle
-
-
-def _fake_engines(bundle: Path, **overrides: str) -> dict[str, EngineSpec]:
-    """Manifest entries for engines built elsewhere: dummy plan bytes (data only) with true sha256s."""
-    io = graph_io(read_manifest(bundle).model)
-    engines = {}
-    for graph in GRAPH_NAMES:
-        name = f"{graph}.trt10.0.0.sm80.A100.fp32.plan"
-        (bundle / name).write_bytes(b"not a real engine: " + graph.encode())
-        shapes = profiles.profile_shapes(io, graph, 4, 16)
-        fields = {
-            "file": name,
-            "sha256": sha256_file(bundle / name),
-            "tensorrt_version": "10.0.0.6",
-            "gpu": "NVIDIA A100-SXM4-40GB",
-            "compute_capability": "8.0",
-            "precision": "fp32",
-            "profiles": {
-                n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in shapes.items()
-            },
-        }
-        engines[graph] = EngineSpec(**{**fields, **overrides})
-    return engines
-
-
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    return _tiny_bundle(tmp_path)
+    return tiny_bundle(tmp_path)
 
 
 # ----- profiles and names ---------------------------------------------------------------------------------
@@ -288,7 +177,7 @@ def test_numpy_dtypes_of_tensorrt_types() -> None:
 def test_auto_backend_falls_back_to_onnxruntime_with_the_reason(bundle: Path, caplog) -> None:
     from dmf_deploy.runtime.backends import OnnxRuntimeBackend, open_backend
 
-    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
+    read_manifest(bundle).with_engines(fake_engines(bundle)).write(bundle)
     manifest = read_manifest(bundle)
     assert rt.has_engines(manifest)
     reason = rt.unavailable_reason(bundle, manifest)
@@ -323,7 +212,7 @@ def test_auto_backend_without_engines_does_not_warn(bundle: Path, caplog) -> Non
 def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
     from dmf_deploy.runtime.backends import open_backend
 
-    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
+    read_manifest(bundle).with_engines(fake_engines(bundle)).write(bundle)
     with pytest.raises(
         RuntimeError, match="tensorrt Python package is not installed.*dmf-deploy\\[tensorrt\\]"
     ):
@@ -335,12 +224,12 @@ def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
 
 
 def test_engines_are_recorded_in_the_manifest_atomically(bundle: Path) -> None:
-    old = _fake_engines(bundle)
+    old = fake_engines(bundle)
     tb.write_engines_to_manifest(bundle, old)
     assert read_manifest(bundle).engines == old
     (bundle / "notes.plan.txt").write_text("not ours")
     new = {}
-    for graph, entry in _fake_engines(bundle, precision="fp16").items():
+    for graph, entry in fake_engines(bundle, precision="fp16").items():
         file = entry.file.replace(".fp32.", ".fp16.")
         (bundle / file).write_bytes(b"new")
         new[graph] = dataclasses.replace(entry, file=file, sha256=sha256_file(bundle / file))
@@ -410,14 +299,6 @@ def _dmf_like_onnx(path: Path) -> None:
     )
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # fp16 nodes without CPU kernels are reported at warning level
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
@@ -462,8 +343,8 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
     assert types[reduce_l2.output[0]] == TensorProto.FLOAT
 
     x = np.random.default_rng(1).normal(size=(1000, 3, 12, 12)).astype(np.float32)
-    ref = _session(src).run(None, {"x": x})[0]
-    got = _session(dst).run(None, {"x": x})[0]
+    ref = cpu_session(src).run(None, {"x": x})[0]
+    got = cpu_session(dst).run(None, {"x": x})[0]
     assert got.dtype == np.float32
     agreement = float(np.mean(ref.argmax(1) == got.argmax(1)))
     relative = relative_error(got, ref)
@@ -559,7 +440,7 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
     assert TensorProto.FLOAT16 in casts_to  # the in-graph Cast to float now casts to float16
     x = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32)
     feeds = {"x": x, "count": np.array(3, dtype=np.int64)}
-    ref, got = _session(src).run(None, feeds), _session(dst).run(None, feeds)
+    ref, got = cpu_session(src).run(None, feeds), cpu_session(dst).run(None, feeds)
     for a, b in zip(ref, got):
         assert b.dtype == np.float32 and a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bundles import cpu_session, fake_engines, tiny_bundle  # tests/bundles.py
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
-from test_tensorrt import _fake_engines, _session, _tiny_bundle
 
 from dmf_deploy.export import tensorrt_build as tb
 from dmf_deploy.export.cli import main as dmf_export
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    return _tiny_bundle(tmp_path)
+    return tiny_bundle(tmp_path)
 
 
 class PlanWriter:
@@ -310,8 +310,8 @@ def test_fp16_support_graph_keeps_the_normalisation_in_fp32(tmp_path: Path) -> N
     prototypes = np.zeros((3, 64, 7, 7), np.float32)
     prototypes[1] = np.random.default_rng(0).normal(size=(64, 7, 7))
     names = [o.name for o in cast.graph.output]
-    got = dict(zip(names, _session(dst).run(None, {"prototypes": prototypes})))
-    ref = dict(zip(names, _session(src).run(None, {"prototypes": prototypes})))
+    got = dict(zip(names, cpu_session(dst).run(None, {"prototypes": prototypes})))
+    ref = dict(zip(names, cpu_session(src).run(None, {"prototypes": prototypes})))
     for name in names:
         assert got[name].dtype == np.float32 and np.isfinite(got[name]).all(), name
         # float16 rounding (2^-11 relative) of the weights and of the few stages after the division.
@@ -323,7 +323,7 @@ def test_fp16_support_graph_keeps_the_normalisation_in_fp32(tmp_path: Path) -> N
 
 
 def test_triton_readme_states_what_the_plans_need(bundle: Path, tmp_path: Path) -> None:
-    engines = _fake_engines(bundle)  # TensorRT 10.0.0.6, A100, max batch 4, max classes 16
+    engines = fake_engines(bundle)  # TensorRT 10.0.0.6, A100, max batch 4, max classes 16
     read_manifest(bundle).with_engines(engines).write(bundle)
     out = tmp_path / "repo"
     write_triton_repository(bundle, read_manifest(bundle), out, use_plans=True)
@@ -338,7 +338,7 @@ def test_triton_readme_states_what_the_plans_need(bundle: Path, tmp_path: Path) 
 
 
 def test_triton_writer_checks_the_plans_it_copies(bundle: Path, tmp_path: Path) -> None:
-    engines = _fake_engines(bundle)
+    engines = fake_engines(bundle)
     mixed = {**engines, "support": dataclasses.replace(engines["support"], tensorrt_version="10.1.0.27")}
     read_manifest(bundle).with_engines(mixed).write(bundle)
     with pytest.raises(BundleError, match="different TensorRT versions.*support: TensorRT 10.1.0.27"):
