@@ -31,6 +31,34 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Backbone precision: int8 quantizes it (QDQ), calibrated on --calib images.",
+)
+@click.option(
+    "--calib",
+    "calibration",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default=None,
+    help="Engine the graphs are made for: head form and INT8 form. [default: tensorrt with --trt, "
+    "else onnxruntime]",
+)
+@click.option(
+    "--bank-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Class-bank storage: float16 halves galleries (scores within 1e-3).",
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
@@ -55,6 +83,10 @@ def main(
     steps: int,
     opset: int,
     force: bool,
+    precision: str,
+    calibration: Path | None,
+    target: str | None,
+    bank_dtype: str,
     check: bool,
     trt: bool,
     fp16: bool,
@@ -87,6 +119,10 @@ def main(
                 force=force,
                 check=check,
                 progress=progress,
+                precision=precision,
+                calibration=calibration,
+                target=target or ("tensorrt" if trt else "onnxruntime"),  # --trt implies --target tensorrt
+                bank_dtype=bank_dtype,
             )
     except (ExportError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -120,7 +156,12 @@ def main(
 def _print_parity(bundle: Path, format_report) -> None:
     report_path = bundle / "parity.json"
     if report_path.is_file():
-        click.echo(format_report(json.loads(report_path.read_text())))
+        report = json.loads(report_path.read_text())
+        click.echo(format_report(report))
+        if "int8" in report:
+            from dmf_deploy.export.int8_parity import format_int8_report
+
+            click.echo(format_int8_report(report["int8"]))
 
 
 if __name__ == "__main__":
