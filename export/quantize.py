@@ -56,7 +56,8 @@ def quant_settings(target: str) -> dict[str, Any]:
             "activation_type": QuantType.QInt8,
             "weight_type": QuantType.QInt8,
             "per_channel": True,
-            "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True},
+            # Biases stay float: TensorRT's Q/DQ layers take int8, not the int32 bias form.
+            "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
         }
     return {
         "activation_type": QuantType.QUInt8,
