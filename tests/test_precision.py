@@ -7,6 +7,7 @@ Every bundle here is a real export run on ONNX Runtime; parity against PyTorch k
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ from onnx import numpy_helper
 
 from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
 from dmf_deploy.export.lint import lint_file
+from dmf_deploy.export.triton import write_triton_repository
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest, graph_io
 from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime.backends import OnnxRuntimeBackend
@@ -66,9 +68,9 @@ def test_int8_demo_bundle_agrees_with_fp32(demo_int8: Path) -> None:
     report = json.loads((demo_int8 / "parity.json").read_text())
     assert report["passed"] and report["int8"]["queries"] >= 1000 and report["int8"]["n_way"] == 20
     assert report["int8"]["top1_agreement"] >= 0.99
-    # The onnxruntime form: uint8 activations with zero points, int8 weights.
+    # The onnxruntime form: uint8 activations with zero points, int8 weights (int32: ORT's biases).
     dtypes = {z.dtype for z in _zero_points(demo_int8 / manifest.graphs[BACKBONE].file)}
-    assert dtypes == {np.dtype(np.uint8), np.dtype(np.int8)}
+    assert dtypes == {np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int32)}
     spec = graph_io(manifest.model)
     assert lint_file(demo_int8 / "backbone.onnx", BACKBONE, spec[BACKBONE]).ok
     # ... which is not TensorRT's symmetric form.
@@ -99,10 +101,23 @@ def test_tensorrt_target_int8_is_symmetric_with_a_gridsample_head(
     tmp_path: Path, ckpt: Path, calib: Path
 ) -> None:
     bundle = export_bundle(
-        ckpt, tmp_path / "b", precision="int8", calibration=calib, target="tensorrt", check=False
+        ckpt,
+        tmp_path / "b",
+        precision="int8",
+        calibration=calib,
+        target="tensorrt",
+        bank_dtype="float16",
+        check=False,
     )
     manifest = Manifest.read(bundle)
     assert manifest.target == "gridsample" and manifest.calibration.images == 40
+    # The Triton repository follows the target: TensorRT accelerates the ONNX models, the half bank's
+    # tap_projections travel as FP16.
+    write_triton_repository(bundle, manifest, tmp_path / "triton")
+    head = (tmp_path / "triton" / "dmf_head" / "config.pbtxt").read_text()
+    assert 'gpu_execution_accelerator : [ { name : "tensorrt" } ]' in head
+    assert re.search(r'name: "tap_projections"\s+data_type: TYPE_FP16', head)
+    assert re.search(r'name: "class_weight"\s+data_type: TYPE_FP32', head)
     zero_points = _zero_points(bundle / "backbone.onnx")
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     spec = graph_io(manifest.model, "gridsample")
