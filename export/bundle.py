@@ -14,12 +14,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
 from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
-from dmf_deploy.config import SOLVERS
+from dmf_deploy.config import SOLVERS, PreprocessConfig
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
@@ -36,6 +37,7 @@ from dmf_deploy.manifest import (
     graph_io,
     sha256_file,
 )
+from dmf_deploy.preprocess import preprocess_frames
 
 EXPORTABLE_SOLVERS = tuple(s for s in SOLVERS if s != "dopri5-adaptive")
 # A killed export leaves its staging (.partial) or swapped-out (.old) folder; one untouched this long is
@@ -85,23 +87,28 @@ def validate_precision_args(precision: str, target: str, bank_dtype: str) -> Non
         raise ExportError(f"unknown bank dtype {bank_dtype!r}; choose one of {', '.join(BANK_DTYPES)}")
 
 
+def require_calibration(ckpt: str | os.PathLike[str], calibration: str | os.PathLike[str] | None) -> None:
+    if calibration is None and str(ckpt) != "demo":
+        raise ExportError(
+            "--precision int8 needs calibration images: pass --calib DIR (calibration=DIR), a folder of a "
+            "few hundred images like those the model will see"
+        )
+
+
 def load_calibration(
-    ckpt: str | os.PathLike[str], calibration: str | os.PathLike[str] | None
-) -> tuple[list, Calibration]:
-    """The calibration frames of an INT8 export and their record; ExportError without any."""
+    calibration: str | os.PathLike[str] | None, preprocess: PreprocessConfig
+) -> tuple[np.ndarray, Calibration]:
+    """The preprocessed calibration images of an INT8 export and their record: the folder's, or
+    without one (the demo model) the package's own rendered set."""
     from dmf_deploy.export.quantize import CalibrationError, demo_calibration_frames, read_calibration_folder
 
-    if calibration is not None:
-        try:
-            return read_calibration_folder(calibration)
-        except CalibrationError as exc:
-            raise ExportError(str(exc)) from exc
-    if str(ckpt) == "demo":
-        return demo_calibration_frames()
-    raise ExportError(
-        "--precision int8 needs calibration images: pass --calib DIR (calibration=DIR), a folder of a few "
-        "hundred images like those the model will see"
-    )
+    if calibration is None:
+        frames, record = demo_calibration_frames()
+        return preprocess_frames(frames, preprocess), record
+    try:
+        return read_calibration_folder(calibration, preprocess)
+    except CalibrationError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -143,9 +150,13 @@ def export_bundle(
     validate_precision_args(precision, target, bank_dtype)
     out = Path(out_dir).absolute()
     _check_destination(out, force)
-    calib_frames, calib = load_calibration(ckpt, calibration) if precision == "int8" else ([], None)
+    if precision == "int8":
+        require_calibration(ckpt, calibration)
     ckpt_path = resolve_checkpoint(ckpt)
     model, metadata = load_checkpoint_with_metadata(ckpt_path)
+    calib_images, calib = None, None
+    if precision == "int8":
+        calib_images, calib = load_calibration(calibration, model.config.preprocess)
     if solver == "exact" and model.config.kernel != 1:
         raise ExportError("the 'exact' solver exists only for kernel 1 models; this checkpoint has k = 3")
 
@@ -184,7 +195,7 @@ def export_bundle(
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
             parity = check_bundle(model, staging, Manifest.read(staging), solver, steps)
         if precision == "int8":
-            quantized = (calib_frames, calib, target)
+            quantized = (calib_images, calib, target)
             parity = _quantize(model, staging, paths, io_spec[BACKBONE], quantized, build, parity)
             say(f"quantized the backbone to INT8 for {target} ({calib.images} calibration images)")
         if parity is not None:
@@ -211,11 +222,11 @@ def _quantize(model, staging: Path, paths, io, quantized: tuple, build: dict, pa
     report, add the INT8 agreement against the float32 backbone (`export.int8_parity`) to it."""
     from dmf_deploy.export.quantize import quantize_backbone
 
-    frames, calib, target = quantized
+    images, calib, target = quantized
     with tempfile.TemporaryDirectory(prefix=".fp32-backbone.", dir=staging.parent) as scratch:
         fp32_backbone = Path(scratch) / "backbone.onnx"
         os.replace(paths[BACKBONE], fp32_backbone)
-        quantize_backbone(fp32_backbone, paths[BACKBONE], frames, model.config.preprocess, target)
+        quantize_backbone(fp32_backbone, paths[BACKBONE], images, target)
         _check_graph(paths[BACKBONE], BACKBONE, io, target)
         manifest = Manifest.build(model.config, paths, precision="int8", calibration=calib, **build)
         manifest.write(staging)

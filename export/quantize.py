@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from dmf_deploy.manifest import Calibration
 from dmf_deploy.preprocess import preprocess_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-MAX_CALIBRATION_IMAGES = 4096  # a few hundred suffice for MinMax ranges; the cap bounds time and memory
+MAX_CALIBRATION_IMAGES = 1024  # a few hundred suffice for MinMax ranges; the cap bounds time and memory
 MAX_IMAGE_BYTES = 64 << 20  # a calibration image larger than this is refused, not decoded
 DEMO_CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
@@ -85,13 +85,15 @@ def calibration_files(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_calibration_folder(folder: str | os.PathLike[str]) -> tuple[list[np.ndarray], Calibration]:
-    """Decode every image of the folder (BGR uint8) and the Calibration record: count and sha256 over
-    the files' names and bytes, in name order."""
+def read_calibration_folder(
+    folder: str | os.PathLike[str], preprocess: PreprocessConfig
+) -> tuple[np.ndarray, Calibration]:
+    """Every image of the folder preprocessed as the runtime does (one at a time, so only model-sized
+    arrays are held), and the Calibration record: count and sha256 over the files' names and bytes."""
     import cv2
 
     digest = hashlib.sha256()
-    frames = []
+    images = []
     for path in calibration_files(folder):
         if path.stat().st_size > MAX_IMAGE_BYTES:
             raise CalibrationError(f"calibration image {path} is larger than {MAX_IMAGE_BYTES >> 20} MB")
@@ -100,8 +102,8 @@ def read_calibration_folder(folder: str | os.PathLike[str]) -> tuple[list[np.nda
         if frame is None:
             raise CalibrationError(f"calibration image {path} cannot be decoded")
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(data).digest())
-        frames.append(frame)
-    return frames, Calibration(len(frames), digest.hexdigest())
+        images.append(preprocess_frames([frame], preprocess)[0])
+    return np.stack(images), Calibration(len(images), digest.hexdigest())
 
 
 def demo_calibration_frames(count: int = DEMO_CALIBRATION_IMAGES) -> tuple[list[np.ndarray], Calibration]:
@@ -147,14 +149,10 @@ class _ImageReader(CalibrationDataReader):
 
 
 def quantize_backbone(
-    fp32_path: Path,
-    out_path: Path,
-    frames: Sequence[np.ndarray],
-    preprocess: PreprocessConfig,
-    target: str = "onnxruntime",
+    fp32_path: Path, out_path: Path, images: np.ndarray, target: str = "onnxruntime"
 ) -> None:
-    """Write the QDQ INT8 form of backbone.onnx (`fp32_path`) to `out_path`, calibrated on `frames`."""
-    images = preprocess_frames(list(frames), preprocess)
+    """Write the QDQ INT8 form of backbone.onnx (`fp32_path`) to `out_path`, calibrated on `images`
+    (preprocessed, [M, 3, S, S])."""
     reader = _ImageReader(images)
     with tempfile.TemporaryDirectory(prefix="dmf-quant-", dir=out_path.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
