@@ -1,0 +1,141 @@
+"""The open-set decision: when a frame's best match is "unknown" (Prediction.label None), and why.
+
+Two gates, in order:
+
+1. Frame contrast. A blank, dark, saturated, uniform or smoothly shaded frame has no edge: the
+   strongest local contrast of its grey image at the model's input size (99th percentile of
+   |image - Gaussian blur|, in grey levels) is below `min_contrast`. Refused whatever it scores.
+2. Relative score. DMF scores scale with the query's feature norm, so the best class's score is
+   divided by the frame's own score: the frame scored against a class enrolled from itself (its
+   prototype and bank are the frame's own features). Known when that ratio reaches the threshold that
+   keeps `sensitivity` of the known queries out on the fit protocol (benchmarks/open_set.py): the
+   bundle stores the ratio's quantiles over known queries, so the knob has one meaning on any model.
+
+`threshold=` (an absolute score) replaces gate 2, never gate 1.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+OPEN_SET_FORMAT = "dmf-open-set"
+OPEN_SET_VERSION = 1
+OPEN_SET_FILE = "open_set.json"
+# Blank frames measure 0 to 2 grey levels, a blurred empty page about 1, Gaussian pixel noise about 8;
+# a drawn stroke 20 or more, Omniglot characters 105 or more (benchmarks/README.md).
+DEFAULT_MIN_CONTRAST = 12.0
+DEFAULT_SENSITIVITY = 0.05  # refuse 5% of known queries on the fit protocol
+QUANTILE_STEPS = 50  # quantiles at refused fractions 0, 0.01, ..., 0.50
+MAX_SENSITIVITY = QUANTILE_STEPS / 100
+CONTRAST_BLUR_SIGMA = 2.0  # pixels at the model's input size: edges narrower than ~4 px count
+CONTRAST_PERCENTILE = 99.0  # a stroke covers a few percent of the frame; the 99th ignores lone pixels
+
+
+class OpenSetError(ValueError):
+    """An open-set record that is malformed (the bundle reader turns it into a BundleError)."""
+
+
+@dataclass(frozen=True)
+class OpenSetRule:
+    """The constants of the decision, as `dmf-export` writes them into the bundle."""
+
+    known_quantiles: tuple[float, ...]  # relative score below which i% of known queries fall, i=0..50
+    min_contrast: float = DEFAULT_MIN_CONTRAST
+    default_sensitivity: float = DEFAULT_SENSITIVITY
+    fitted_on: str = ""  # what the quantiles were measured on, for people
+
+    def __post_init__(self) -> None:
+        q = self.known_quantiles
+        if len(q) != QUANTILE_STEPS + 1 or not all(math.isfinite(v) for v in q):
+            raise OpenSetError(f"known_quantiles must be {QUANTILE_STEPS + 1} finite numbers")
+        if any(b < a for a, b in zip(q, q[1:])):
+            raise OpenSetError("known_quantiles must not decrease")
+        if not (math.isfinite(self.min_contrast) and self.min_contrast >= 0):
+            raise OpenSetError(f"min_contrast must be a number >= 0, got {self.min_contrast!r}")
+        check_sensitivity(self.default_sensitivity)
+
+    def threshold(self, sensitivity: float | None = None) -> float:
+        """The relative score a known frame needs at this sensitivity (None: the bundle's default)."""
+        s = self.default_sensitivity if sensitivity is None else check_sensitivity(sensitivity)
+        steps = np.arange(QUANTILE_STEPS + 1) / 100
+        return float(np.interp(s, steps, self.known_quantiles))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": OPEN_SET_FORMAT,
+            "format_version": OPEN_SET_VERSION,
+            "rule": "contrast gate, then best score / the frame's own score",
+            "min_contrast": self.min_contrast,
+            "default_sensitivity": self.default_sensitivity,
+            "known_quantiles": [round(float(v), 6) for v in self.known_quantiles],
+            "fitted_on": self.fitted_on,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> OpenSetRule:
+        if not isinstance(data, dict) or data.get("format") != OPEN_SET_FORMAT:
+            raise OpenSetError(f"not a {OPEN_SET_FORMAT} record")
+        if data.get("format_version") != OPEN_SET_VERSION:
+            version = data.get("format_version")
+            raise OpenSetError(f"open-set record version {version!r}; this runtime reads {OPEN_SET_VERSION}")
+        try:
+            quantiles = tuple(float(v) for v in data["known_quantiles"])
+            return cls(
+                known_quantiles=quantiles,
+                min_contrast=float(data["min_contrast"]),
+                default_sensitivity=float(data["default_sensitivity"]),
+                fitted_on=str(data.get("fitted_on", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OpenSetError(f"malformed open-set record: {exc}") from exc
+
+
+def check_sensitivity(sensitivity: float) -> float:
+    if isinstance(sensitivity, bool) or not isinstance(sensitivity, numbers.Real):
+        raise ValueError(f"sensitivity must be a number in [0, {MAX_SENSITIVITY}], got {sensitivity!r}")
+    if not 0.0 <= sensitivity <= MAX_SENSITIVITY:
+        raise ValueError(f"sensitivity must be in [0, {MAX_SENSITIVITY}], got {sensitivity}")
+    return float(sensitivity)
+
+
+def frame_contrast(frame: np.ndarray, size: int) -> float:
+    """Strongest local contrast (grey levels) of a checked HxWx3 BGR frame, at size x size pixels."""
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    # INTER_AREA averages pixel noise away as a camera's optics would; the model's own resize may not.
+    small = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    detail = np.abs(small - cv2.GaussianBlur(small, (0, 0), CONTRAST_BLUR_SIGMA))
+    return float(np.percentile(detail, CONTRAST_PERCENTILE))
+
+
+def relative_score(best: float, own: float) -> float:
+    """The best class's score as a fraction of the frame's own score; -inf when that is not positive."""
+    return best / own if own > 0 and math.isfinite(own) else -math.inf
+
+
+def refusal(
+    rule: OpenSetRule,
+    contrast: float,
+    best_name: str,
+    best: float,
+    own: float,
+    sensitivity: float | None = None,
+    threshold: float | None = None,
+) -> str:
+    """Why the frame is unknown (its `Prediction.reason`), or "" when `best_name` is accepted."""
+    if contrast < rule.min_contrast:
+        return f"blank frame: contrast {contrast:.1f} < {rule.min_contrast:g} grey levels"
+    if threshold is not None:
+        if best < threshold:
+            return f"best match {best_name!r} scores {best:.2f} < threshold {threshold:g}"
+        return ""
+    needed = rule.threshold(sensitivity)
+    ratio = relative_score(best, own)
+    if ratio < needed:
+        return f"best match {best_name!r} scores {ratio:.2f} of the frame's own score (< {needed:.2f})"
+    return ""
