@@ -23,7 +23,7 @@ from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
 from dmf_deploy.preprocess import check_frame, preprocess_frames
 from dmf_deploy.runtime.backends import Backend
-from dmf_deploy.runtime.open_set import QUANTILE_STEPS, OpenSetRule, frame_contrast
+from dmf_deploy.runtime.open_set import QUANTILE_STEPS, OpenSetRule, frame_contrast, own_scores
 
 PICKED, UNKNOWN = 20, 10  # classes per draw; never-enrolled ones queried
 FIT_ENROLLED = 10  # the N the quantiles are measured at
@@ -72,15 +72,6 @@ def score_images(backend: Backend, preprocess: PreprocessConfig, frames: list[np
         np.asarray(own, np.float32),
         np.asarray(contrast, np.float32),
     )
-
-
-def own_scores(backend: Backend, features: np.ndarray, banks: dict[str, np.ndarray]) -> np.ndarray:
-    """Each query scored against the class enrolled from itself: the diagonal, one head call each."""
-    out = np.empty(len(features), np.float32)
-    for i in range(len(features)):
-        own_bank = {k: banks[k][i : i + 1] for k in CLASS_BANK}
-        out[i] = backend.run(HEAD, {"query_features": features[i : i + 1], **own_bank})["scores"][0, 0]
-    return out
 
 
 def head_scores(
