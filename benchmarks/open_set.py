@@ -30,10 +30,12 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from dmf_deploy.export.cohort import (
@@ -43,6 +45,7 @@ from dmf_deploy.export.cohort import (
     draw_episodes,
     fit_rule,
     head_scores,
+    load_cohort_folder,
     score_images,
 )
 from dmf_deploy.manifest import read_manifest
@@ -171,6 +174,16 @@ def split_alphabets(ds: FewShotDataset) -> dict[str, tuple[list[int], np.ndarray
     return out
 
 
+def write_cohort(ds: FewShotDataset, folder: Path) -> None:
+    """One sub-folder of PNGs per character: the layout `dmf-export --cohort` reads."""
+    labels = np.asarray(ds.labels)
+    for c, name in enumerate(ds.class_names):
+        target = folder / name.replace("/", "_")
+        target.mkdir(parents=True, exist_ok=False)
+        for k, i in enumerate(np.flatnonzero(labels == c)):
+            cv2.imwrite(str(target / f"{k:02d}.png"), ds.load(int(i)))
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| alphabet | N enrolled | rule | known accepted | known accepted & right | unknown rejected "
@@ -195,6 +208,9 @@ def main() -> None:
     )
     parser.add_argument("--fit", action="store_true", help="fit the rule on the validation alphabet first")
     parser.add_argument("--rule-out", type=Path, default=None, help="--fit: write the fitted record here")
+    parser.add_argument(
+        "--write-cohort", type=Path, default=None, help="write the validation alphabet as a cohort folder"
+    )
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--fit-draws", type=int, default=FIT_DRAWS)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,11 +225,17 @@ def main() -> None:
     preprocess = manifest["model_config"].preprocess
     print(f"bundle: {bundle} (weights {manifest['weights_sha256'][:12]})")
     started = time.perf_counter()
+    if args.write_cohort:
+        write_cohort(open_dataset("omniglot", args.data_root, "val"), args.write_cohort)
+        print(f"wrote {args.write_cohort}; fit a bundle's rule with dmf-export --cohort {args.write_cohort}")
+        return
     if args.fit:
-        val = open_dataset("omniglot", args.data_root, "val")
-        frames = [val.load(i) for i in range(len(val))]
-        fitted_on = "Omniglot " + ", ".join(val.info["alphabets"])
-        labels = np.asarray(val.labels)
+        # Through a cohort folder, as `dmf-export --cohort` reads it: the same record either way.
+        with tempfile.TemporaryDirectory() as folder:
+            val = open_dataset("omniglot", args.data_root, "val")
+            write_cohort(val, Path(folder) / "cohort")
+            frames, labels, _ = load_cohort_folder(Path(folder) / "cohort")
+        fitted_on = "cohort folder of Omniglot " + ", ".join(val.info["alphabets"])
         rule = fit_rule(backend, preprocess, frames, labels, fitted_on, args.fit_draws, args.seed)
         record = json.dumps(rule.to_dict(), indent=2) + "\n"
         if args.rule_out:

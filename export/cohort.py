@@ -12,6 +12,8 @@ Everything runs on the bundle's own graphs through a runtime backend: no torch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
 from dmf_deploy.preprocess import check_frame, preprocess_frames
-from dmf_deploy.runtime.backends import Backend
-from dmf_deploy.runtime.open_set import QUANTILE_STEPS, OpenSetRule, frame_contrast, own_scores
+from dmf_deploy.runtime.backends import Backend, open_backend
+from dmf_deploy.runtime.open_set import (
+    OPEN_SET_FILE,
+    QUANTILE_STEPS,
+    OpenSetRule,
+    default_open_set,
+    frame_contrast,
+    own_scores,
+)
 
 PICKED, UNKNOWN = 20, 10  # classes per draw; never-enrolled ones queried
 FIT_ENROLLED = 10  # the N the quantiles are measured at
@@ -135,6 +145,26 @@ def fit_rule(
     classes = len(set(labels.tolist()))
     described = f"{fitted_on}: {classes} classes, {len(frames)} images, N = {n}, {draws} draws"
     return OpenSetRule(known_quantiles=tuple(float(q) for q in quantiles), fitted_on=described)
+
+
+def bundle_rule(bundle: Path, manifest: dict, cohort: str | os.PathLike[str] | None) -> OpenSetRule:
+    """The rule `dmf-export` writes: fitted on the cohort folder on the bundle's own graphs, or, with
+    none, the demo model's (whose relative scores may sit elsewhere for another model)."""
+    if cohort is None:
+        rule = default_open_set()
+        note = f"not fitted for this model: the demo model's rule ({rule.fitted_on}); refit with --cohort DIR"
+        return OpenSetRule(rule.known_quantiles, rule.min_contrast, rule.default_sensitivity, note)
+    frames, labels, _ = load_cohort_folder(cohort)
+    backend = open_backend(bundle, manifest, "onnxruntime")
+    preprocess = manifest["model_config"].preprocess
+    return fit_rule(backend, preprocess, frames, labels, f"cohort folder {Path(cohort).name}")
+
+
+def write_rule(bundle: Path, rule: OpenSetRule) -> dict[str, str]:
+    """Write the record into the bundle folder; returns the manifest's entry for it."""
+    data = (json.dumps(rule.to_dict(), indent=2) + "\n").encode()
+    atomic_write_bytes(bundle / OPEN_SET_FILE, data)
+    return {"file": OPEN_SET_FILE, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_cohort_folder(root: str | os.PathLike[str]) -> tuple[list[np.ndarray], np.ndarray, list[str]]:

@@ -16,15 +16,19 @@ Two gates, in order:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT
+import dmf_deploy
+from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, BundleError, sha256_file
 from dmf_deploy.runtime.backends import Backend
 
 OPEN_SET_FORMAT = "dmf-open-set"
@@ -39,6 +43,9 @@ QUANTILE_STEPS = 50  # quantiles at refused fractions 0, 0.01, ..., 0.50
 MAX_SENSITIVITY = QUANTILE_STEPS / 100
 CONTRAST_BLUR_SIGMA = 2.0  # pixels at the model's input size: edges narrower than ~4 px count
 CONTRAST_PERCENTILE = 99.0  # a stroke covers a few percent of the frame; the 99th ignores lone pixels
+MAX_RECORD_BYTES = 64 << 10
+MANIFEST_KEY = "open_set"  # the manifest's entry: {"file": OPEN_SET_FILE, "sha256": ...}
+DEMO_BUNDLE = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
 
 
 class OpenSetError(ValueError):
@@ -159,3 +166,34 @@ def refusal(
     if ratio < needed:
         return f"best match {best_name!r} scores {ratio:.2f} of the frame's own score (< {needed:.2f})"
     return ""
+
+
+def load_open_set(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> OpenSetRule:
+    """The bundle's rule, its file checked against the manifest's sha256; a bundle exported without
+    one (format version 1) gets the demo model's, fitted on Omniglot."""
+    entry = manifest.get(MANIFEST_KEY)
+    if entry is None:
+        if Path(bundle).resolve() == DEMO_BUNDLE:
+            raise BundleError(f"the demo bundle {DEMO_BUNDLE} has no open-set record ({OPEN_SET_FILE})")
+        return default_open_set()
+    named = isinstance(entry, dict) and entry.get("file") == OPEN_SET_FILE
+    if not named or not isinstance(entry.get("sha256"), str):
+        raise BundleError(f"the manifest's {MANIFEST_KEY!r} entry must name {OPEN_SET_FILE} and its sha256")
+    path = Path(bundle) / OPEN_SET_FILE
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (the manifest names it)")
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise BundleError(f"{path} is larger than {MAX_RECORD_BYTES} bytes")
+    if sha256_file(path) != entry["sha256"]:
+        raise BundleError(f"{path} is corrupt or was modified: its sha256 does not match the manifest's")
+    try:
+        return OpenSetRule.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, OpenSetError) as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+
+
+def default_open_set() -> OpenSetRule:
+    """The demo model's rule (fitted on Omniglot): for bundles exported without one."""
+    from dmf_deploy.manifest import read_manifest
+
+    return load_open_set(DEMO_BUNDLE, read_manifest(DEMO_BUNDLE))
