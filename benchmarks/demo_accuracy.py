@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
+from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.app import demo_bundle_path
 from dmf_deploy.runtime.recognizer import new_gallery
 from dmf_deploy.train.datasets import FewShotDataset, open_dataset
 from dmf_deploy.train.episodes import Episode, EpisodeSampler, confidence_interval
@@ -177,14 +177,14 @@ def main() -> None:
     args = parser.parse_args()
 
     print("command: " + shlex.join(["python", "benchmarks/demo_accuracy.py", *sys.argv[1:]]))
-    bundle = args.bundle or demo_bundle_path()
+    bundle = args.bundle or DEMO_BUNDLE
     rec = Recognizer.open(bundle, backend="onnxruntime", threads=args.threads)
     manifest = rec.manifest
-    cfg = manifest["model_config"]
+    cfg = manifest.model
     print(
         f"bundle: {bundle} ({cfg.backbone}, {cfg.preprocess.image_size}px, G={cfg.groups}, k={cfg.kernel}; "
-        f"solver {manifest['solver']} x {manifest['steps']}, opset {manifest['opset']}; weights "
-        f"{manifest['weights_sha256'][:12]}); backend {rec.backend.name}"
+        f"solver {manifest.solver} x {manifest.steps}, opset {manifest.opset}; weights "
+        f"{manifest.weights_sha256[:12]}); backend {rec.backend.name}"
     )
     tasks = (
         Task("5-way 1-shot", 5, 1, False, args.episodes),

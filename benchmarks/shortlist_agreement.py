@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dmf_deploy import packaged
 from dmf_deploy.manifest import CLASS_BANK, SUPPORT
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
-DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
+DEMO_BUNDLE = packaged.DEMO_BUNDLE
 DATA = Path("/work/shared/data/omniglot")
 TARGET = 0.995  # top-1 agreement with exact at >= 200 classes
 ROTATION_SETS = ((0,), (0, 90), (0, 90, 180), (0, 90, 180, 270))
@@ -98,7 +99,7 @@ def run_seed(rec, names, labels, feats, ks, seed, batch, check, rng_check, cache
     is_query[shot] = False
     q_idx = np.flatnonzero(is_query)
     start = time.perf_counter()
-    head_sha = rec.manifest["graphs"]["head"]["sha256"][:12]
+    head_sha = rec.manifest.graphs["head"].sha256[:12]
     cached = cache / f"exact-{head_sha}-seed{seed}.npy" if cache else None
     if cached is not None and cached.is_file():
         exact_all = np.load(cached)
@@ -180,14 +181,14 @@ def main() -> None:
     args = parser.parse_args()
 
     rec = Recognizer.open(args.bundle, backend="onnxruntime", threads=args.threads)
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     start = time.perf_counter()
     names, labels, images = load_images(args.data)
     feats = features(rec, images)
     print(
         f"bundle {args.bundle} ({cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} "
         f"G={cfg.groups}, "
-        f"{rec.manifest['solver']} x {rec.manifest['steps']}); {len(names)} classes, {len(images)} images; "
+        f"{rec.manifest.solver} x {rec.manifest.steps}); {len(names)} classes, {len(images)} images; "
         f"features in {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

@@ -19,11 +19,11 @@ import torch
 from dmf_deploy.atomic import atomic_write_with
 from dmf_deploy.config import ModelConfig
 from dmf_deploy.model import DMFNet
+from dmf_deploy.packaged import DEMO_CHECKPOINT, is_demo_name
 
 FORMAT = "dmf-deploy-checkpoint"
 FORMAT_VERSION = 1
-DEMO_NAME = "demo"
-DEMO_PATH = Path(__file__).parent / "assets" / "demo.pt"
+DEMO_PATH = DEMO_CHECKPOINT
 
 # Official key -> our key. Everything under `base.` keeps its name.
 _OFFICIAL_RENAMES = {
@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """Map the reserved name "demo" to the packaged demo checkpoint; check the file exists."""
-    if str(path) == DEMO_NAME:
+    if is_demo_name(path):
         if not DEMO_PATH.is_file():
             raise CheckpointError(
                 f"the demo checkpoint is not installed (expected {DEMO_PATH}); reinstall dmf-deploy"

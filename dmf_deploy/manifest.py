@@ -7,6 +7,11 @@ Graph I/O names (stable, documented in README.md):
   ``tap_projections`` [N,9,h,w,G*k*k], ``class_weight`` [N,C] (the layouts the head samples in
   without transposing any per-class tensor: see `dmf_deploy.bundle_head`)
 - head.onnx:     ``query_features`` [Q,C,h,w] + the three class-bank tensors -> ``scores`` [Q,N]
+
+`Manifest` is the typed form: built at export (`Manifest.build`), written atomically (`write`), and
+read with every field's presence and type checked (`Manifest.read`, BundleError naming the field).
+Format version 2 adds precision, calibration, target (head form), optional graphs, open-set data and
+tensor dtypes; a version-1 manifest (0.1.0's) reads as version 2 with their defaults.
 """
 
 from __future__ import annotations
@@ -14,20 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dmf_deploy.config import ModelConfig
 
 FORMAT = "dmf-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 16  # deepest real entry: engines.<graph>.profiles.<input>.<min|opt|max> = 6
 
 BACKBONE, SUPPORT, HEAD = "backbone", "support", "head"
 GRAPH_NAMES = (BACKBONE, SUPPORT, HEAD)
 CLASS_BANK = ("support_offset", "tap_projections", "class_weight")
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 19, 18
+
+PRECISIONS = ("fp32", "int8")
+TARGETS = ("gather", "gridsample")  # the head's sampling form
+TENSOR_DTYPES = ("float32", "float16", "int8")
+DEFAULT_DTYPE = "float32"
+
+Shape = tuple[int | str, ...]
 
 
 class BundleError(ValueError):
@@ -42,15 +60,23 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(weights_sha256: str, config: ModelConfig) -> str:
+def model_fingerprint(
+    weights_sha256: str,
+    config: ModelConfig,
+    precision: str = "fp32",
+    calibration_sha256: str | None = None,
+) -> str:
     """Identity of the function features and class banks come from.
 
-    Solver, steps and opset are left out so that re-exporting with another solver keeps galleries valid.
+    Weights, architecture and preprocessing (`architecture_dict` holds it), precision and calibration.
+    Solver, steps, opset and head form are left out, so re-exporting with another solver keeps
+    galleries valid. fp32 without calibration hashes exactly what 0.1.0 hashed, so its galleries open.
     """
-    payload = json.dumps(
-        {"weights": weights_sha256, "architecture": config.architecture_dict()}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    payload: dict[str, Any] = {"weights": weights_sha256, "architecture": config.architecture_dict()}
+    if precision != "fp32" or calibration_sha256 is not None:
+        payload["precision"] = precision
+        payload["calibration"] = calibration_sha256
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
@@ -68,65 +94,438 @@ def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
     }
 
 
-def bundle_graph_io(manifest: dict[str, Any]) -> dict[str, dict[str, dict[str, list]]]:
-    """The graph I/O a bundle was written with, as its manifest records it (`graph_io`'s form).
-
-    Consumers of an existing bundle read this rather than `graph_io(config)`, so that a bundle written
-    by an earlier version (e.g. with a channel-first class bank) is served as it is.
-    """
-    io = {}
-    for name in GRAPH_NAMES:
-        entry = manifest["graphs"][name]
-        if not isinstance(entry.get("inputs"), dict) or not isinstance(entry.get("outputs"), dict):
-            raise BundleError(f"the manifest does not record the inputs and outputs of the {name} graph")
-        io[name] = {"inputs": entry["inputs"], "outputs": entry["outputs"]}
-    return io
+# ----- the typed manifest ------------------------------------------------------------------------------
 
 
-def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate a bundle's manifest; raise BundleError naming the problem."""
-    root = Path(bundle)
-    if not root.is_dir():
-        raise BundleError(f"bundle folder {root} does not exist")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise BundleError(f"{root} is not a dmf bundle: {MANIFEST_NAME} is missing")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has format version {manifest.get('format_version')}; this runtime reads {FORMAT_VERSION}"
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle: its file, sha256 and I/O (strings in a shape are dynamic axes)."""
+
+    file: str
+    sha256: str
+    inputs: Mapping[str, Shape]
+    outputs: Mapping[str, Shape]
+    dynamic_axes: tuple[str, ...]
+    dtypes: Mapping[str, str] = field(default_factory=dict)  # tensor -> dtype; absent: float32
+
+    def dtype(self, tensor: str) -> str:
+        return self.dtypes.get(tensor, DEFAULT_DTYPE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "outputs": {k: list(v) for k, v in self.outputs.items()},
+            "dynamic_axes": list(self.dynamic_axes),
+            "dtypes": dict(self.dtypes),
+        }
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A TensorRT plan built from one graph, and what it needs to load (version, GPU)."""
+
+    file: str
+    sha256: str
+    tensorrt_version: str
+    gpu: str
+    compute_capability: str
+    precision: str
+    profiles: Mapping[str, Mapping[str, list[int]]]  # input -> {min, opt, max: shape}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+            "precision": self.precision,
+            "profiles": {k: {b: list(s) for b, s in v.items()} for k, v in self.profiles.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The images an INT8 export was calibrated on: how many, and the sha256 over them."""
+
+    images: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    package_version: str
+    created: str
+    model: ModelConfig
+    feature_shape: tuple[int, ...]
+    solver: str
+    steps: int
+    training_solver: tuple[str, int]
+    opset: int
+    checkpoint_sha256: str
+    weights_sha256: str
+    fingerprint: str
+    graphs: Mapping[str, GraphSpec]  # backbone, support, head; optional others (e.g. "explain")
+    engines: Mapping[str, EngineSpec] = field(default_factory=dict)
+    precision: str = "fp32"
+    calibration: Calibration | None = None
+    target: str = "gather"
+    open_set: Mapping[str, Any] | None = None
+
+    # ----- derived -----
+    @property
+    def bank_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one class's bank tensors, as the support graph writes them."""
+        outputs = self.graphs[SUPPORT].outputs
+        return {k: tuple(int(d) for d in outputs[k][1:]) for k in CLASS_BANK}
+
+    @property
+    def bank_dtypes(self) -> dict[str, str]:
+        return {k: self.graphs[SUPPORT].dtype(k) for k in CLASS_BANK}
+
+    def with_engines(self, engines: Mapping[str, EngineSpec]) -> Manifest:
+        return replace(self, engines=dict(engines))
+
+    # ----- building and writing -----
+    @classmethod
+    def build(
+        cls,
+        config: ModelConfig,
+        graph_files: Mapping[str, Path],
+        *,
+        solver: str,
+        steps: int,
+        opset: int,
+        checkpoint_sha256: str,
+        weights_sha256: str,
+        precision: str = "fp32",
+        calibration: Calibration | None = None,
+        target: str = "gather",
+        io: Mapping[str, Mapping[str, Mapping[str, list]]] | None = None,
+    ) -> Manifest:
+        """The manifest of freshly exported graphs (`io`: their I/O, default `graph_io(config)`)."""
+        from dmf_deploy import __version__
+
+        io = graph_io(config) if io is None else io
+        graphs = {}
+        for name, path in graph_files.items():
+            spec = io[name]
+            axes = {d for sec in spec.values() for s in sec.values() for d in s if isinstance(d, str)}
+            graphs[name] = GraphSpec(
+                file=Path(path).name,
+                sha256=sha256_file(path),
+                inputs={k: tuple(v) for k, v in spec["inputs"].items()},
+                outputs={k: tuple(v) for k, v in spec["outputs"].items()},
+                dynamic_axes=tuple(sorted(axes)),
+            )
+        calib_sha = calibration.sha256 if calibration else None
+        return cls(
+            format_version=FORMAT_VERSION,
+            package_version=__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            model=config,
+            feature_shape=(config.channels, config.feature_size, config.feature_size),
+            solver=solver,
+            steps=steps,
+            training_solver=(config.solver, config.steps),
+            opset=opset,
+            checkpoint_sha256=checkpoint_sha256,
+            weights_sha256=weights_sha256,
+            fingerprint=model_fingerprint(weights_sha256, config, precision, calib_sha),
+            graphs=graphs,
+            precision=precision,
+            calibration=calibration,
+            target=target,
         )
-    for key in ("model", "fingerprint", "graphs", "solver", "steps", "opset"):
-        if key not in manifest:
-            raise BundleError(f"{path} lacks the field {key!r}")
-    try:
-        manifest["model_config"] = ModelConfig.from_dict(manifest["model"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{path} has an invalid model config: {exc}") from exc
-    for name in GRAPH_NAMES:
-        entry = manifest["graphs"].get(name)
-        if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
-            raise BundleError(f"{path} does not describe the {name} graph")
-    return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        """The version-2 JSON form."""
+        model = self.model.to_dict()
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": self.package_version,
+            "created": self.created,
+            "model": model,
+            "preprocess": model["preprocess"],
+            "feature_shape": list(self.feature_shape),
+            "solver": self.solver,
+            "steps": self.steps,
+            "training_solver": {"solver": self.training_solver[0], "steps": self.training_solver[1]},
+            "opset": self.opset,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "weights_sha256": self.weights_sha256,
+            "fingerprint": self.fingerprint,
+            "precision": self.precision,
+            "calibration": None
+            if self.calibration is None
+            else {"images": self.calibration.images, "sha256": self.calibration.sha256},
+            "target": self.target,
+            "open_set": None if self.open_set is None else dict(self.open_set),
+            "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+            "engines": {k: e.to_dict() for k, e in self.engines.items()},
+        }
+
+    def write(self, bundle: str | os.PathLike[str]) -> Path:
+        """Write manifest.json into the bundle folder atomically (version 2)."""
+        from dmf_deploy.atomic import atomic_write_bytes
+
+        path = Path(bundle) / MANIFEST_NAME
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
+        return path
+
+    # ----- reading -----
+    @classmethod
+    def read(cls, bundle: str | os.PathLike[str]) -> Manifest:
+        """Load and validate a bundle's manifest; raise BundleError naming the problem."""
+        root = Path(bundle)
+        if not root.is_dir():
+            raise BundleError(f"bundle folder {root} does not exist")
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{root} is not a dmf bundle: {MANIFEST_NAME} is missing")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+        try:
+            text = path.read_bytes()[: MAX_MANIFEST_BYTES + 1].decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{path} is not readable UTF-8 text: {exc}") from exc
+        return cls.from_json(text, str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = MANIFEST_NAME) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{source} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+        depth = _nesting_depth(text)
+        if depth > MAX_MANIFEST_DEPTH:
+            raise BundleError(
+                f"{source} nests {depth} levels deep; a manifest has at most {MAX_MANIFEST_DEPTH}"
+            )
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BundleError(f"{source} is not valid JSON: {exc}") from exc
+        return _parse(raw, source)
 
 
-def verify_graph(bundle: str | os.PathLike[str], manifest: dict[str, Any], name: str) -> Path:
+def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
+    """`Manifest.read` (the name 0.1.0's callers use)."""
+    return Manifest.read(bundle)
+
+
+def bundle_graph_io(manifest: Manifest) -> dict[str, dict[str, dict[str, list]]]:
+    """The graph I/O a bundle was written with, as its manifest records it (`graph_io`'s form)."""
+    return {
+        name: {
+            "inputs": {k: list(v) for k, v in spec.inputs.items()},
+            "outputs": {k: list(v) for k, v in spec.outputs.items()},
+        }
+        for name, spec in manifest.graphs.items()
+        if name in GRAPH_NAMES
+    }
+
+
+def verify_graph(bundle: str | os.PathLike[str], manifest: Manifest, name: str) -> Path:
     """Return the graph's path after checking that it exists and its sha256 matches the manifest."""
-    entry = manifest["graphs"][name]
-    path = Path(bundle) / entry["file"]
-    if path.name != entry["file"] or not path.is_file():
-        raise BundleError(f"bundle graph {entry['file']!r} ({name}) is missing from {bundle}")
+    spec = manifest.graphs[name]
+    path = Path(bundle) / spec.file
+    if path.name != spec.file or not path.is_file():
+        raise BundleError(f"bundle graph {spec.file!r} ({name}) is missing from {bundle}")
     actual = sha256_file(path)
-    if actual != entry["sha256"]:
+    if actual != spec.sha256:
         raise BundleError(
             f"{path} is corrupt or was modified: sha256 {actual[:12]}... does not match the manifest's "
-            f"{entry['sha256'][:12]}..."
+            f"{spec.sha256[:12]}..."
         )
     return path
+
+
+# ----- validation --------------------------------------------------------------------------------------
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of a JSON text, found without recursion (strings skipped)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_REQUIRED = object()
+_KINDS = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    dict: "a mapping",
+    list: "a list",
+}
+
+
+class _Reader:
+    """Typed field access on parsed JSON; every error names the field by its dotted path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, name: str, problem: str) -> BundleError:
+        return BundleError(f"{self.source}: manifest field {name!r} {problem}")
+
+    def get(self, obj: Mapping[str, Any], key: str, where: str, kind: type, default: Any = _REQUIRED) -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in obj or (obj[key] is None and default is None):
+            if default is _REQUIRED:
+                raise self.fail(name, "is missing")
+            return default
+        value = obj[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise self.fail(name, f"must be {_KINDS[kind]}, not {type(value).__name__}")
+        return value
+
+    def choice(
+        self, obj: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...], default: str
+    ) -> str:
+        value = self.get(obj, key, where, str, default)
+        if value not in choices:
+            name = f"{where}.{key}" if where else key
+            raise self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def shape(self, value: Any, name: str) -> Shape:
+        if not isinstance(value, list) or not value:
+            raise self.fail(name, "must be a non-empty list of dimensions")
+        for dim in value:
+            if isinstance(dim, bool) or not (
+                (isinstance(dim, int) and dim >= 1) or (isinstance(dim, str) and dim.isidentifier())
+            ):
+                raise self.fail(name, f"has a dimension {dim!r}: not a positive integer or an axis name")
+        return tuple(value)
+
+    def shapes(self, obj: Mapping[str, Any], key: str, where: str) -> dict[str, Shape]:
+        table = self.get(obj, key, where, dict)
+        return {k: self.shape(v, f"{where}.{key}.{k}") for k, v in table.items()}
+
+
+def _parse(raw: Any, source: str) -> Manifest:
+    r = _Reader(source)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{source} is not a {FORMAT} manifest")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise BundleError(
+            f"{source} has format version {version!r}; this runtime reads versions "
+            f"{' and '.join(map(str, READ_VERSIONS))}"
+        )
+    try:
+        model = ModelConfig.from_dict(r.get(raw, "model", "", dict))
+    except (TypeError, ValueError) as exc:
+        raise r.fail("model", f"is not a valid model config: {exc}") from exc
+    preprocess = r.get(raw, "preprocess", "", dict, None)
+    if preprocess is not None and preprocess != model.to_dict()["preprocess"]:
+        raise r.fail("preprocess", "differs from model.preprocess, the preprocessing the runtime applies")
+    feature_shape = r.shape(r.get(raw, "feature_shape", "", list), "feature_shape")
+    if len(feature_shape) != 3 or not all(isinstance(d, int) for d in feature_shape):
+        raise r.fail("feature_shape", "must be three positive integers [C, h, w]")
+    training = r.get(raw, "training_solver", "", dict, {})
+    graphs_raw = r.get(raw, "graphs", "", dict)
+    graphs = {}
+    for name, entry in graphs_raw.items():
+        graphs[name] = _graph(r, entry, f"graphs.{name}")
+    for name in GRAPH_NAMES:
+        if name not in graphs:
+            raise r.fail(f"graphs.{name}", "is missing")
+    for tensor in CLASS_BANK:
+        if tensor not in graphs[SUPPORT].outputs:
+            raise r.fail(f"graphs.support.outputs.{tensor}", "is missing")
+    engines_raw = r.get(raw, "engines", "", dict, {})
+    engines = {name: _engine(r, entry, f"engines.{name}") for name, entry in engines_raw.items()}
+    calibration = None
+    calib_raw = r.get(raw, "calibration", "", dict, None)
+    if calib_raw is not None:
+        images = r.get(calib_raw, "images", "calibration", int)
+        if images < 1:
+            raise r.fail("calibration.images", "must be at least 1")
+        calibration = Calibration(images, r.get(calib_raw, "sha256", "calibration", str))
+    precision = r.choice(raw, "precision", "", PRECISIONS, "fp32")
+    weights = r.get(raw, "weights_sha256", "", str)
+    fingerprint = r.get(raw, "fingerprint", "", str)
+    expected = model_fingerprint(weights, model, precision, calibration.sha256 if calibration else None)
+    if fingerprint != expected:
+        raise r.fail(
+            "fingerprint", "does not match the weights, model, precision and calibration the manifest records"
+        )
+    steps = r.get(raw, "steps", "", int)
+    opset = r.get(raw, "opset", "", int)
+    return Manifest(
+        format_version=version,
+        package_version=r.get(raw, "package_version", "", str, "?"),
+        created=r.get(raw, "created", "", str, ""),
+        model=model,
+        feature_shape=tuple(int(d) for d in feature_shape),
+        solver=r.get(raw, "solver", "", str),
+        steps=steps,
+        training_solver=(
+            r.get(training, "solver", "training_solver", str, model.solver),
+            r.get(training, "steps", "training_solver", int, model.steps),
+        ),
+        opset=opset,
+        checkpoint_sha256=r.get(raw, "checkpoint_sha256", "", str, ""),
+        weights_sha256=weights,
+        fingerprint=fingerprint,
+        graphs=graphs,
+        engines=engines,
+        precision=precision,
+        calibration=calibration,
+        target=r.choice(raw, "target", "", TARGETS, "gather"),
+        open_set=r.get(raw, "open_set", "", dict, None),
+    )
+
+
+def _graph(r: _Reader, entry: Any, where: str) -> GraphSpec:
+    if not isinstance(entry, dict):
+        raise r.fail(where, f"must be a mapping, not {type(entry).__name__}")
+    dtypes = r.get(entry, "dtypes", where, dict, {})
+    for tensor, dtype in dtypes.items():
+        if dtype not in TENSOR_DTYPES:
+            choices = ", ".join(TENSOR_DTYPES)
+            raise r.fail(f"{where}.dtypes.{tensor}", f"must be one of {choices}, not {dtype!r}")
+    axes = r.get(entry, "dynamic_axes", where, list, [])
+    if not all(isinstance(a, str) for a in axes):
+        raise r.fail(f"{where}.dynamic_axes", "must be a list of strings")
+    return GraphSpec(
+        file=r.get(entry, "file", where, str),
+        sha256=r.get(entry, "sha256", where, str),
+        inputs=r.shapes(entry, "inputs", where),
+        outputs=r.shapes(entry, "outputs", where),
+        dynamic_axes=tuple(axes),
+        dtypes=dict(dtypes),
+    )
+
+
+def _engine(r: _Reader, entry: Any, where: str) -> EngineSpec:
+    if not isinstance(entry, dict):
+        raise r.fail(where, f"must be a mapping, not {type(entry).__name__}")
+    profiles = r.get(entry, "profiles", where, dict)
+    for name, bounds in profiles.items():
+        if not isinstance(bounds, dict):
+            raise r.fail(f"{where}.profiles.{name}", "must be a mapping of min, opt and max shapes")
+        for bound, shape in bounds.items():
+            ints = isinstance(shape, list) and all(type(d) is int for d in shape)
+            if not ints:
+                raise r.fail(f"{where}.profiles.{name}.{bound}", "must be a list of integers")
+    return EngineSpec(
+        file=r.get(entry, "file", where, str),
+        sha256=r.get(entry, "sha256", where, str),
+        tensorrt_version=r.get(entry, "tensorrt_version", where, str),
+        gpu=r.get(entry, "gpu", where, str),
+        compute_capability=r.get(entry, "compute_capability", where, str),
+        precision=r.get(entry, "precision", where, str),
+        profiles=profiles,
+    )

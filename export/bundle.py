@@ -10,14 +10,11 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import onnx
 
-from dmf_deploy import __version__
 from dmf_deploy.atomic import atomic_write_bytes, current_umask
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
@@ -25,14 +22,10 @@ from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     DEFAULT_OPSET,
-    FORMAT,
-    FORMAT_VERSION,
-    GRAPH_NAMES,
-    MANIFEST_NAME,
     MAX_OPSET,
     MIN_OPSET,
+    Manifest,
     graph_io,
-    model_fingerprint,
     sha256_file,
 )
 
@@ -115,15 +108,22 @@ def export_bundle(
             if not report.ok:
                 raise ExportError(f"{name}.onnx is not TensorRT-ready: " + "; ".join(report.errors))
         say("checked graphs (onnx.checker full check, shape inference, TensorRT-readiness lint)")
-        manifest = build_manifest(model, metadata, ckpt_path, paths, solver, steps, opset)
-        atomic_write_bytes(staging / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        manifest = Manifest.build(
+            model.config,
+            paths,
+            solver=solver,
+            steps=steps,
+            opset=opset,
+            checkpoint_sha256=sha256_file(ckpt_path),
+            weights_sha256=metadata["weights_sha256"],
+        )
+        manifest.write(staging)
         parity = None
         if check:
             from dmf_deploy.export.parity import check_bundle
-            from dmf_deploy.manifest import read_manifest
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
-            parity = check_bundle(model, staging, read_manifest(staging), solver, steps)
+            parity = check_bundle(model, staging, Manifest.read(staging), solver, steps)
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
     except BaseException:
@@ -143,45 +143,3 @@ def _install(staging: Path, out: Path) -> None:
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def build_manifest(
-    model,
-    metadata: dict[str, Any],
-    ckpt_path: Path,
-    paths: dict[str, Path],
-    solver: str,
-    steps: int,
-    opset: int,
-) -> dict[str, Any]:
-    config = model.config
-    io_spec = graph_io(config)
-    graphs = {}
-    for name in GRAPH_NAMES:
-        graphs[name] = {
-            "file": paths[name].name,
-            "sha256": sha256_file(paths[name]),
-            "inputs": io_spec[name]["inputs"],
-            "outputs": io_spec[name]["outputs"],
-            "dynamic_axes": sorted(
-                {d for sec in io_spec[name].values() for s in sec.values() for d in s if isinstance(d, str)}
-            ),
-        }
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": config.to_dict(),
-        "preprocess": config.to_dict()["preprocess"],
-        "feature_shape": [config.channels, config.feature_size, config.feature_size],
-        "solver": solver,
-        "steps": steps,
-        "training_solver": {"solver": config.solver, "steps": config.steps},
-        "opset": opset,
-        "checkpoint_sha256": sha256_file(ckpt_path),
-        "weights_sha256": metadata["weights_sha256"],
-        "fingerprint": model_fingerprint(metadata["weights_sha256"], config),
-        "graphs": graphs,
-        "engines": {},
-    }

@@ -17,7 +17,6 @@ Entry points for the CLI (`dmf-export --trt [--fp16] [--max-batch] [--max-classe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,8 +28,14 @@ from typing import Any
 import numpy as np
 
 from dmf_deploy.atomic import atomic_write_bytes
-from dmf_deploy.config import ModelConfig
-from dmf_deploy.manifest import GRAPH_NAMES, MANIFEST_NAME, bundle_graph_io, sha256_file, verify_graph
+from dmf_deploy.manifest import (
+    GRAPH_NAMES,
+    EngineSpec,
+    Manifest,
+    bundle_graph_io,
+    sha256_file,
+    verify_graph,
+)
 
 # The runtime module owns the (lazy) tensorrt / cuda-python imports and the GPU query; it imports
 # neither torch nor tensorrt at module level, so the builder reuses it rather than duplicating them.
@@ -495,22 +500,17 @@ def _parser_errors(parser: Any) -> str:
     return "\n  ".join(lines) or "no error was recorded (is the file a valid ONNX model?)"
 
 
-def _model_config(manifest: Mapping[str, Any]) -> ModelConfig:
-    config = manifest.get("model_config")
-    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(manifest["model"])
-
-
 def build_engines(
     bundle_dir: str | os.PathLike[str],
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     *,
     fp16: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_classes: int = DEFAULT_MAX_CLASSES,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache_path: str | os.PathLike[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Build one engine per bundle graph on the current GPU; return the manifest's `engines` entry.
+) -> dict[str, EngineSpec]:
+    """Build one engine per bundle graph on the current GPU; return the manifest's engines.
 
     Plans are written atomically into the bundle; the manifest itself is not touched (see
     `build_trt_for_bundle`). The timing cache (default: `timing.<trt>.<sm>.<gpu>.cache` in the
@@ -533,7 +533,7 @@ def build_engines(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    engines: dict[str, dict[str, Any]] = {}
+    engines: dict[str, EngineSpec] = {}
     with tempfile.TemporaryDirectory(prefix="dmf-trt-") as scratch:
         for graph in GRAPH_NAMES:
             onnx_path = verify_graph(bundle, manifest, graph)
@@ -583,15 +583,15 @@ def build_engines(
             cache_bytes = bytes(config.get_timing_cache().serialize())
             file_name = engine_file_name(graph, version, gpu_name, cc, precision)
             atomic_write_bytes(bundle / file_name, bytes(plan))
-            engines[graph] = {
-                "file": file_name,
-                "sha256": sha256_file(bundle / file_name),
-                "tensorrt_version": version,
-                "gpu": gpu_name,
-                "compute_capability": cc,
-                "precision": precision,
-                "profiles": _profiles_json(shapes),
-            }
+            engines[graph] = EngineSpec(
+                file=file_name,
+                sha256=sha256_file(bundle / file_name),
+                tensorrt_version=version,
+                gpu=gpu_name,
+                compute_capability=cc,
+                precision=precision,
+                profiles=_profiles_json(shapes),
+            )
     if cache_bytes:
         atomic_write_bytes(cache_path, cache_bytes)
     return engines
@@ -604,16 +604,14 @@ def build_trt_for_bundle(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_classes: int = DEFAULT_MAX_CLASSES,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, EngineSpec]:
     """`dmf-export --trt`: build the engines, record them in manifest.json (atomically), return them.
 
     Plan files that the previous manifest named and the new one does not (another GPU or TensorRT
     version) are removed, so a bundle holds one consistent set of engines.
     """
-    from dmf_deploy.manifest import read_manifest
-
     bundle = Path(bundle_dir)
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     engines = build_engines(
         bundle, manifest, fp16=fp16, max_batch=max_batch, max_classes=max_classes, workspace_mb=workspace_mb
     )
@@ -621,17 +619,16 @@ def build_trt_for_bundle(
     return engines
 
 
-def write_engines_to_manifest(bundle_dir: str | os.PathLike[str], engines: Mapping[str, Any]) -> None:
-    """Replace the manifest's `engines` entry atomically and delete plans it no longer names."""
+def write_engines_to_manifest(
+    bundle_dir: str | os.PathLike[str], engines: Mapping[str, EngineSpec]
+) -> None:
+    """Replace the manifest's engines atomically and delete plans it no longer names."""
     bundle = Path(bundle_dir)
-    path = bundle / MANIFEST_NAME
-    raw = json.loads(path.read_text(encoding="utf-8"))  # the raw JSON: read_manifest adds objects
-    old = raw.get("engines") or {}
-    raw["engines"] = dict(engines)
-    atomic_write_bytes(path, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    keep = {entry["file"] for entry in engines.values()}
-    for entry in old.values():
-        name = entry.get("file", "") if isinstance(entry, dict) else ""
+    manifest = Manifest.read(bundle)
+    manifest.with_engines(engines).write(bundle)
+    keep = {entry.file for entry in engines.values()}
+    for entry in manifest.engines.values():
+        name = entry.file
         stale = bundle / name
         # Only a bare *.plan name inside the bundle: never follow a path out of it.
         if name.endswith(".plan") and Path(name).name == name and name not in keep and stale.is_file():
@@ -661,11 +658,9 @@ def fp16_parity_report(
     """
     import onnxruntime as ort
 
-    from dmf_deploy.manifest import read_manifest
-
     bundle = Path(bundle_dir)
-    manifest = read_manifest(bundle)
-    config = _model_config(manifest)
+    manifest = Manifest.read(bundle)
+    config = manifest.model
     rng = np.random.default_rng(seed)
     size = config.preprocess.image_size
     patterns = rng.normal(0.0, 1.0, (classes, 3, size, size)).astype(np.float32)

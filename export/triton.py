@@ -30,6 +30,8 @@ from dmf_deploy.manifest import (
     GRAPH_NAMES,
     HEAD,
     SUPPORT,
+    EngineSpec,
+    Manifest,
     bundle_graph_io,
     verify_graph,
 )
@@ -82,16 +84,16 @@ def model_config_text(
     return "\n".join(lines) + "\n"
 
 
-def _plan_entry(bundle: Path, manifest: Mapping[str, Any], graph: str) -> dict[str, Any] | None:
-    entry = (manifest.get("engines") or {}).get(graph)
-    if isinstance(entry, dict) and (bundle / str(entry.get("file", ""))).is_file():
+def _plan_entry(bundle: Path, manifest: Manifest, graph: str) -> EngineSpec | None:
+    entry = manifest.engines.get(graph)
+    if entry is not None and Path(entry.file).name == entry.file and (bundle / entry.file).is_file():
         return entry
     return None
 
 
 def write_triton_repository(
     bundle_dir: str | os.PathLike[str],
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     out_dir: str | os.PathLike[str],
     use_plans: bool = False,
     *,
@@ -104,8 +106,7 @@ def write_triton_repository(
     back to ONNX with a log line, so a partial set of engines still gives a working repository.
     """
     bundle, out = Path(bundle_dir), Path(out_dir)
-    config_ = manifest.get("model_config")
-    config = config_ if isinstance(config_, ModelConfig) else ModelConfig.from_dict(manifest["model"])
+    config = manifest.model
     io = bundle_graph_io(manifest)
     platforms: dict[str, str] = {}
     backbone_batch = max_batch
@@ -120,19 +121,19 @@ def write_triton_repository(
             (version_dir / stale).unlink(missing_ok=True)
         if plan is not None:
             platform, kind = "tensorrt_plan", "KIND_GPU"
-            shutil.copyfile(bundle / plan["file"], version_dir / "model.plan")
+            shutil.copyfile(bundle / plan.file, version_dir / "model.plan")
         else:
             platform, kind = "onnxruntime_onnx", "KIND_AUTO"
             shutil.copyfile(verify_graph(bundle, manifest, graph), version_dir / "model.onnx")
         batched = graph == BACKBONE
         if batched:
             if backbone_batch is None and plan is not None:
-                backbone_batch = int(plan["profiles"]["images"]["max"][0])
+                backbone_batch = int(plan.profiles["images"]["max"][0])
             backbone_batch = backbone_batch or DEFAULT_MAX_BATCH
-            if plan is not None and backbone_batch > int(plan["profiles"]["images"]["max"][0]):
+            if plan is not None and backbone_batch > int(plan.profiles["images"]["max"][0]):
                 raise ValueError(
                     f"max_batch {backbone_batch} exceeds the backbone plan's profile max "
-                    f"{plan['profiles']['images']['max'][0]}; rebuild with dmf-export --trt --max-batch"
+                    f"{plan.profiles['images']['max'][0]}; rebuild with dmf-export --trt --max-batch"
                 )
         text = model_config_text(
             model,

@@ -1,19 +1,21 @@
-"""dmf-bench: per-stage latency and memory of a bundle on the runtime, and of the PyTorch forms.
+"""dmf-bench: per-stage latency and memory of one or more bundles on the torch-free runtime.
 
 Stages, each timed on its own (median and p90 of --repeats calls after warm-up calls):
 
 - backbone, by batch size (1 and 8 frames);
-- enrolment of one class from one frame (`Recognizer.enroll`: backbone + support graph + self-score),
-  and the support graph alone per class, in batches;
+- enrolment: one class from one frame (`Recognizer.enroll`: backbone + support graph + self-score),
+  one more shot of an enrolled class against one `classify` at N = 1, and the support graph alone
+  per class, in batches;
 - the head, by the number of enrolled classes N (one query frame's features against the class bank,
-  chunked as the Recognizer runs it);
+  chunked as the Recognizer runs it: `Recognizer.head_scores`);
 - end-to-end `classify(frame)` by N: exact, and with a shortlist when --shortlist K is given;
-- with torch installed and the bundle's checkpoint at hand: the PyTorch head in its factored form
-  (class bank precomputed, as the runtime) and its literal pairwise form, side by side.
+- with --rss-iters: resident memory over that many `classify` calls at N = 10;
+- with --import-cost: the time and memory of `import dmf_deploy.runtime` in a fresh interpreter.
 
 Each stage runs in blocks of back-to-back calls (as a camera loop calls it) that take turns with the
 other stages of the same N over two rounds, so that load drifting over the run hits them alike; the
-backbone is timed again at every N, and the ratios use that figure.
+backbone is timed again at every N, and the ratios use that figure. Several --bundle options run one
+after the other in one process and are compared side by side (one table, one plot).
 
 Classes are enrolled quickly: support.onnx runs on perturbed copies of real feature maps in batches
 and the rows are written with `Gallery.add_shots` + `set_bank`, instead of N backbone calls.
@@ -22,15 +24,17 @@ Memory: peak RSS (`ru_maxrss`) after each stage, and the memory floor of a frame
 bank that one classification reads at each N (all three bank tensors of every class for exact; the
 classifier weight of every class plus the K shortlisted banks for a shortlist).
 
-torch is optional: without it (or without the checkpoint) the PyTorch rows are skipped with a note.
+The PyTorch forms of the head (factored and literal) are timed by benchmarks/pytorch_head.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +44,8 @@ from typing import Any
 import click
 import numpy as np
 
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, read_manifest, sha256_file
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, SUPPORT, BundleError, Manifest
+from dmf_deploy.packaged import DEMO_NAME, resolve_bundle_path
 from dmf_deploy.runtime.backends import BACKENDS
 from dmf_deploy.runtime.gallery import Gallery
 from dmf_deploy.runtime.recognizer import Recognizer, new_gallery
@@ -49,9 +54,6 @@ DEFAULT_CLASSES = (1, 10, 100, 1000)
 BACKBONE_BATCHES = (1, 8)
 WARMUP = 2
 SUPPORT_BATCH = 50
-LITERAL_MAX = 100  # the literal PyTorch form costs ~40 ms per class on a CPU (ResNet-12): N above is skipped
-LITERAL_CHUNK = 10  # classes per literal call
-FLOAT_BYTES = 4
 
 
 # ----- timing ----------------------------------------------------------------------------------------
@@ -96,13 +98,15 @@ def peak_rss_mb() -> float:
 
 
 # ----- the class bank --------------------------------------------------------------------------------
-def bank_bytes_per_class(manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes of each class-bank tensor per class (float32), from the manifest's support outputs."""
-    outputs = manifest["graphs"][SUPPORT]["outputs"]
-    return {k: FLOAT_BYTES * int(np.prod(outputs[k][1:])) for k in CLASS_BANK}
+def bank_bytes_per_class(manifest: Manifest) -> dict[str, int]:
+    """Bytes of each class-bank tensor per class, from the manifest's support outputs and dtypes."""
+    dtypes = manifest.bank_dtypes
+    return {
+        k: np.dtype(dtypes[k]).itemsize * math.prod(shape) for k, shape in manifest.bank_shapes.items()
+    }
 
 
-def memory_floor(manifest: dict[str, Any], n: int, shortlist: int | None) -> dict[str, int]:
+def memory_floor(manifest: Manifest, n: int, shortlist: int | None) -> dict[str, int]:
     """Bytes of class bank one frame reads: exact, and with a shortlist of K (if given)."""
     per_class = bank_bytes_per_class(manifest)
     floor = {"exact_bytes": n * sum(per_class.values())}
@@ -138,7 +142,7 @@ def fill_gallery(rec: Recognizer, n: int, seed: int = 0) -> Gallery:
     return gallery
 
 
-def first_rows(full: Gallery, manifest: dict[str, Any], n: int) -> Gallery:
+def first_rows(full: Gallery, manifest: Manifest, n: int) -> Gallery:
     """A gallery of the first n classes of `full`."""
     gallery = new_gallery(manifest)
     banks = full.bank_arrays()
@@ -148,93 +152,68 @@ def first_rows(full: Gallery, manifest: dict[str, Any], n: int) -> Gallery:
     return gallery
 
 
-# ----- the PyTorch forms -----------------------------------------------------------------------------
-def resolve_torch_checkpoint(
-    bundle: Path, manifest: dict[str, Any], ckpt: str | None
-) -> tuple[Path | None, str]:
-    """The checkpoint for the PyTorch rows, or (None, why they are skipped)."""
-    expected = manifest.get("checkpoint_sha256")
-    if ckpt is None:
-        import dmf_deploy
-
-        demo = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo.pt"
-        if demo.is_file() and expected and sha256_file(demo) == expected:
-            return demo, "the demo checkpoint (the bundle is the demo bundle)"
-        return None, "no --ckpt given and the bundle is not the demo bundle"
-    path = demo_or_path(ckpt)
-    if not path.is_file():
-        return None, f"checkpoint {path} does not exist"
-    if expected and sha256_file(path) != expected:
-        return None, f"checkpoint {path} is not the one this bundle was exported from (sha256 differs)"
-    return path, str(path)
+# ----- memory ----------------------------------------------------------------------------------------
+def vm_rss_mb() -> float | None:
+    """Resident memory now (VmRSS of /proc/self/status); None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
-def demo_or_path(ckpt: str) -> Path:
-    if ckpt == "demo":
-        import dmf_deploy
+def rss_growth(rec: Recognizer, iterations: int) -> dict[str, Any]:
+    """Resident memory over `iterations` classify calls at N = 10 (frames cycle through 16), after 200
+    warm-up calls that bring arenas and caches to their working size."""
+    ten = Recognizer(rec.bundle, rec.manifest, rec.backend, fill_gallery(rec, 10, seed=3), None)
+    frames = random_frames(16, seed=11)
+    for i in range(200):
+        ten.classify(frames[i % 16])
+    samples = [vm_rss_mb()]
+    if samples[0] is None:
+        return {"skipped": "no /proc/self/status (not Linux)"}
+    start = time.perf_counter()
+    for i in range(iterations):
+        ten.classify(frames[i % 16])
+        if (i + 1) % max(1, iterations // 10) == 0:
+            samples.append(vm_rss_mb())
+    return {
+        "iterations": iterations,
+        "classes": 10,
+        "start_mb": samples[0],
+        "end_mb": samples[-1],
+        "growth_mb": samples[-1] - samples[0],
+        "samples_mb": samples,
+        "classify_ms_mean": 1000 * (time.perf_counter() - start) / max(1, iterations),
+    }
 
-        return Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo.pt"
-    return Path(ckpt)
+
+IMPORT_PROBE = (
+    "import sys, time\n"
+    "t = time.perf_counter()\n"
+    "import dmf_deploy.runtime\n"
+    "dt = time.perf_counter() - t\n"
+    "rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0]\n"
+    "print(dt * 1000, rss / 1024, int('torch' in sys.modules))\n"
+)
 
 
-def torch_forms(
-    ckpt: Path,
-    manifest: dict[str, Any],
-    query: np.ndarray,
-    galleries: dict[int, Gallery],
-    repeats: int,
-    threads: int | None,
-    literal_max: int,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    """PyTorch head, factored (bank precomputed) and literal, one query frame against N classes."""
-    import torch
-
-    from dmf_deploy.checkpoint import load_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_checkpoint(ckpt)
-    solver, steps = manifest["solver"], manifest["steps"]
-    scale = model.config.score_scale()
-    out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "by_classes": {}}
-    q = torch.from_numpy(np.ascontiguousarray(query))
-    with torch.inference_mode():
-        for n, gallery in galleries.items():
-            protos = torch.from_numpy(
-                np.ascontiguousarray(gallery.feature_sums / gallery.counts[:, None, None, None])
-            )
-            # The bank in batches: torch's broadcast MatMul in class_bank expands [N, 9, C, h*w] (5 GB at
-            # N = 1000 for ResNet-12); ONNX Runtime's support graph does not.
-            parts = [model.class_bank(protos[i : i + 50].float()) for i in range(0, len(protos), 50)]
-            bank = type(parts[0])(*(torch.cat(t) for t in zip(*parts)))
-
-            def factored(bank=bank) -> object:
-                return model.head_scores(q, bank, solver, steps)
-
-            fns: dict[str, Callable[[], object]] = {"factored": factored}
-            if n <= literal_max:
-
-                def literal(protos=protos) -> object:
-                    parts = []
-                    for i in range(0, len(protos), LITERAL_CHUNK):  # bounds the [Q*N, C, h, w] stages
-                        chunk = protos[i : i + LITERAL_CHUNK].float()
-                        maps = model.head.literal_score_map(q, chunk, solver, steps)
-                        parts.append(maps.mean(dim=(2, 3)) * scale)
-                    return torch.cat(parts, dim=1)
-
-                fns["literal"] = literal
-            entry = time_blocks(fns, repeats, warmup=1)
-            if "literal" not in entry:
-                entry["literal"] = {"skipped": f"N > --literal-max {literal_max}"}
-            out["by_classes"][n] = entry
-            lit = entry["literal"].get("median_ms")
-            say(
-                f"pytorch N={n}: factored {entry['factored']['median_ms']:.1f} ms"
-                + (f", literal {lit:.1f} ms" if lit is not None else "")
-            )
-    out["peak_rss_mb"] = peak_rss_mb()
-    return out
+def import_cost(runs: int = 5) -> dict[str, Any]:
+    """Time and RSS of `import dmf_deploy.runtime` in fresh interpreters (median of `runs`)."""
+    if vm_rss_mb() is None:
+        return {"skipped": "no /proc/self/status (not Linux)"}
+    figures = []
+    for _ in range(runs):
+        probe = [sys.executable, "-c", IMPORT_PROBE]
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            return {"skipped": f"the import failed: {out.stderr.strip().splitlines()[-1:]}"}
+        figures.append([float(v) for v in out.stdout.split()])
+    ms, rss, torch_loaded = np.median(np.array(figures), axis=0)
+    return {"import_ms": float(ms), "rss_mb": float(rss), "torch_imported": bool(torch_loaded), "runs": runs}
 
 
 # ----- the run -----------------------------------------------------------------------------------------
@@ -245,17 +224,17 @@ def run_bench(
     shortlist: int | None = None,
     repeats: int = 10,
     threads: int | None = None,
-    ckpt: str | None = None,
-    literal_max: int = LITERAL_MAX,
+    rss_iters: int = 0,
     say: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
+    """Every stage of one bundle (see the module docstring); the figures as a JSON-ready dict."""
     start = time.perf_counter()
     rec = Recognizer.open(bundle, backend=backend, threads=threads)
-    cfg = rec.manifest["model_config"]
+    cfg = rec.manifest.model
     results: dict[str, Any] = {
         "bundle": str(bundle),
         "model": f"{cfg.backbone} {cfg.preprocess.image_size}px C={cfg.channels} G={cfg.groups} "
-        f"k={cfg.kernel}, {rec.manifest['solver']} x {rec.manifest['steps']}",
+        f"k={cfg.kernel}, {rec.manifest.solver} x {rec.manifest.steps}",
         "backend": getattr(rec.backend, "description", None)
         or f"{rec.backend.name} ({', '.join(getattr(rec.backend, 'providers', []))})",
         "threads": threads,
@@ -284,8 +263,11 @@ def run_bench(
         + ", ".join(f"B={b} {results['backbone'][b]['median_ms']:.1f} ms" for b in BACKBONE_BATCHES)
     )
 
-    # Enrolment: one class from one frame (then removed), and the support graph per class in batches.
+    # Enrolment: one class from one frame (then removed); one more shot of an enrolled class against one
+    # classify at N = 1; the support graph per class in batches.
     empty = Recognizer(rec.bundle, rec.manifest, rec.backend, new_gallery(rec.manifest), None)
+    one = Recognizer(rec.bundle, rec.manifest, rec.backend, new_gallery(rec.manifest), None)
+    one.enroll("first", [frame])
     protos = rec.features(random_frames(SUPPORT_BATCH, seed=3))
 
     def enroll_one() -> None:
@@ -293,18 +275,33 @@ def run_bench(
         empty.remove("bench")
 
     timed = time_blocks(
-        {"enroll": enroll_one, "support": lambda: rec.backend.run(SUPPORT, {"prototypes": protos})}, repeats
+        {
+            "enroll": enroll_one,
+            "enroll_shot": lambda: one.enroll("first", [frame]),
+            "classify_n1": lambda: one.classify(frame),
+            "support": lambda: rec.backend.run(SUPPORT, {"prototypes": protos}),
+        },
+        repeats,
     )
     results["enroll"] = {
         "one_class_one_frame": timed["enroll"],
+        "one_shot_existing_class": timed["enroll_shot"],
+        "classify_n1": timed["classify_n1"],
+        "shot_ratio_to_classify": timed["enroll_shot"]["median_ms"] / timed["classify_n1"]["median_ms"],
         "support_per_class_ms": timed["support"]["median_ms"] / SUPPORT_BATCH,
         "support_batch": SUPPORT_BATCH,
     }
     results["peak_rss_mb"]["enroll"] = peak_rss_mb()
     say(
-        f"enrol one class: {timed['enroll']['median_ms']:.1f} ms; support graph "
+        f"enrol one class: {timed['enroll']['median_ms']:.1f} ms; one more shot "
+        f"{results['enroll']['shot_ratio_to_classify']:.2f}x classify at N = 1; support graph "
         f"{results['enroll']['support_per_class_ms']:.2f} ms per class"
     )
+
+    if rss_iters:  # before the large galleries below exist, so the figure is the runtime's own at N = 10
+        results["rss"] = rss_growth(rec, rss_iters)
+        if "growth_mb" in results["rss"]:
+            say(f"RSS over {rss_iters} classify calls: {results['rss']['growth_mb']:+.1f} MB")
 
     # Head and classify by N.
     full = fill_gallery(rec, max(classes))
@@ -319,7 +316,7 @@ def run_bench(
         image = batches[1]
         fns: dict[str, Callable[[], object]] = {
             "backbone": lambda image=image: rec.backend.run(BACKBONE, {"images": image}),
-            "head": lambda exact=exact, bank=bank: exact._head(query, bank),
+            "head": lambda exact=exact, bank=bank: exact.head_scores(query, bank),
             "classify": lambda exact=exact: exact.classify(frame),
         }
         if shortlist:
@@ -340,28 +337,16 @@ def run_bench(
             line += f", classify shortlist K={shortlist} {timed['classify_shortlist']['median_ms']:.1f} ms"
         say(line + f" (backbone {base:.1f} ms)")
 
-    # The PyTorch forms.
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        results["pytorch"] = {"skipped": "torch is not installed"}
-    else:
-        path, why = resolve_torch_checkpoint(bundle, rec.manifest, ckpt)
-        if path is None:
-            results["pytorch"] = {"skipped": why}
-        else:
-            say(f"pytorch forms with {why}")
-            results["pytorch"] = {
-                "checkpoint": str(path),
-                **torch_forms(path, rec.manifest, query, galleries, repeats, threads, literal_max, say),
-            }
-    if "skipped" in results["pytorch"]:
-        say(f"pytorch forms skipped: {results['pytorch']['skipped']}")
     results["peak_rss_mb"]["end"] = peak_rss_mb()
     return results
 
 
 # ----- output ------------------------------------------------------------------------------------------
+CLASSIFY_TARGETS = {10: 1.5, 100: 3.0}  # classify exact at N over the backbone alone
+SHOT_TARGET = 2.0  # one more enrolment shot over one classify at N = 1
+RSS_TARGET_MB = 10.0  # growth over --rss-iters classify calls
+
+
 def _table(header: list[str], widths: list[int], rows: list[list[str]]) -> list[str]:
     """A Markdown table; the first column left-aligned, the others right-aligned."""
 
@@ -374,6 +359,32 @@ def _table(header: list[str], widths: list[int], rows: list[list[str]]) -> list[
 
 def _ratio(t: dict[str, float]) -> str:
     return f"{t['ratio_to_backbone']:.2f} ({t['cpu_ratio_to_backbone']:.2f})"
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    """The runtime's speed and memory targets that this run measured, each with its verdict."""
+    lines = []
+    for n, limit in CLASSIFY_TARGETS.items():
+        t = r["by_classes"].get(n) or r["by_classes"].get(str(n))
+        if t is not None:
+            ratio = t["classify"]["ratio_to_backbone"]
+            verdict = _verdict(ratio <= limit)
+            lines.append(f"classify exact at N = {n}: {ratio:.2f}x the backbone (<= {limit:g}x: {verdict})")
+    shot = r["enroll"]["shot_ratio_to_classify"]
+    verdict = _verdict(shot <= SHOT_TARGET)
+    lines.append(f"one more enrolment shot: {shot:.2f}x classify at N = 1 (<= {SHOT_TARGET:g}x: {verdict})")
+    rss = r.get("rss", {})
+    if "growth_mb" in rss:
+        ok = rss["growth_mb"] < RSS_TARGET_MB
+        lines.append(
+            f"RSS over {rss['iterations']} classify calls at N = {rss['classes']}: {rss['start_mb']:.1f} -> "
+            f"{rss['end_mb']:.1f} MB ({rss['growth_mb']:+.1f} MB; < {RSS_TARGET_MB:g} MB: {_verdict(ok)})"
+        )
+    return lines
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -395,6 +406,8 @@ def format_report(r: dict[str, Any]) -> str:
         row(f"backbone, B = {b}" + (f" ({t['per_frame_ms']:.2f} ms/frame)" if int(b) > 1 else ""), t)
     en = r["enroll"]
     row("enrol one class (1 frame)", en["one_class_one_frame"])
+    row("enrol one more shot of a class", en["one_shot_existing_class"])
+    row("classify, N = 1 (beside the shot)", en["classify_n1"])
     support = f"support graph per class (batch {en['support_batch']})"
     rows.append([support, f"{en['support_per_class_ms']:.2f}", "", "", "", "", ""])
     for n, t in r["by_classes"].items():
@@ -409,28 +422,6 @@ def format_report(r: dict[str, Any]) -> str:
             row(f"classify shortlist K={r['shortlist']}, N = {n}", s, _ratio(s), mb)
     header = ["stage", "median ms", "p90 ms", "CPU ms", "x backbone (CPU)", "bank MB/frame", "peak RSS MB"]
     lines += _table(header, [44, 9, 8, 8, 16, 13, 11], rows)
-
-    pt = r["pytorch"]
-    lines.append("")
-    if "skipped" in pt:
-        lines.append(f"PyTorch forms: skipped ({pt['skipped']})")
-    else:
-        lines.append(
-            f"PyTorch {pt['torch']} ({pt['threads']} threads), the head alone, one query frame; "
-            f"checkpoint {pt['checkpoint']}:"
-        )
-        rows = []
-        for n, t in pt["by_classes"].items():
-            fac, lit = t["factored"], t["literal"]
-            cells = [str(n), f"{fac['median_ms']:.2f}", f"{fac['p90_ms']:.2f}"]
-            if "median_ms" in lit:
-                ratio = lit["median_ms"] / fac["median_ms"]
-                cells += [f"{lit['median_ms']:.2f}", f"{lit['p90_ms']:.2f}", f"{ratio:.1f}x"]
-            else:
-                cells += ["skipped", "", ""]
-            rows.append(cells)
-        header = ["N", "factored ms", "p90", "literal ms", "p90", "literal/factored"]
-        lines += _table(header, [5, 11, 8, 10, 8, 16], rows)
     per_class = sum(r["bank_bytes_per_class"].values())
     lines += [
         "",
@@ -440,11 +431,50 @@ def format_report(r: dict[str, Any]) -> str:
         f"bank MB/frame: the memory floor, class-bank bytes one frame reads ({per_class / 1e6:.3f} MB per "
         "class exact; a shortlist reads every class weight plus K banks).",
         f"peak RSS: ru_maxrss after the stage; {r['peak_rss_mb']['end']:.0f} MB at the end.",
+        "",
+        "targets (the classify ones are set for ResNet-12 at 84 px; next to a backbone as small as the demo's"
+        " conv4, any head weighs more):",
+        *(f"  {line}" for line in targets(r)),
     ]
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path) -> None:
+def bundle_labels(bundles: list[Path]) -> list[str]:
+    """Short names that tell the bundles apart: the folder name, or more of the path where names repeat."""
+    parts = [Path(os.path.abspath(b)).parts for b in bundles]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i + 1}: {Path(b).name}" for i, b in enumerate(bundles)]  # the same folder given twice
+
+
+def format_comparison(runs: list[dict[str, Any]]) -> str:
+    """The bundles side by side: median ms (x backbone) of each stage by N."""
+    labels = [r["label"] for r in runs]
+    ns = sorted({int(n) for r in runs for n in r["by_classes"]})
+    rows = [["backbone, B = 1"] + [f"{r['backbone'][1]['median_ms']:.2f}" for r in runs]]
+    enrol = [f"{r['enroll']['one_class_one_frame']['median_ms']:.2f}" for r in runs]
+    rows.append(["enrol one class", *enrol])
+    stages = [("head", "head"), ("classify", "classify exact")]
+    if any(r["shortlist"] for r in runs):
+        stages.append(("classify_shortlist", "classify shortlist"))
+    for n in ns:
+        for key, name in stages:
+            cells = [f"{name}, N = {n}"]
+            for r in runs:
+                t = r["by_classes"].get(n, {}).get(key)
+                cells.append(f"{t['median_ms']:.2f} ({t['ratio_to_backbone']:.2f}x)" if t else "")
+            rows.append(cells)
+    width = max(16, *(len(label) for label in labels))
+    lines = ["side by side: median ms (x the bundle's own backbone)", ""]
+    lines += _table(["stage", *labels], [26] + [width] * len(labels), rows)
+    lines += [""] + [f"{r['label']}: {r['bundle']} ({r['model']})" for r in runs]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """One log-log plot: head and classify latency against N, every bundle in its own colour."""
     try:
         import matplotlib
 
@@ -453,44 +483,34 @@ def plot(r: dict[str, Any], path: Path) -> None:
         import matplotlib.ticker
     except ImportError:
         raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
-    ns = sorted(int(n) for n in r["by_classes"])
-    by = {int(n): t for n, t in r["by_classes"].items()}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    modes = [("head", "head (exact)"), ("classify", "classify, exact")]
-    if r["shortlist"]:
-        modes.append(("classify_shortlist", f"classify, shortlist K={r['shortlist']}"))
-    for key, label in modes:
-        ax.plot(ns, [by[n][key]["median_ms"] for n in ns], marker="o", label=label)
-    pt = r["pytorch"]
-    if "by_classes" in pt:
-        pns = sorted(int(n) for n in pt["by_classes"])
-        pby = {int(n): t for n, t in pt["by_classes"].items()}
-        ax.plot(
-            pns,
-            [pby[n]["factored"]["median_ms"] for n in pns],
-            marker="s",
-            ls="--",
-            label="PyTorch factored head",
-        )
-        lit = [n for n in pns if "median_ms" in pby[n]["literal"]]
-        if lit:
-            ax.plot(
-                lit,
-                [pby[n]["literal"]["median_ms"] for n in lit],
-                marker="s",
-                ls="--",
-                label="PyTorch literal head",
-            )
-    ax.axhline(r["backbone"][1]["median_ms"], color="grey", ls=":", label="backbone, 1 frame")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_ns: set[int] = set()
+    for i, r in enumerate(runs):
+        colour = colours[i % len(colours)]
+        by = {int(n): t for n, t in r["by_classes"].items()}
+        ns = sorted(by)
+        all_ns.update(ns)
+        prefix = f"{r['label']}: " if len(runs) > 1 else ""
+        modes = [("classify", "classify, exact", "-"), ("head", "head (exact)", "--")]
+        if r["shortlist"]:
+            modes.append(("classify_shortlist", f"classify, shortlist K={r['shortlist']}", "-."))
+        for key, name, style in modes:
+            ys = [by[n][key]["median_ms"] for n in ns]
+            ax.plot(ns, ys, marker="o", ls=style, color=colour, label=prefix + name)
+        backbone = r["backbone"][1]["median_ms"]
+        ax.axhline(backbone, color=colour, ls=":", lw=1, label=prefix + "backbone, 1 frame")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(ns, [str(n) for n in ns])
+    ticks = sorted(all_ns)
+    ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.set_xlabel("enrolled classes N")
     ax.set_ylabel("median latency (ms)")
-    ax.set_title(r["model"], fontsize=9)
+    title = runs[0]["model"] if len(runs) == 1 else "dmf-bench: " + ", ".join(r["label"] for r in runs)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -506,17 +526,12 @@ def parse_classes(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def default_bundle() -> Path:
-    import dmf_deploy
-
-    return Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--bundle",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Bundle folder (default: the packaged demo bundle).",
+    "bundle_args",
+    multiple=True,
+    help='Bundle folder, or "demo" (the default): the packaged demo bundle. Repeat to compare bundles.',
 )
 @click.option(
     "--classes",
@@ -530,18 +545,19 @@ def default_bundle() -> Path:
 @click.option(
     "--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed calls per stage."
 )
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (and torch's).")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option(
-    "--ckpt",
-    help="Checkpoint of the bundle for the PyTorch rows ('demo' or a path; default: the demo checkpoint "
-    "when the bundle is the demo bundle, otherwise those rows are skipped).",
+    "--rss-iters",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also measure resident memory over this many classify calls at N = 10 (0: skip).",
 )
 @click.option(
-    "--literal-max",
-    type=click.IntRange(min=0),
-    default=LITERAL_MAX,
-    show_default=True,
-    help="Largest N for the (slow) literal PyTorch form.",
+    "--import-cost",
+    "measure_import",
+    is_flag=True,
+    help="Also time `import dmf_deploy.runtime` in fresh interpreters.",
 )
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the figures here."
@@ -551,45 +567,64 @@ def default_bundle() -> Path:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def main(
-    bundle: Path | None,
+    bundle_args: tuple[str, ...],
     classes_text: str,
     backend: str,
     shortlist: int | None,
     repeats: int,
     threads: int | None,
-    ckpt: str | None,
-    literal_max: int,
+    rss_iters: int,
+    measure_import: bool,
     json_path: Path | None,
     plot_path: Path | None,
     quiet: bool,
 ) -> None:
-    """Time each stage of a bundle (backbone, enrolment, head, classify) against the number of classes."""
+    """Time each stage of one or more bundles (backbone, enrolment, head, classify) against the number
+    of classes; several --bundle are compared side by side."""
     classes = parse_classes(classes_text)
-    bundle = bundle if bundle is not None else default_bundle()
+    bundles = [resolve_bundle_path(b) for b in bundle_args or (DEMO_NAME,)]
     if plot_path is not None:  # fail before the run, not after it
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
-    try:
-        read_manifest(bundle)
-    except BundleError as exc:
-        raise click.ClickException(str(exc)) from None
+    for bundle in bundles:  # every bundle checked before the first is timed
+        try:
+            Manifest.read(bundle)
+        except BundleError as exc:
+            raise click.ClickException(str(exc)) from None
 
     def say(msg: str) -> None:
         if not quiet:
             click.echo(f"dmf-bench: {msg}", err=True)
 
-    try:
-        results = run_bench(bundle, classes, backend, shortlist, repeats, threads, ckpt, literal_max, say)
-    except (BundleError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(format_report(results))
+    runs = []
+    for bundle, label in zip(bundles, bundle_labels(bundles)):
+        say(f"{label}: {bundle}")
+        try:
+            run = run_bench(bundle, classes, backend, shortlist, repeats, threads, rss_iters, say)
+        except (BundleError, RuntimeError) as exc:
+            raise click.ClickException(f"{bundle}: {exc}") from None
+        runs.append({"label": label, **run})
+        click.echo(format_report(run) + "\n")
+    if len(runs) > 1:
+        click.echo(format_comparison(runs) + "\n")
+    figures: dict[str, Any] = {"bundles": runs}
+    if measure_import:
+        figures["import"] = imported = import_cost()
+        if "import_ms" in imported:
+            click.echo(
+                f"import dmf_deploy.runtime (fresh interpreter, median of {imported['runs']}): "
+                f"{imported['import_ms']:.0f} ms, RSS after it {imported['rss_mb']:.1f} MB; "
+                f"torch imported: {imported['torch_imported']}"
+            )
+        else:
+            click.echo(f"import cost: skipped ({imported['skipped']})")
     if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
+        json_path.write_text(json.dumps(figures, indent=2))
         say(f"wrote {json_path}")
     if plot_path is not None:
-        plot(results, plot_path)
+        plot(runs, plot_path)
         say(f"wrote {plot_path}")
 
 

@@ -13,6 +13,8 @@ and ``#`` comments are ignored.
 
 The Session applies commands, keys and enrolments to a Recognizer and reports each outcome as an event
 (a dict with an ``event`` key). A bad command yields an ``error`` event; it never stops the run.
+When the source ends, the Session reports it once (``end_of_source``), enrols what a pending
+``enroll`` collected, and from then on answers ``enroll`` and ``wait`` with an error.
 """
 
 from __future__ import annotations
@@ -161,15 +163,22 @@ class Session:
     """Applies commands and enrolments to a Recognizer; reports every outcome through `emit`."""
 
     def __init__(
-        self, rec: Recognizer, gallery_path: Path, emit: Callable[[Event], None], default_shots: int = 5
+        self,
+        rec: Recognizer,
+        gallery_path: Path,
+        emit: Callable[[Event], None],
+        default_shots: int = 5,
+        commands: CommandFeed | None = None,
     ) -> None:
         self.rec, self.gallery_path, self.emit = rec, gallery_path, emit
         self.default_shots = default_shots
+        self.commands = commands
         self.dirty = False  # the gallery changed since it was loaded or last saved
         self.version = 0  # bumps on every change, so views can refresh cached thumbnails
         self.pending: PendingEnrollment | None = None
         self.waiting = 0
         self.stopped = False
+        self.frames_over = False  # the source ended (or --max-frames was reached): no more frames
 
     @property
     def busy(self) -> bool:
@@ -177,6 +186,15 @@ class Session:
         return self.pending is not None or self.waiting > 0
 
     # ----- commands ---------------------------------------------------------------------------------
+    def run_due_commands(self) -> None:
+        """Run the commands due before the next frame: in order, until one needs frames (enroll,
+        wait), `quit`, or no command is waiting. The one place the frame loop takes commands."""
+        while self.commands is not None and not self.busy and not self.stopped:
+            line = self.commands.poll()
+            if line is None:
+                return
+            self.run_line(line)
+
     def run_line(self, line: str) -> None:
         try:
             command = parse_command(line, self.default_shots)
@@ -188,7 +206,9 @@ class Session:
 
     def run(self, command: Command) -> None:
         verb, args = command.verb, command.args
-        if verb == "enroll":
+        if verb in ("enroll", "wait") and self.frames_over:
+            self.emit({"event": "error", "command": command.line, "message": "the source has ended"})
+        elif verb == "enroll":
             self.pending = PendingEnrollment(args[0], args[1])
         elif verb == "wait":
             self.waiting = args[0]
@@ -213,6 +233,17 @@ class Session:
         if len(self.pending.frames) >= self.pending.wanted:
             self.finish_enrollment()
         return True
+
+    def end_of_frames(self, frames: int, source_ended: bool) -> None:
+        """No frame will come any more: the source ended (reported once, as `end_of_source`) or the
+        run reached its frame limit. A pending `enroll` keeps the frames it got; a `wait` ends."""
+        if self.frames_over:
+            return
+        self.frames_over = True
+        if source_ended:
+            self.emit({"event": "end_of_source", "frames": frames})
+        self.waiting = 0
+        self.finish_enrollment()
 
     def finish_enrollment(self) -> None:
         """Enrol what a pending `enroll` collected (fewer frames than asked if the source ended)."""

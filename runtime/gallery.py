@@ -9,14 +9,17 @@ can be fed ``bank_arrays()`` directly and enrolment never concatenates. Accessor
 views of the first N rows; a view is valid until the next mutation (growth reallocates, removal shifts
 rows). The gallery is not thread-safe: the Recognizer holds a lock around it.
 
-File format (``format = "dmf-gallery"``, ``format_version = 1``): one ``.npz`` written by ``np.savez``
+File format (``format = "dmf-gallery"``, ``format_version = 2``): one ``.npz`` written by ``np.savez``
 (every member stored, none compressed) with the members
 
 - ``header``: uint8 [bytes], UTF-8 JSON (at most ``MAX_HEADER_BYTES``): format, format_version,
-  fingerprint, model_description, feature_shape, feature_dtype, bank_shapes, classes
+  fingerprint, model_description, feature_shape, feature_dtype, bank_shapes, bank_dtypes, classes
   (a list of {name, shots, created, updated}, in row order);
 - ``feature_sums``: float32 [N, *feature_shape];
-- ``bank.<name>``: float32 [N, *bank_shapes[name]] for each class-bank tensor;
+- ``bank.<name>``: bank_dtypes[name] [N, *bank_shapes[name]] for each class-bank tensor;
+
+Version 1 (0.1.0's) has no bank_dtypes: its banks are float32. Banks are derived data: a bundle whose
+bank shapes or dtypes differ recomputes them from the stored prototypes (``reset_banks``).
 - ``thumbnail_bytes``: uint8 [total], the JPEG thumbnails concatenated;
 - ``thumbnail_offsets``: int64 [N + 1], class i's JPEG is bytes[offsets[i]:offsets[i+1]] (empty: none).
 
@@ -48,13 +51,15 @@ from dmf_deploy.atomic import atomic_write_with
 from dmf_deploy.names import validate_class_name
 
 FORMAT = "dmf-gallery"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 16 << 20  # checked before json.loads: a corrupt length must not cost gigabytes
 THUMBNAIL_SIZE = 64  # longest side of a thumbnail, pixels
 THUMBNAIL_QUALITY = 85
 STALE_TEMP_SECONDS = 600.0  # a temp file untouched this long belongs to a save that died
 SUM_DTYPE = np.dtype(np.float32)  # halves memory against float64; a few hundred shots lose nothing visible
-BANK_DTYPE = np.dtype(np.float32)
+BANK_DTYPE = np.dtype(np.float32)  # the default; a bundle may declare float16 banks
+BANK_DTYPES = ("float32", "float16")
 _MIN_CAPACITY = 4
 _BANK_PREFIX = "bank."
 _BANK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -80,6 +85,20 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise GalleryError(f"{what} must be a non-empty sequence of positive integers, got {value!r}")
     return shape
+
+
+def _bank_dtypes(
+    dtypes: Mapping[str, str] | None, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.dtype]:
+    """Each bank tensor's dtype (default float32); GalleryError for other names or dtypes."""
+    if dtypes is None:
+        return {k: BANK_DTYPE for k in shapes}
+    if not isinstance(dtypes, Mapping) or set(dtypes) != set(shapes):
+        raise GalleryError(f"bank_dtypes must name exactly the bank tensors {sorted(shapes)}")
+    for key, name in dtypes.items():
+        if name not in BANK_DTYPES:
+            raise GalleryError(f"bank dtype of {key!r} is {name!r}; a gallery stores {BANK_DTYPES}")
+    return {k: np.dtype(dtypes[k]) for k in shapes}
 
 
 def _short(fingerprint: str) -> str:
@@ -115,6 +134,7 @@ class Gallery:
         feature_shape: Sequence[int],
         bank_shapes: Mapping[str, Sequence[int]],
         model_description: str = "",
+        bank_dtypes: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise GalleryError("a gallery needs the model's fingerprint (a non-empty string)")
@@ -126,11 +146,12 @@ class Gallery:
             if not isinstance(key, str) or not _BANK_NAME.match(key):
                 raise GalleryError(f"class-bank tensor name {key!r} is not an identifier")
             self._bank_shapes[key] = _shape(shape, f"bank shape of {key!r}")
+        self._bank_dtypes = _bank_dtypes(bank_dtypes, self._bank_shapes)
         # Row storage: the first self._count rows are live; the rest is spare capacity.
         self._count = 0
         self._sums = np.zeros((0, *self._feature_shape), SUM_DTYPE)
         self._counts = np.zeros(0, np.int64)
-        self._banks = {k: np.zeros((0, *s), BANK_DTYPE) for k, s in self._bank_shapes.items()}
+        self._banks = {k: np.zeros((0, *s), self._bank_dtypes[k]) for k, s in self._bank_shapes.items()}
         # Per-row metadata, in row order.
         self._names: list[str] = []
         self._rows: dict[str, int] = {}
@@ -148,6 +169,10 @@ class Gallery:
     @property
     def bank_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._bank_shapes)
+
+    @property
+    def bank_dtypes(self) -> dict[str, str]:
+        return {k: d.name for k, d in self._bank_dtypes.items()}
 
     @property
     def capacity(self) -> int:
@@ -192,7 +217,7 @@ class Gallery:
         return self._view(self._counts, self._count)
 
     def bank_arrays(self) -> dict[str, np.ndarray]:
-        """{name: [N, *shape] float32} class-bank tensors, ready to feed the head (read-only views)."""
+        """{name: [N, *shape] of bank_dtypes[name]} class-bank tensors, ready for the head (read-only)."""
         return {k: self._view(a, self._count) for k, a in self._banks.items()}
 
     def prototype(self, row: int) -> np.ndarray:
@@ -283,8 +308,10 @@ class Gallery:
         if touch:
             self._updated[row] = _now()
 
-    def reset_banks(self, bank_shapes: Mapping[str, Sequence[int]]) -> None:
-        """Store class banks of other shapes from now on (a bundle with another bank layout).
+    def reset_banks(
+        self, bank_shapes: Mapping[str, Sequence[int]], bank_dtypes: Mapping[str, str] | None = None
+    ) -> None:
+        """Store class banks of other shapes or dtypes from now on (a bundle with other banks).
 
         Every row's bank becomes stale: recompute each from ``prototype(row)`` and call ``set_bank``.
         Names, shot counts, feature sums and thumbnails are kept.
@@ -295,9 +322,10 @@ class Gallery:
                 f"{sorted(self._bank_shapes)}"
             )
         shapes = {k: _shape(s, f"bank shape of {k!r}") for k, s in bank_shapes.items()}
+        dtypes = _bank_dtypes(bank_dtypes, shapes)
         capacity = self.capacity
-        self._bank_shapes = shapes
-        self._banks = {k: np.zeros((capacity, *s), BANK_DTYPE) for k, s in shapes.items()}
+        self._bank_shapes, self._bank_dtypes = shapes, dtypes
+        self._banks = {k: np.zeros((capacity, *s), dtypes[k]) for k, s in shapes.items()}
         self._bank_ready = [False] * self._count
 
     def remove(self, name: str) -> None:
@@ -367,6 +395,7 @@ class Gallery:
             "feature_shape": list(self._feature_shape),
             "feature_dtype": SUM_DTYPE.name,
             "bank_shapes": {k: list(s) for k, s in self._bank_shapes.items()},
+            "bank_dtypes": self.bank_dtypes,
             "classes": [
                 {"name": nm, "shots": int(c), "created": cr, "updated": up}
                 for nm, c, cr, up in zip(self._names, self._counts, self._created, self._updated)
@@ -447,10 +476,11 @@ class Gallery:
         header = json.loads(header_array.tobytes().decode("utf-8"))
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise GalleryError(f"{path} is not a {FORMAT} file")
-        if header.get("format_version") != FORMAT_VERSION:
+        version = header.get("format_version")
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise GalleryError(
-                f"{path} has {FORMAT} version {header.get('format_version')!r}; "
-                f"this runtime reads version {FORMAT_VERSION}"
+                f"{path} has {FORMAT} version {version!r}; "
+                f"this runtime reads versions {' and '.join(map(str, READ_VERSIONS))}"
             )
         theirs = str(header.get("fingerprint"))
         if theirs != fingerprint:
@@ -472,6 +502,7 @@ class Gallery:
             header.get("feature_shape"),
             header["bank_shapes"],
             description or str(header.get("model_description", "")),
+            header.get("bank_dtypes") if version >= 2 else None,
         )
         classes = header.get("classes")
         if not isinstance(classes, list):
@@ -497,7 +528,7 @@ class Gallery:
 
         sums = _read_member(npz, "feature_sums", SUM_DTYPE, (n, *gallery.feature_shape))
         banks = {
-            k: _read_member(npz, _BANK_PREFIX + k, BANK_DTYPE, (n, *s))
+            k: _read_member(npz, _BANK_PREFIX + k, gallery._bank_dtypes[k], (n, *s))
             for k, s in gallery._bank_shapes.items()
         }
         for what, array in (("feature_sums", sums), *banks.items()):

@@ -2,25 +2,28 @@
 thumbnails, and a status line; and the keys that drive it.
 
 Drawing is a pure function of (frame, View) -> image, so it renders without a display too (the
---screenshot option and the tests use that). `Window` shows it with OpenCV highgui and turns key
-presses into Session operations.
+--screenshot option and the tests use that). `Window` is the frame loop's window Output: it shows
+the image with OpenCV highgui and turns key presses into Session operations.
 
 OpenCV's Hershey fonts draw ASCII only; other characters of a class name are shown as '?'.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import cv2
 import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.runtime.commands import Event, Session
+from dmf_deploy.runtime.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.recognizer import Prediction
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -31,7 +34,6 @@ PANEL_WIDTH = 280
 STRIP_HEIGHT = 104
 STATUS_HEIGHT = 48
 THUMB = 64
-TOP_K = 5
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 BG = (32, 32, 32)
@@ -128,12 +130,6 @@ def letterbox(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def top_scores(prediction: Prediction | None, k: int = TOP_K) -> list[tuple[str, float]]:
-    if prediction is None:
-        return []
-    return sorted(prediction.scores.items(), key=lambda kv: kv[1], reverse=True)[:k]
-
-
 def draw_panel(panel: np.ndarray, view: View) -> None:
     panel[:] = PANEL
     width = panel.shape[1]
@@ -152,7 +148,7 @@ def draw_panel(panel: np.ndarray, view: View) -> None:
         detail = f"score {pred.score:.3f}"
     put(panel, fit_text(headline, width - 28, 0.9, 2), (14, 92), 0.9, color, 2)
     put(panel, fit_text(detail, width - 28, 0.42), (14, 116), 0.42, DIM)
-    rows = top_scores(pred)
+    rows = pred.top(TOP_K) if pred is not None else []
     if not rows:
         return
     best = max(rows[0][1], 1e-12)
@@ -239,15 +235,18 @@ def class_strip(session: Session) -> tuple[list[tuple[str, int]], dict[str, np.n
 
 # ----- window --------------------------------------------------------------------------------------
 class Window:
-    """The highgui window: renders the View and turns key presses into Session operations."""
+    """The highgui window (an Output of the frame loop): renders the View and turns key presses into
+    Session operations. After the source ends it holds the last frame until q."""
 
-    def __init__(self, session: Session, names: list[str], shots: int, source: str) -> None:
-        self.session = session
+    holds_last_frame = True
+
+    def __init__(self, names: list[str], shots: int, source: str) -> None:
         self.names = list(names)  # --names: taken in turn by `n`, so no typing is needed
         self.view = View(shots_target=shots, source=source)
         self.status_until = 0.0
         self.last_canvas: np.ndarray | None = None
         self._thumbs_version = -1
+        self._open = True
         if "QT_QPA_FONTDIR" not in os.environ and Path(SYSTEM_FONTS).is_dir():
             # OpenCV's pip wheels bundle Qt without fonts and warn at every window; use the system's.
             os.environ["QT_QPA_FONTDIR"] = SYSTEM_FONTS
@@ -257,9 +256,16 @@ class Window:
         self.view.status = text
         self.status_until = time.monotonic() + STATUS_SECONDS
 
-    def on_event(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        """Outcomes go to the status line; once the window is closed (the save at exit), to stderr."""
+        if not self._open:
+            message = event.get("message") if event["event"] == "error" else None
+            click.echo(f"dmf-run: error: {message}" if message else f"dmf-run: {json.dumps(event)}", err=True)
+            return
         kind = event["event"]
-        if kind == "enrolled":
+        if kind == "end_of_source":
+            text = "end of the source - q quits"
+        elif kind == "enrolled":
             total = event["total_shots"]
             text = f"'{event['name']}' now has {total} shot{'s' if total != 1 else ''}"
         elif kind == "removed":
@@ -273,13 +279,25 @@ class Window:
         log.info("%s", text) if kind != "error" else log.warning("%s", text)
         self.say(text)
 
-    def show(self, frame: np.ndarray, pred: Prediction | None, fps: float) -> None:
-        self._refresh_classes()
+    def show(self, frame: np.ndarray, prediction: Prediction | None, session: Session, stats: Stats) -> bool:
+        """Draw the frame, then handle a key; False once the window is closed."""
+        self._refresh_classes(session)
         if self.view.status and time.monotonic() > self.status_until:
             self.view.status = ""
-        self.view.prediction, self.view.fps = pred, fps
+        if prediction is not None:  # a frame taken by an enrolment keeps the last prediction on screen
+            self.view.prediction = prediction
+        self.view.fps = stats.recent
         self.last_canvas = render(frame, self.view)
         cv2.imshow(WINDOW, self.last_canvas)
+        self.on_key(cv2.waitKeyEx(30 if session.frames_over else 1), frame, session)
+        return not self.closed()
+
+    def close(self) -> None:
+        self._open = False
+        cv2.destroyAllWindows()
+
+    def report(self, result: RunResult) -> None:
+        pass  # the window showed everything; the summary line on stderr is the app's
 
     def closed(self) -> bool:
         try:
@@ -287,28 +305,28 @@ class Window:
         except cv2.error:
             return True
 
-    def _refresh_classes(self) -> None:
+    def _refresh_classes(self, session: Session) -> None:
         # Decoding thumbnails every frame would be waste: only when the gallery changed.
-        if self._thumbs_version == self.session.version:
+        if self._thumbs_version == session.version:
             return
-        self._thumbs_version = self.session.version
-        self.view.classes, self.view.thumbnails = class_strip(self.session)
+        self._thumbs_version = session.version
+        self.view.classes, self.view.thumbnails = class_strip(session)
 
-    def on_key(self, code: int, frame: np.ndarray) -> None:
+    def on_key(self, code: int, frame: np.ndarray, session: Session) -> None:
         key = SPECIAL_KEYS.get(code, code)
         if code < 0 or (key > 0xFF and code not in SPECIAL_KEYS):
             return  # no key, or a special key we do not use (arrows, shift...)
         if self.view.typing is not None:
-            self._on_typing_key(key)
+            self._on_typing_key(key, session)
         elif key in (ord("q"), ESC):
-            self.session.stopped = True
+            session.stopped = True
         elif key == ord("n"):
-            self._new_class()
+            self._new_class(session)
         elif key == ord(" "):
             if self.view.current is None:
                 self.say("press n to name a class first (tab picks an enrolled one)")
             else:
-                self.session.enroll(self.view.current, [frame])
+                session.enroll(self.view.current, [frame])
         elif key == TAB:
             names = [n for n, _ in self.view.classes]
             if names:
@@ -318,22 +336,22 @@ class Window:
             if self.view.current is None:
                 self.say("no current class to delete (tab picks one)")
             else:
-                self.session.remove(self.view.current)
+                session.remove(self.view.current)
                 self.view.current = None
         elif key == ord("s"):
-            self.session.save()
+            session.save()
 
-    def _new_class(self) -> None:
+    def _new_class(self, session: Session) -> None:
         if self.names:
-            self._set_current(self.names.pop(0))
+            self._set_current(self.names.pop(0), session)
         else:
             self.view.typing = ""
 
-    def _on_typing_key(self, key: int) -> None:
+    def _on_typing_key(self, key: int, session: Session) -> None:
         typed = self.view.typing or ""
         if key == ENTER:
             self.view.typing = None
-            self._set_current(typed)
+            self._set_current(typed, session)
         elif key == ESC:
             self.view.typing = None
             self.say("cancelled")
@@ -342,11 +360,11 @@ class Window:
         elif 32 <= key < 127:
             self.view.typing = typed + chr(key)
 
-    def _set_current(self, name: str) -> None:
+    def _set_current(self, name: str, session: Session) -> None:
         try:
             self.view.current = validate_class_name(name)
         except InvalidClassName as exc:
             self.say(f"error: {exc}")
             return
-        shots = self.session.shots(self.view.current) if self.view.current in self.session.rec.gallery else 0
+        shots = session.shots(self.view.current) if self.view.current in session.rec.gallery else 0
         self.say(f"class '{self.view.current}' ({shots} shots): press space to add the current frame")

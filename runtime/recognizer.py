@@ -12,12 +12,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, read_manifest
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
 from dmf_deploy.names import validate_class_name
+from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError
@@ -51,6 +51,10 @@ class Prediction:
     scores: dict[str, float] = field(default_factory=dict)
     message: str = ""
 
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The k best (class, score) pairs, best first."""
+        return sorted(self.scores.items(), key=lambda kv: kv[1], reverse=True)[:k]
+
 
 class Recognizer:
     """Few-shot recogniser over a bundle. Thread-safe: classify calls run together, enrol/remove alone."""
@@ -58,7 +62,7 @@ class Recognizer:
     def __init__(
         self,
         bundle: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         backend: Backend,
         gallery: Gallery,
         gallery_path: Path | None,
@@ -68,7 +72,7 @@ class Recognizer:
         smoothing: float = 0.0,
     ) -> None:
         self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
-        self.config = manifest["model_config"]
+        self.config = manifest.model
         self.gallery_path = gallery_path
         count = isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist >= 0
         if not (shortlist is None or shortlist == "auto" or count):
@@ -99,28 +103,30 @@ class Recognizer:
     ) -> Recognizer:
         """Verify the bundle (sha256 of every graph), create every session, and load or start a gallery.
 
+        `bundle`: a bundle folder, or "demo" for the packaged demo bundle (from any working directory;
+        "./demo" names a folder called demo).
         `gallery`: a file to load (a missing file starts an empty gallery that `save()` writes there),
         a Gallery, or None (in-memory; pass a path to `save`).
         """
-        root = Path(bundle)
-        manifest = read_manifest(root)
+        root = resolve_bundle_path(bundle)
+        manifest = Manifest.read(root)
         runner = open_backend(root, manifest, backend, threads)
         gallery_path = None
         if isinstance(gallery, Gallery):
             store = gallery
-            if store.fingerprint != manifest["fingerprint"]:
+            if store.fingerprint != manifest.fingerprint:
                 theirs = store.model_description or "(no description)"
                 raise GalleryError(
                     f"the gallery was enrolled with another model: it belongs to {theirs!r} "
                     f"(fingerprint {store.fingerprint[:12]}), but the open model is "
-                    f"{describe_model(manifest)!r} (fingerprint {manifest['fingerprint'][:12]})"
+                    f"{describe_model(manifest)!r} (fingerprint {manifest.fingerprint[:12]})"
                 )
         else:
             store = None
             if gallery is not None:
                 gallery_path = Path(gallery)
                 try:
-                    store = Gallery.load(gallery_path, manifest["fingerprint"], describe_model(manifest))
+                    store = Gallery.load(gallery_path, manifest.fingerprint, describe_model(manifest))
                 except GalleryNotFoundError:
                     log.info("gallery %s does not exist yet; starting an empty one", gallery_path)
             if store is None:
@@ -227,6 +233,14 @@ class Recognizer:
             self.gallery_path = target
         return saved
 
+    def head_scores(self, feats: np.ndarray, bank: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The exact head alone: [B, N] scores of backbone features against a class bank (default:
+        the gallery's), in the chunks `classify` runs it. For timing the head on its own (dmf-bench)."""
+        if bank is None:
+            with self._lock.read():
+                bank = self.gallery.bank_arrays()
+        return self._head(feats, bank)
+
     # ----- internals -------------------------------------------------------------------------------
     def _head(self, feats: np.ndarray, bank: dict[str, np.ndarray]) -> np.ndarray:
         n = len(bank["class_weight"])
@@ -290,19 +304,21 @@ class Recognizer:
 
     def _complete_banks(self) -> None:
         """Compute the class banks the gallery lacks from its stored prototypes: rows added without
-        one, or every row when the gallery was saved with another bank layout (a bundle of the same
-        model exported by an earlier version, e.g. with `support_offset` [N,18,h,w])."""
+        one, or every row when the gallery was saved with banks of other shapes or dtypes (banks are
+        derived data: a bundle of the same model with another head form or bank precision)."""
         g = self.gallery
-        wanted = bundle_bank_shapes(self.manifest)
-        if g.bank_shapes != wanted:
+        shapes, dtypes = self.manifest.bank_shapes, self.manifest.bank_dtypes
+        if g.bank_shapes != shapes or g.bank_dtypes != dtypes:
             log.info(
-                "the gallery stores class banks of shapes %s; this bundle's are %s: recomputing %d banks "
+                "the gallery stores class banks %s %s; this bundle's are %s %s: recomputing %d banks "
                 "from the stored prototypes",
                 g.bank_shapes,
-                wanted,
+                g.bank_dtypes,
+                shapes,
+                dtypes,
                 len(g),
             )
-            g.reset_banks(wanted)
+            g.reset_banks(shapes, dtypes)
         stale = [g.index(name) for name in g.missing_banks]
         for start in range(0, len(stale), BANK_BATCH):
             rows = stale[start : start + BANK_BATCH]
@@ -337,23 +353,20 @@ def _set_row(values: np.ndarray, row: int, length: int, value: float) -> np.ndar
     return values
 
 
-def describe_model(manifest: dict[str, Any]) -> str:
-    cfg = manifest["model_config"]
+def describe_model(manifest: Manifest) -> str:
+    cfg = manifest.model
+    precision = "" if manifest.precision == "fp32" else f" {manifest.precision}"
     return (
-        f"{cfg.backbone} C={cfg.channels} G={cfg.groups} k={cfg.kernel} {cfg.preprocess.image_size}px "
-        f"weights {manifest.get('weights_sha256', '?')[:12]}"
+        f"{cfg.backbone} C={cfg.channels} G={cfg.groups} k={cfg.kernel} {cfg.preprocess.image_size}px"
+        f"{precision} weights {manifest.weights_sha256[:12]}"
     )
 
 
-def bundle_bank_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shape of one class's bank tensors, as the bundle's support graph writes them."""
-    return {k: tuple(manifest["graphs"][SUPPORT]["outputs"][k][1:]) for k in CLASS_BANK}
-
-
-def new_gallery(manifest: dict[str, Any]) -> Gallery:
+def new_gallery(manifest: Manifest) -> Gallery:
     return Gallery(
-        manifest["fingerprint"],
-        tuple(manifest["feature_shape"]),
-        bundle_bank_shapes(manifest),
+        manifest.fingerprint,
+        manifest.feature_shape,
+        manifest.bank_shapes,
         describe_model(manifest),
+        manifest.bank_dtypes,
     )

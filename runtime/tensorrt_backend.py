@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from dmf_deploy.manifest import GRAPH_NAMES, BundleError, bundle_graph_io, sha256_file
+from dmf_deploy.manifest import GRAPH_NAMES, BundleError, EngineSpec, Manifest, bundle_graph_io, sha256_file
 
 TRT_MISSING = (
     "the tensorrt Python package is not installed; install dmf-deploy[tensorrt] on a machine with "
     "NVIDIA TensorRT 10+"
 )
-ENGINE_FIELDS = ("file", "sha256", "tensorrt_version", "gpu", "compute_capability", "precision", "profiles")
 # Which input's leading axis is a batch of independent rows: larger batches run in chunks of the
 # profile's max, which is exact because rows never interact (BatchNorm is folded, eval mode).
 BATCH_INPUTS = {"backbone": "images", "head": "query_features"}
@@ -107,9 +106,8 @@ def gpu_identity(device: int | None = None) -> tuple[str, str]:
 # ----- pure logic: staleness and profile limits --------------------------------------------------------
 
 
-def has_engines(manifest: Mapping[str, Any]) -> bool:
-    engines = manifest.get("engines")
-    return isinstance(engines, dict) and bool(engines)
+def has_engines(manifest: Manifest) -> bool:
+    return bool(manifest.engines)
 
 
 def same_engine_version(built: str, running: str) -> bool:
@@ -124,7 +122,7 @@ def same_engine_version(built: str, running: str) -> bool:
 
 
 def engine_staleness(
-    engine_entry: Mapping[str, Any],
+    engine: EngineSpec,
     trt_version: str,
     gpu_name: str,
     compute_capability: str,
@@ -135,20 +133,14 @@ def engine_staleness(
 
     With `bundle`, also checks that the plan file exists and its sha256 matches the manifest.
     """
-    if not isinstance(engine_entry, Mapping):
-        return "the manifest's engine entry is not an object"
-    missing = [field for field in ENGINE_FIELDS if field not in engine_entry]
-    if missing:
-        return f"the manifest's engine entry lacks {', '.join(missing)}"
-    file = str(engine_entry["file"])
-    built = str(engine_entry["tensorrt_version"])
+    file, built = engine.file, engine.tensorrt_version
     if not same_engine_version(built, trt_version):
         return f"engine {file} was built with TensorRT {built}; this machine has TensorRT {trt_version}"
-    if str(engine_entry["gpu"]) != gpu_name:
-        return f"engine {file} was built for the GPU {engine_entry['gpu']!r}; this machine has {gpu_name!r}"
-    if str(engine_entry["compute_capability"]) != str(compute_capability):
+    if engine.gpu != gpu_name:
+        return f"engine {file} was built for the GPU {engine.gpu!r}; this machine has {gpu_name!r}"
+    if engine.compute_capability != str(compute_capability):
         return (
-            f"engine {file} was built for compute capability {engine_entry['compute_capability']}; "
+            f"engine {file} was built for compute capability {engine.compute_capability}; "
             f"this GPU has {compute_capability}"
         )
     if bundle is not None:
@@ -156,10 +148,10 @@ def engine_staleness(
         if Path(file).name != file or not path.is_file():
             return f"engine {file} is missing from {bundle}"
         actual = sha256_file(path)
-        if actual != engine_entry["sha256"]:
+        if actual != engine.sha256:
             return (
                 f"engine {file} is corrupt or was modified: sha256 {actual[:12]}... does not match the "
-                f"manifest's {str(engine_entry['sha256'])[:12]}..."
+                f"manifest's {engine.sha256[:12]}..."
             )
     return None
 
@@ -231,7 +223,7 @@ def numpy_dtype(trt_dtype: Any) -> np.dtype:
     return np.dtype(_NUMPY_DTYPES[name])
 
 
-def unavailable_reason(bundle_path: str | os.PathLike[str], manifest: Mapping[str, Any]) -> str | None:
+def unavailable_reason(bundle_path: str | os.PathLike[str], manifest: Manifest) -> str | None:
     """None when TensorRT can run this bundle's engines here; else why not (for a warning)."""
     if not has_engines(manifest):
         return "the bundle has no TensorRT engines; build them with `dmf-export --trt`"
@@ -248,7 +240,7 @@ def unavailable_reason(bundle_path: str | os.PathLike[str], manifest: Mapping[st
     import tensorrt as trt
 
     for graph in GRAPH_NAMES:
-        entry = manifest["engines"].get(graph)
+        entry = manifest.engines.get(graph)
         if entry is None:
             return f"the manifest lists no TensorRT engine for the {graph} graph"
         stale = engine_staleness(entry, trt.__version__, gpu_name, cc, bundle=bundle_path)
@@ -341,7 +333,7 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, bundle_path: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    def __init__(self, bundle_path: str | os.PathLike[str], manifest: Manifest) -> None:
         reason = tensorrt_import_reason()
         if reason:
             raise RuntimeError(reason)
@@ -358,15 +350,15 @@ class TensorRTBackend:
         self._graphs: dict[str, _EngineGraph] = {}
         try:
             for graph in GRAPH_NAMES:
-                entry = manifest["engines"][graph]
+                entry = manifest.engines[graph]
                 stale = engine_staleness(entry, trt.__version__, gpu_name, cc, bundle=bundle)
                 if stale:
                     raise BundleError(stale)
-                self._graphs[graph] = self._load(bundle / entry["file"], graph, io[graph]["inputs"])
+                self._graphs[graph] = self._load(bundle / entry.file, graph, io[graph]["inputs"])
         except BaseException:
             self.close()
             raise
-        precision = manifest["engines"][GRAPH_NAMES[0]]["precision"]
+        precision = manifest.engines[GRAPH_NAMES[0]].precision
         self.precision = precision
         self.description = f"TensorRT {trt.__version__}, {precision}, {gpu_name} (sm {cc})"
 

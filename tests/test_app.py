@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from bundles import export_small_bundle  # tests/bundles.py
 
+from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Gallery, Recognizer
 from dmf_deploy.runtime.commands import CommandError, parse_command
 from dmf_deploy.train.glyphs import GlyphSet
@@ -189,9 +190,7 @@ def test_headless_enrols_from_a_video_and_recognises_it(bundle, clip, tmp_path):
 
 def test_demo_bundle_recognises_the_clip(clip, tmp_path):
     """With no --bundle, dmf-run uses the packaged demo bundle (a model trained on glyphs)."""
-    import dmf_deploy
-
-    if not (Path(dmf_deploy.__file__).parent / "assets" / "demo_bundle" / "manifest.json").exists():
+    if not demo_bundle_installed():
         pytest.skip("the demo bundle is not installed (dmf_deploy/assets/demo_bundle)")
     done = run_app(
         ["--source", clip, "--loop", "--headless", "--gallery", tmp_path / "g.dmfg"], enrol_script()
@@ -269,9 +268,11 @@ def test_commands_after_the_source_ends_still_run(bundle, clip, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     _, events = parse_lines(done.stdout)
-    assert [e["event"] for e in events] == ["started", "enrolled", "list", "error", "saved", "stopped"]
-    assert events[1]["shots"] == 2 and events[1]["requested"] == 5
-    assert "ended" in events[3]["message"]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["started", "end_of_source", "enrolled", "list", "error", "saved", "stopped"]
+    assert events[1]["frames"] == n  # the end is reported once, on its own, when it happens
+    assert events[2]["shots"] == 2 and events[2]["requested"] == 5
+    assert events[4]["command"] == "enroll more 2" and "ended" in events[4]["message"]
 
 
 def test_parse_command():
@@ -498,9 +499,7 @@ def test_gallery_of_another_model(bundle, clip, tmp_path):
 
 
 def test_missing_demo_bundle_or_source(clip, tmp_path):
-    import dmf_deploy
-
-    if (Path(dmf_deploy.__file__).parent / "assets" / "demo_bundle" / "manifest.json").exists():
+    if demo_bundle_installed():
         pytest.skip("the demo bundle is installed here")
     done = run_app(["--source", clip, "--headless", "--gallery", tmp_path / "g.dmfg"])
     assert done.returncode == 1

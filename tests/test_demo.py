@@ -22,9 +22,9 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from dmf_deploy.export import demo
 from dmf_deploy.manifest import model_fingerprint, read_manifest, sha256_file
-from dmf_deploy.runtime.app import demo_bundle_path
+from dmf_deploy.packaged import DEMO_BUNDLE
+from dmf_deploy.runtime import demo
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
@@ -39,7 +39,7 @@ def dmf_demo_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("dmf-demo")
-    return [found] if found else [sys.executable, "-m", "dmf_deploy.export.demo"]
+    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.demo"]
 
 
 def number(pattern: str, text: str) -> float:
@@ -77,11 +77,13 @@ def test_dmf_demo_end_to_end(tmp_path):
 
 
 def test_dmf_demo_runs_without_torch():
-    """Without --export the demo is runtime-only: it must work where torch is not installed."""
+    """Without --export the demo is runtime-only: it must work where neither torch nor the export
+    and train extras' other packages (rich) are installed."""
     code = (
         "import sys\n"
-        "sys.modules['torch'] = None  # importing torch now raises ImportError\n"
-        "from dmf_deploy.export.demo import main\n"
+        "for name in ('torch', 'rich', 'onnx'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "from dmf_deploy.runtime.demo import main\n"
         "main(['--classes', '3', '--frames-per-class', '4'], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
@@ -108,6 +110,21 @@ def test_script_enrols_the_first_frames_and_shuffles_the_second_pass():
     a = next(demo.render_frames(script, seed=7))
     b = next(demo.render_frames(again, seed=7))
     assert (a == b).all() and a.shape == (demo.FRAME_SIZE, demo.FRAME_SIZE, 3) and a.dtype == "uint8"
+
+
+@pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
+def test_enrolment_progress_counts_shots_not_frames(tmp_path):
+    from dmf_deploy.runtime import Recognizer
+
+    script = demo.make_script(classes=3, shots=2, frames_per_class=4, seed=1)
+    video = tmp_path / "demo.avi"
+    demo.write_video(video, demo.render_frames(script, seed=1), demo.FRAME_SIZE)
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    ticks = []
+    demo.enrol_from_video(rec, video, script, lambda: ticks.append(len(rec.classes)))
+    assert len(ticks) == 3 * 2 < max(script.enroll) + 1  # 6 shots, out of the 10 frames decoded
+    assert ticks == [1, 1, 2, 2, 3, 3]  # a class's shots count once the class is enrolled
+    assert rec.classes == list(script.symbols)
 
 
 def test_bad_options_are_usage_errors():
@@ -151,13 +168,13 @@ def test_demo_bundle_was_exported_from_the_shipped_checkpoint():
     from dmf_deploy.checkpoint import DEMO_PATH, weights_sha256
 
     model = dmf_deploy.load_checkpoint("demo")
-    manifest = read_manifest(demo_bundle_path())
+    manifest = read_manifest(DEMO_BUNDLE)
     weights = weights_sha256(model.state_dict())
-    assert weights == manifest["weights_sha256"]
-    assert manifest["checkpoint_sha256"] == sha256_file(DEMO_PATH)
-    assert manifest["fingerprint"] == model_fingerprint(weights, model.config)
-    assert (manifest["solver"], manifest["steps"]) == ("dopri5", 8)
-    cfg = manifest["model_config"]
+    assert weights == manifest.weights_sha256
+    assert manifest.checkpoint_sha256 == sha256_file(DEMO_PATH)
+    assert manifest.fingerprint == model_fingerprint(weights, model.config)
+    assert (manifest.solver, manifest.steps) == ("dopri5", 8)
+    cfg = manifest.model
     assert (cfg.backbone, cfg.preprocess.image_size) == ("conv4", 56)
 
 

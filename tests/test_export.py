@@ -44,11 +44,11 @@ def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -
     if solver == "dopri5":  # 8 fixed steps sit within float32 rounding of the exact solution
         assert report["solver_distance"]["vs exact (exact/1)"] < 1e-5
     manifest = read_manifest(bundle)
-    assert manifest["solver"] == solver and manifest["steps"] == steps and manifest["opset"] == 18
+    assert manifest.solver == solver and manifest.steps == steps and manifest.opset == 18
     for name in GRAPH_NAMES:
-        graph = onnx.load(str(bundle / manifest["graphs"][name]["file"]))
+        graph = onnx.load(str(bundle / manifest.graphs[name].file))
         dims = {d.dim_param for i in graph.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
-        assert dims == set(manifest["graphs"][name]["dynamic_axes"])  # symbolic, never specialised to 2
+        assert dims == set(manifest.graphs[name].dynamic_axes)  # symbolic, never specialised to 2
         assert not [n for n in graph.graph.node if n.op_type in ("Loop", "If", "Scan")]
 
 
@@ -62,7 +62,7 @@ def test_official_checkpoint_bundle_matches_pytorch(tmp_path: Path) -> None:
     ckpt = save_official(tmp_path / "official.pth.tar", state)
     bundle = export_bundle(ckpt, tmp_path / "bundle", solver="rk4-38", steps=1)
     _check_parity(bundle, "rk4-38", 1)
-    assert read_manifest(bundle)["model"]["official_score_scale"] is True
+    assert read_manifest(bundle).model.official_score_scale is True
 
 
 # ----- failures: a clear message, exit code 2, and nothing left behind ------------------------------
@@ -137,7 +137,7 @@ def test_existing_bundle_needs_force_and_failed_export_keeps_it(tmp_path: Path, 
         export_bundle(small_ckpt, bundle, steps=0, force=True)
     assert (bundle / "manifest.json").read_bytes() == before and not _leftovers(tmp_path)
     replaced = export_bundle(small_ckpt, bundle, solver="exact", force=True, check=False)
-    assert read_manifest(replaced)["solver"] == "exact" and not _leftovers(tmp_path)
+    assert read_manifest(replaced).solver == "exact" and not _leftovers(tmp_path)
 
 
 # ----- the TensorRT-readiness lint on graphs made to fail it -----------------------------------------
@@ -191,9 +191,9 @@ def test_shipped_demo_bundle_passes_the_lint() -> None:
 
     bundle = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
     manifest = read_manifest(bundle)
-    spec = graph_io(manifest["model_config"])
+    spec = graph_io(manifest.model)
     for name in GRAPH_NAMES:
-        report = lint_file(bundle / manifest["graphs"][name]["file"], name, spec[name])
+        report = lint_file(bundle / manifest.graphs[name].file, name, spec[name])
         assert report.ok, report.errors
 
 

@@ -156,7 +156,7 @@ def test_file_members_and_header(tmp_path: Path) -> None:
     }
     assert all(a.dtype != object for a in members.values())
     header = read_header(path)
-    assert header["format"] == FORMAT and header["format_version"] == 1
+    assert header["format"] == FORMAT and header["format_version"] == 2
     assert header["fingerprint"] == FP and header["feature_shape"] == list(FEATURE_SHAPE)
     assert [c["name"] for c in header["classes"]] == ["class 0", "class 1", "class 2"]
     assert [c["shots"] for c in header["classes"]] == [1, 2, 3]
@@ -396,8 +396,8 @@ def test_gallery_of_another_model_names_both_models(tmp_path: Path) -> None:
 def test_wrong_format_or_version_is_refused(tmp_path: Path) -> None:
     path = filled(2).save(tmp_path / "g.dmfg")
     header = read_header(path)
-    rewrite(path, {**header, "format_version": 2})
-    with pytest.raises(GalleryError, match="version 2"):
+    rewrite(path, {**header, "format_version": 3})
+    with pytest.raises(GalleryError, match="version 3; this runtime reads versions 1 and 2"):
         Gallery.load(path, FP)
     rewrite(path, {**header, "format": "dmf-bundle"})
     with pytest.raises(GalleryError, match="not a dmf-gallery"):
@@ -625,3 +625,45 @@ def test_gallery_works_where_torch_is_absent(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(tmp_path / "g.dmfg")], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------ format versions and bank dtypes
+
+
+def test_version_1_gallery_still_opens_with_float32_banks(tmp_path: Path) -> None:
+    """0.1.0 wrote version 1: the same members, a header without bank_dtypes (float32 banks)."""
+    g = filled(3)
+    path = g.save(tmp_path / "g.dmfg")
+    header = read_header(path)
+    assert header["format_version"] == 2 and header["bank_dtypes"] == dict.fromkeys(BANK_SHAPES, "float32")
+    del header["bank_dtypes"]
+    rewrite(path, {**header, "format_version": 1})
+    loaded = Gallery.load(path, FP)
+    assert loaded.names == g.names and loaded.bank_dtypes == dict.fromkeys(BANK_SHAPES, "float32")
+    for key, array in g.bank_arrays().items():
+        np.testing.assert_array_equal(loaded.bank_arrays()[key], array)
+    assert read_header(loaded.save(path))["format_version"] == 2  # saved again: version 2
+
+
+def test_float16_banks_are_stored_and_loaded_as_float16(tmp_path: Path) -> None:
+    dtypes = {**dict.fromkeys(BANK_SHAPES, "float32"), "tap_projections": "float16"}
+    g = Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, "half banks", dtypes)
+    row = g.add_shots("a", np.ones(FEATURE_SHAPE, np.float32), 1)
+    g.set_bank(row, fake_bank(g.prototype(row)))
+    assert g.bank_arrays()["tap_projections"].dtype == np.float16
+    loaded = Gallery.load(g.save(tmp_path / "g.dmfg"), FP)
+    assert loaded.bank_dtypes == dtypes
+    assert {k: a.dtype.name for k, a in loaded.bank_arrays().items()} == dtypes
+    np.testing.assert_array_equal(loaded.bank_arrays()["tap_projections"], g.bank_arrays()["tap_projections"])
+
+
+@pytest.mark.parametrize(
+    "bank_dtypes", ["float32", {"class_weight": "float32"}, dict.fromkeys(BANK_SHAPES, "float64")]
+)
+def test_bad_bank_dtypes_are_refused(tmp_path: Path, bank_dtypes) -> None:
+    path = filled(2).save(tmp_path / "g.dmfg")
+    rewrite(path, {**read_header(path), "bank_dtypes": bank_dtypes})
+    with pytest.raises(GalleryError, match="bank_dtypes|bank dtype"):
+        Gallery.load(path, FP)
+    with pytest.raises(GalleryError, match="bank_dtypes|bank dtype"):
+        Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, "", bank_dtypes)

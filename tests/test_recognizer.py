@@ -6,7 +6,6 @@ Concurrency lives in test_recognizer_threads.py.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 from bundles import checkpoint_of, export_small_bundle, relative_error  # tests/bundles.py
 
 import dmf_deploy.runtime
-from dmf_deploy.manifest import BundleError
+from dmf_deploy.manifest import BundleError, Manifest
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import Gallery, GalleryError, Prediction, Recognizer
@@ -81,8 +80,8 @@ def reference(model, manifest, rec: Recognizer, support: dict[str, list[np.ndarr
             torch.from_numpy(rec.preprocess(frames)),
             torch.tensor(labels),
             torch.from_numpy(rec.preprocess(queries)),
-            solver=manifest["solver"],
-            steps=manifest["steps"],
+            solver=manifest.solver,
+            steps=manifest.steps,
         )
     return scores.numpy()
 
@@ -473,41 +472,33 @@ def test_gallery_of_another_model_is_refused_naming_both(bundle, other_bundle, t
     mine = Recognizer.open(bundle, backend=BACKEND)
     mine.enroll("a", shots(0, 1))
     path = mine.save(tmp_path / "mine.dmfg")
-    other_manifest = json.loads((other_bundle / "manifest.json").read_text())
-    assert other_manifest["fingerprint"] != mine.manifest["fingerprint"]
+    other_manifest = Manifest.read(other_bundle)
+    assert other_manifest.fingerprint != mine.manifest.fingerprint
     with pytest.raises(GalleryError, match="another model") as info:
         Recognizer.open(other_bundle, backend=BACKEND, gallery=path)
     message = str(info.value)
     for manifest in (mine.manifest, other_manifest):
-        assert manifest["fingerprint"][:12] in message
-        assert manifest["weights_sha256"][:12] in message
+        assert manifest.fingerprint[:12] in message
+        assert manifest.weights_sha256[:12] in message
     with pytest.raises(GalleryError, match="another model") as info:  # a Gallery object, not a file
         Recognizer.open(other_bundle, backend=BACKEND, gallery=mine.gallery)
     for manifest in (mine.manifest, other_manifest):
-        assert manifest["fingerprint"][:12] in str(info.value)
-        assert manifest["weights_sha256"][:12] in str(info.value)
-    assert Gallery.load(path, mine.manifest["fingerprint"]).names == ["a"]  # still intact
+        assert manifest.fingerprint[:12] in str(info.value)
+        assert manifest.weights_sha256[:12] in str(info.value)
+    assert Gallery.load(path, mine.manifest.fingerprint).names == ["a"]  # still intact
 
 
-def earlier_layout_copy(gallery: Gallery, taps_channel_first: bool) -> Gallery:
-    """The same classes as a gallery saved by an earlier version: support_offset [18, h, w], and with
-    `taps_channel_first` tap_projections [9, GK, h, w] as well (the first bundle layout)."""
-    shapes = gallery.bank_shapes
-    _, h, w, taps = shapes["support_offset"]
-    gk = shapes["tap_projections"][-1]
-    old_shapes = {**shapes, "support_offset": (2 * taps, h, w)}
-    if taps_channel_first:
-        old_shapes["tap_projections"] = (taps, gk, h, w)
-    old = Gallery(gallery.fingerprint, gallery.feature_shape, old_shapes)
+def copy_with_other_banks(gallery: Gallery, dtype: str, shapes: dict | None = None) -> Gallery:
+    """The same classes (prototype sums, shots) with banks of another dtype, and of other `shapes` if
+    given (zeros then), as a bundle with another bank precision or head form would save them."""
+    same = shapes is None
+    shapes = gallery.bank_shapes if same else shapes
+    other = Gallery(gallery.fingerprint, gallery.feature_shape, shapes, "", dict.fromkeys(shapes, dtype))
     banks = gallery.bank_arrays()
     for row, name in enumerate(gallery.names):
-        old.add_shots(name, gallery.feature_sums[row], int(gallery.counts[row]))
-        bank = {k: v[row] for k, v in banks.items()}
-        bank["support_offset"] = bank["support_offset"].transpose(3, 0, 1, 2).reshape(2 * taps, h, w)
-        if taps_channel_first:
-            bank["tap_projections"] = bank["tap_projections"].transpose(0, 3, 1, 2)
-        old.set_bank(row, bank)
-    return old
+        other.add_shots(name, gallery.feature_sums[row], int(gallery.counts[row]))
+        other.set_bank(row, {k: banks[k][row] if same else np.zeros(s) for k, s in shapes.items()})
+    return other
 
 
 def test_sessions_do_not_spin_after_a_run(rec):
@@ -518,28 +509,32 @@ def test_sessions_do_not_spin_after_a_run(rec):
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-@pytest.mark.parametrize("taps_channel_first", [False, True], ids=["18-channel-offsets", "first-layout"])
-def test_gallery_with_another_bank_layout_gets_its_banks_recomputed(rec, tmp_path, taps_channel_first):
-    """A gallery of the same model saved with an earlier bank layout opens on a bundle of the current
-    one: its banks are recomputed from the stored prototypes, names, shots and scores unchanged."""
+@pytest.mark.parametrize("other", ["dtype", "shapes"])
+def test_gallery_with_other_banks_gets_its_banks_recomputed(rec, tmp_path, other):
+    """Banks are derived data: a gallery of the same model saved with banks of another dtype (float16)
+    or other shapes opens on this bundle with its banks recomputed from the stored prototypes; names,
+    shots, timestamps and scores unchanged."""
     rec.enroll("a", shots(0, 2))
     rec.enroll("b", shots(1, 1))
     queries = shots(0, 2, first=300) + shots(1, 2, first=300)
     expected = rec.scores(queries)
-    old = earlier_layout_copy(rec.gallery, taps_channel_first)
-    assert old.bank_shapes != rec.gallery.bank_shapes
+    shapes = {k: (3,) for k in rec.gallery.bank_shapes} if other == "shapes" else None
+    old = copy_with_other_banks(rec.gallery, "float16", shapes)
+    assert (old.bank_shapes, old.bank_dtypes) != (rec.gallery.bank_shapes, rec.gallery.bank_dtypes)
     path = old.save(tmp_path / "old.dmfg")
-    before = Gallery.load(path, rec.manifest["fingerprint"])
-    assert before.bank_shapes == old.bank_shapes
+    before = Gallery.load(path, rec.manifest.fingerprint)
+    assert (before.bank_shapes, before.bank_dtypes) == (old.bank_shapes, old.bank_dtypes)
 
     reopened = Recognizer.open(rec.bundle, backend=BACKEND, gallery=path)
     assert reopened.gallery.bank_shapes == rec.gallery.bank_shapes
+    assert set(reopened.gallery.bank_dtypes.values()) == {"float32"}
     assert reopened.classes == ["a", "b"] and list(reopened.gallery.counts) == [2, 1]
     assert [reopened.gallery.timestamps(n) for n in "ab"] == [before.timestamps(n) for n in "ab"]
     # The same prototypes through the same support graph: the same banks, so the same scores.
     np.testing.assert_array_equal(reopened.scores(queries), expected)
     reopened.save()
-    assert Gallery.load(path, rec.manifest["fingerprint"]).bank_shapes == rec.gallery.bank_shapes
+    saved = Gallery.load(path, rec.manifest.fingerprint)
+    assert (saved.bank_shapes, saved.bank_dtypes) == (rec.gallery.bank_shapes, rec.gallery.bank_dtypes)
 
 
 # ------------------------------------------------------------------------------------------ unknown

@@ -8,7 +8,7 @@ No test fakes the tensorrt module; a dummy .plan file is only data.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dmf_deploy.config import ModelConfig, conv4_config
 from dmf_deploy.export import tensorrt_build as tb
-from dmf_deploy.manifest import GRAPH_NAMES, graph_io, read_manifest, sha256_file
+from dmf_deploy.manifest import GRAPH_NAMES, EngineSpec, Manifest, graph_io, read_manifest, sha256_file
 from dmf_deploy.runtime import tensorrt_backend as rt
 
 TRT_SKIP = (
@@ -35,12 +35,8 @@ def _tensorrt_installed() -> bool:
 # ----- a tiny real bundle ---------------------------------------------------------------------------------
 
 
-def _tiny_bundle(
-    root: Path, config: ModelConfig | None = None, opset: int = 18, first_bank_layout: bool = False
-) -> Path:
+def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18) -> Path:
     """A real (if numerically trivial) bundle: three ONNX graphs with the manifest's I/O names/shapes.
-    `first_bank_layout`: the class bank as the first bundles wrote it, support_offset [N,18,h,w] and
-    tap_projections [N,9,GK,h,w] (today's: [N,2,h,w,9] and [N,9,h,w,GK]).
 
     Until the exporter lands this stands in for `export_bundle`: backbone = a stride-8 conv, support =
     1x1 convs + a spatial mean, head = <mean query feature, class weight> plus a small bank term so that
@@ -50,11 +46,6 @@ def _tiny_bundle(
     io = graph_io(config)
     c, s, gk = config.channels, config.feature_size, config.filter_channels
     tap_shape, offset_shape = [-1, 9, s, s, gk], [-1, 2, s, s, 9]
-    if first_bank_layout:
-        tap_shape, offset_shape = [-1, 9, gk, s, s], [-1, 18, s, s]
-        for name, shape in (("tap_projections", tap_shape), ("support_offset", offset_shape)):
-            io["support"]["outputs"][name] = ["N", *shape[1:]]
-            io["head"]["inputs"][name] = ["N", *shape[1:]]
     size = config.preprocess.image_size
     rng = np.random.default_rng(0)
     stride = size // s
@@ -121,32 +112,23 @@ def _tiny_bundle(
             init("small", np.array(0.01, dtype=np.float32)),
         ],
     )
-    manifest = {
-        "format": "dmf-bundle",
-        "format_version": 1,
-        "model": config.to_dict(),
-        "fingerprint": "0" * 64,
-        "graphs": {
-            g: {"file": f"{g}.onnx", "sha256": sha256_file(bundle / f"{g}.onnx"), **io[g]}
-            for g in GRAPH_NAMES
-        },
-        "solver": "exact",
-        "steps": 1,
-        "opset": opset,
-    }
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    graphs = {g: bundle / f"{g}.onnx" for g in GRAPH_NAMES}
+    weights = "0" * 64  # no checkpoint: the graphs' weights are the seeded arrays above
+    Manifest.build(
+        config, graphs, solver="exact", steps=1, opset=opset, checkpoint_sha256="", weights_sha256=weights
+    ).write(bundle)
     return bundle
 
 
-def _fake_engines(bundle: Path, **overrides: str) -> dict:
+def _fake_engines(bundle: Path, **overrides: str) -> dict[str, EngineSpec]:
     """Manifest entries for engines built elsewhere: dummy plan bytes (data only) with true sha256s."""
-    io = graph_io(read_manifest(bundle)["model_config"])
+    io = graph_io(read_manifest(bundle).model)
     engines = {}
     for graph in GRAPH_NAMES:
         name = f"{graph}.trt10.0.0.sm80.A100.fp32.plan"
         (bundle / name).write_bytes(b"not a real engine: " + graph.encode())
         shapes = tb.profile_shapes(io, graph, 4, 16)
-        engines[graph] = {
+        fields = {
             "file": name,
             "sha256": sha256_file(bundle / name),
             "tensorrt_version": "10.0.0.6",
@@ -156,8 +138,8 @@ def _fake_engines(bundle: Path, **overrides: str) -> dict:
             "profiles": {
                 n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in shapes.items()
             },
-            **overrides,
         }
+        engines[graph] = EngineSpec(**{**fields, **overrides})
     return engines
 
 
@@ -220,7 +202,7 @@ def test_engine_names_carry_version_gpu_cc_and_precision() -> None:
 # ----- staleness and profile limits -----------------------------------------------------------------------
 
 
-def _entry(**overrides: object) -> dict:
+def _entry(**overrides: object) -> EngineSpec:
     entry = {
         "file": "head.trt10.8.0.sm89.RTX4090.fp16.plan",
         "sha256": "0" * 64,
@@ -231,7 +213,7 @@ def _entry(**overrides: object) -> dict:
         "profiles": {},
     }
     entry.update(overrides)
-    return entry
+    return EngineSpec(**entry)
 
 
 def test_engine_staleness_names_the_field_that_differs(tmp_path: Path) -> None:
@@ -248,14 +230,11 @@ def test_engine_staleness_names_the_field_that_differs(tmp_path: Path) -> None:
     assert "GPU 'NVIDIA A100'" in reason and "RTX 4090" in reason
     reason = rt.engine_staleness(_entry(compute_capability="8.6"), *here)
     assert "compute capability 8.6" in reason and "8.9" in reason
-    broken = _entry()
-    del broken["sha256"]
-    assert "lacks sha256" in rt.engine_staleness(broken, *here)
 
     # file checks, with the bundle
     reason = rt.engine_staleness(_entry(), *here, bundle=tmp_path)
     assert "missing" in reason
-    plan = tmp_path / _entry()["file"]
+    plan = tmp_path / _entry().file
     plan.write_bytes(b"plan bytes")
     assert "corrupt or was modified" in rt.engine_staleness(_entry(), *here, bundle=tmp_path)
     assert rt.engine_staleness(_entry(sha256=sha256_file(plan)), *here, bundle=tmp_path) is None
@@ -305,9 +284,7 @@ def test_numpy_dtypes_of_tensorrt_types() -> None:
 def test_auto_backend_falls_back_to_onnxruntime_with_the_reason(bundle: Path, caplog) -> None:
     from dmf_deploy.runtime.backends import OnnxRuntimeBackend, open_backend
 
-    raw = json.loads((bundle / "manifest.json").read_text())
-    raw["engines"] = _fake_engines(bundle)
-    (bundle / "manifest.json").write_text(json.dumps(raw))
+    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
     manifest = read_manifest(bundle)
     assert rt.has_engines(manifest)
     reason = rt.unavailable_reason(bundle, manifest)
@@ -342,9 +319,7 @@ def test_auto_backend_without_engines_does_not_warn(bundle: Path, caplog) -> Non
 def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
     from dmf_deploy.runtime.backends import open_backend
 
-    raw = json.loads((bundle / "manifest.json").read_text())
-    raw["engines"] = _fake_engines(bundle)
-    (bundle / "manifest.json").write_text(json.dumps(raw))
+    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
     with pytest.raises(
         RuntimeError, match="tensorrt Python package is not installed.*dmf-deploy\\[tensorrt\\]"
     ):
@@ -359,18 +334,18 @@ def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
 def test_engines_are_recorded_in_the_manifest_atomically(bundle: Path) -> None:
     old = _fake_engines(bundle)
     tb.write_engines_to_manifest(bundle, old)
-    assert read_manifest(bundle)["engines"] == old
+    assert read_manifest(bundle).engines == old
     (bundle / "notes.plan.txt").write_text("not ours")
-    new = _fake_engines(bundle, precision="fp16")
-    for entry in new.values():
-        entry["file"] = entry["file"].replace(".fp32.", ".fp16.")
-        (bundle / entry["file"]).write_bytes(b"new")
-        entry["sha256"] = sha256_file(bundle / entry["file"])
+    new = {}
+    for graph, entry in _fake_engines(bundle, precision="fp16").items():
+        file = entry.file.replace(".fp32.", ".fp16.")
+        (bundle / file).write_bytes(b"new")
+        new[graph] = dataclasses.replace(entry, file=file, sha256=sha256_file(bundle / file))
     tb.write_engines_to_manifest(bundle, new)
     manifest = read_manifest(bundle)  # still a valid bundle manifest
-    assert manifest["engines"] == new
-    assert not any((bundle / e["file"]).exists() for e in old.values())  # stale plans removed
-    assert all((bundle / e["file"]).exists() for e in new.values())
+    assert manifest.engines == new
+    assert not any((bundle / e.file).exists() for e in old.values())  # stale plans removed
+    assert all((bundle / e.file).exists() for e in new.values())
     assert (bundle / "notes.plan.txt").exists()
     assert not list(bundle.glob(".*.tmp"))
 
@@ -618,7 +593,7 @@ def test_build_and_run_engines_match_onnxruntime(bundle: Path, fp16: bool) -> No
 
     engines = tb.build_trt_for_bundle(bundle, fp16=fp16, max_batch=4, max_classes=16, workspace_mb=256)
     manifest = read_manifest(bundle)
-    assert manifest["engines"] == engines
+    assert manifest.engines == engines
     assert rt.unavailable_reason(bundle, manifest) is None
     assert list(bundle.glob("timing.*.cache"))
     trt_backend = open_backend(bundle, manifest, "auto")

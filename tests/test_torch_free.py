@@ -21,8 +21,13 @@ TORCH_FREE = [
     "dmf_deploy.names",
     "dmf_deploy.manifest",
     "dmf_deploy.preprocess",
+    "dmf_deploy.packaged",
     "dmf_deploy.runtime",
     "dmf_deploy.runtime.backends",
+    "dmf_deploy.runtime.loop",
+    "dmf_deploy.runtime.app",  # dmf-run
+    "dmf_deploy.runtime.demo",  # dmf-demo
+    "dmf_deploy.runtime.bench",  # dmf-bench
 ]
 
 PROBE = textwrap.dedent(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -143,11 +142,8 @@ def bundle(tmp_path: Path) -> Path:
     return _helpers._tiny_bundle(tmp_path)
 
 
-@pytest.mark.parametrize("first_bank_layout", [False, True], ids=["bundle", "earlier-bank-layout"])
-def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, first_bank_layout: bool) -> None:
-    """The configs and the README follow the graphs' own I/O, as the manifest records it: also for a
-    bundle written with the first class-bank layout (not what `graph_io(config)` gives today)."""
-    bundle = _helpers._tiny_bundle(tmp_path, first_bank_layout=first_bank_layout)
+def test_onnx_repository_configs_match_the_graphs(bundle: Path, tmp_path: Path) -> None:
+    """The configs and the README follow the graphs' own I/O, as the manifest records it."""
     out = tmp_path / "repo"
     platforms = write_triton_repository(bundle, read_manifest(bundle), out, use_plans=False)
     assert platforms == {model: "onnxruntime_onnx" for model in MODEL_NAMES.values()}
@@ -174,16 +170,14 @@ def test_onnx_repository_configs_match_the_graphs(tmp_path: Path, first_bank_lay
     head = _parse(out / "dmf_head" / "config.pbtxt")
     assert [list(t.dims) for t in head.output] == [[-1, -1]]  # scores [Q, N]
     readme = (out / "README.md").read_text()
-    for name, shape in read_manifest(bundle)["graphs"]["support"]["outputs"].items():
+    for name, shape in read_manifest(bundle).graphs["support"].outputs.items():
         assert f"`{name}` [{','.join(str(d) for d in shape)}]" in readme
 
 
 def test_plans_are_used_where_they_exist(bundle: Path, tmp_path: Path) -> None:
     engines = _helpers._fake_engines(bundle)
-    raw = json.loads((bundle / "manifest.json").read_text())
-    raw["engines"] = {"backbone": engines["backbone"]}  # only the backbone has a plan
-    (bundle / "manifest.json").write_text(json.dumps(raw))
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).with_engines({"backbone": engines["backbone"]})  # only its plan
+    manifest.write(bundle)
     out = tmp_path / "repo"
     platforms = write_triton_repository(bundle, manifest, out, use_plans=True)
     assert platforms == {
@@ -195,7 +189,7 @@ def test_plans_are_used_where_they_exist(bundle: Path, tmp_path: Path) -> None:
     assert backbone.platform == "tensorrt_plan"
     assert backbone.max_batch_size == 4  # the plan's profile max
     assert (out / "dmf_backbone" / "1" / "model.plan").read_bytes() == (
-        bundle / engines["backbone"]["file"]
+        bundle / engines["backbone"].file
     ).read_bytes()
     assert not (out / "dmf_backbone" / "1" / "model.onnx").exists()
     with pytest.raises(ValueError, match="exceeds the backbone plan's profile max 4"):
@@ -221,7 +215,7 @@ def test_readme_has_serve_command_client_and_request_size(bundle: Path, tmp_path
     out = tmp_path / "repo2"
     write_triton_repository(bundle, read_manifest(bundle), out)
     readme = (out / "README.md").read_text()
-    tiny = read_manifest(bundle)["model_config"]
+    tiny = read_manifest(bundle).model
     assert f"{class_bank_bytes_per_class(tiny):,} bytes" in readme
     # the client example is valid Python
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]

@@ -26,8 +26,9 @@ segments are enrolled (pass 1). The second part shows the classes again in a shu
 the video is replayed like a camera (pass 2): every frame that is not a shot is recognised, with all
 classes enrolled, and counts towards the accuracy; a frame judged 'unknown' counts as wrong.
 
-Nothing is exported by default: the packaged demo bundle runs on the torch-free Recognizer.
-`--export` re-exports the packaged checkpoint into a temporary bundle first (needs torch).
+Nothing is exported by default: the packaged demo bundle runs on the torch-free Recognizer, so the
+demo works on a `[runtime]`-only install. `--export` re-exports the packaged checkpoint into a
+temporary bundle first (needs the `export` extra: torch, onnx).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ import click
 import cv2
 import numpy as np
 
+from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed
+
 if TYPE_CHECKING:
     from dmf_deploy.runtime import Recognizer
 
 FRAME_SIZE = 112  # square frames: the demo model sees 56x56; Omniglot's drawings are 105x105
 FPS = 15
 Point = tuple[float, float]
-Tick = Callable[[], None] | None  # advances a progress bar
+Tick = Callable[[], None] | None  # advances a progress bar by one
 
 
 # ----- a small hand-drawn stroke font ----------------------------------------------------------------
@@ -265,8 +268,9 @@ class Result:
         return self.total / self.seconds if self.seconds > 0 else float("nan")
 
 
-def enrol_from_video(rec: Recognizer, video: Path, script: Script, on_frame: Tick = None) -> None:
-    """Pass 1 over the video: collect each class's shots and enrol them as soon as they are complete."""
+def enrol_from_video(rec: Recognizer, video: Path, script: Script, on_shot: Tick = None) -> None:
+    """Pass 1 over the video: collect each class's shots and enrol them as soon as they are complete.
+    `on_shot` is called once per shot enrolled (a class's shots all at once, when it is complete)."""
     from dmf_deploy.runtime.sources import open_source
 
     source = open_source(source=str(video))
@@ -282,8 +286,9 @@ def enrol_from_video(rec: Recognizer, video: Path, script: Script, on_frame: Tic
                 pending.setdefault(symbol, []).append(frame)
                 if len(pending[symbol]) == need[symbol]:
                     rec.enroll(symbol, pending.pop(symbol))
-            if on_frame is not None:
-                on_frame()
+                    for _ in range(need[symbol]):
+                        if on_shot is not None:
+                            on_shot()
     finally:
         source.close()
 
@@ -336,16 +341,10 @@ def report(result: Result, script: Script, shots: int) -> list[str]:
     ]
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
+def progress(label: str, total: int):
+    """A progress bar on stderr (click's: the runtime install has no rich): counts up to `total`."""
+    return click.progressbar(
+        length=total, label=f"{label:<20}", file=sys.stderr, show_pos=True, show_percent=False
     )
 
 
@@ -415,17 +414,16 @@ def main(
     a shuffled order) and prints the accuracy, the per-frame latency and the FPS.
     """
     from dmf_deploy.runtime import Recognizer
-    from dmf_deploy.runtime.app import demo_bundle_path
     from dmf_deploy.runtime.recognizer import describe_model
 
     ctx = click.get_current_context()
     with tempfile.TemporaryDirectory(prefix="dmf-demo-") as tmp:
         folder = Path(tmp)
-        bundle = demo_bundle_path()
+        bundle = DEMO_BUNDLE
         if reexport:
             click.echo("dmf-demo: re-exporting the demo checkpoint (dopri5 x 8)", err=True)
             bundle = export_demo_bundle(folder, lambda msg: click.echo(f"dmf-demo: {msg}", err=True))
-        elif not (bundle / "manifest.json").is_file():
+        elif not demo_bundle_installed():
             raise click.ClickException(f"the demo bundle is not installed ({bundle}); try --export")
         if camera is not None:
             explicit = ctx.get_parameter_source("shots") != click.core.ParameterSource.DEFAULT
@@ -442,15 +440,12 @@ def main(
         click.echo(
             f"dmf-demo: model {describe_model(rec.manifest)}; bundle {bundle}; backend {rec.backend.name}"
         )
-        with _progress() as progress:
-            task = progress.add_task("writing the video", total=len(script.labels))
-            written = write_video(
-                video, render_frames(script, seed), FRAME_SIZE, lambda: progress.advance(task)
-            )
-            task = progress.add_task("enrolling", total=max(script.enroll) + 1)
-            enrol_from_video(rec, video, script, lambda: progress.advance(task))
-            task = progress.add_task("recognising", total=script.recognised)
-            result = recognise_video(rec, video, script, lambda: progress.advance(task))
+        with progress("writing the video", len(script.labels)) as bar:
+            written = write_video(video, render_frames(script, seed), FRAME_SIZE, lambda: bar.update(1))
+        with progress("enrolling (shots)", len(script.enroll)) as bar:
+            enrol_from_video(rec, video, script, lambda: bar.update(1))
+        with progress("recognising", script.recognised) as bar:
+            result = recognise_video(rec, video, script, lambda: bar.update(1))
         kept = "kept" if out is not None else "temporary; --out keeps it"
         size = f"{FRAME_SIZE}x{FRAME_SIZE}"
         click.echo(f"video: {video} ({written} frames, {size}, {FPS} fps, {video_codec(video)}; {kept})")

@@ -1,0 +1,128 @@
+"""runtime/loop.py: the one frame loop of dmf-run, driven directly with real frames from a real image
+folder, the demo bundle, and an Output that records what it is shown."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from dmf_deploy.packaged import demo_bundle_installed
+from dmf_deploy.runtime import Recognizer
+from dmf_deploy.runtime.commands import CommandFeed, Session
+from dmf_deploy.runtime.loop import JsonLinesOutput, run_loop
+from dmf_deploy.runtime.sources import open_source
+
+pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
+
+
+def ring() -> np.ndarray:
+    return cv2.circle(np.full((105, 105, 3), 255, np.uint8), (52, 52), 30, (0, 0, 0), 6)
+
+
+def cross() -> np.ndarray:
+    paper = np.full((105, 105, 3), 255, np.uint8)
+    return cv2.line(cv2.line(paper, (20, 20), (85, 85), 0, 6), (85, 20), (20, 85), 0, 6)
+
+
+class Recorder:
+    """An Output that keeps what it is shown; as the window does, it can hold the last frame."""
+
+    def __init__(self, holds_last_frame: bool, on_show=None, max_shows: int = 100) -> None:
+        self.holds_last_frame = holds_last_frame
+        self.events: list[dict] = []
+        self.shown: list[str | None] = []
+        self.on_show, self.max_shows = on_show, max_shows
+
+    def emit(self, event: dict) -> None:
+        self.events.append(event)
+
+    def show(self, frame, prediction, session, stats) -> bool:
+        self.shown.append(prediction.label if prediction is not None else "(enrolled)")
+        if self.on_show is not None:
+            self.on_show(len(self.shown), session)
+        return len(self.shown) < self.max_shows
+
+    def close(self) -> None:
+        pass
+
+    def report(self, result) -> None:
+        pass
+
+
+@pytest.fixture
+def folder(tmp_path):
+    path = tmp_path / "frames"
+    path.mkdir()
+    for i, image in enumerate([ring(), ring(), cross(), cross(), ring()]):
+        cv2.imwrite(str(path / f"frame{i}.png"), image)
+    return path
+
+
+def session_for(rec, output, tmp_path, script: str | None) -> Session:
+    feed = None
+    if script is not None:
+        stdin = tmp_path / "commands.txt"
+        stdin.write_text(script)
+        with stdin.open() as handle:
+            feed = CommandFeed(handle, read_all=True)
+    return Session(rec, tmp_path / "g.dmfg", output.emit, 5, feed)
+
+
+def test_commands_enrol_frames_and_the_end_is_its_own_event(folder, tmp_path):
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    output = Recorder(holds_last_frame=False)
+    script = "enroll ring 1\nwait 1\nenroll cross 1\nwait 3\nlist\nenroll late 1\n"
+    session = session_for(rec, output, tmp_path, script)
+    result = run_loop(rec, open_source(source=str(folder)), session, output)
+    assert output.shown == ["(enrolled)", "ring", "(enrolled)", "cross", "ring"]
+    kinds = [e["event"] for e in output.events]
+    assert kinds == ["enrolled", "enrolled", "end_of_source", "list", "error"]
+    assert output.events[2] == {"event": "end_of_source", "frames": 5}  # it also ends the `wait 3`
+    assert output.events[4]["command"] == "enroll late 1"  # refused by the Session, not by the loop
+    assert result.stats.frames == 5 and result.stats.classified == 3
+    assert result.last_prediction is not None and result.last_prediction.label == "ring"
+
+
+def test_an_output_that_holds_the_last_frame_sees_it_against_the_changed_gallery(folder, tmp_path):
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    rec.enroll("ring", [ring()])
+
+    def act(shows: int, session: Session) -> None:
+        if shows == 6:  # the first show of the held frame (the fifth image, a ring)
+            session.remove("ring")
+            session.enroll("circle", [ring()])
+        if shows == 8:
+            session.stopped = True  # as q does
+
+    output = Recorder(holds_last_frame=True, on_show=act)
+    session = session_for(rec, output, tmp_path, None)
+    result = run_loop(rec, open_source(source=str(folder)), session, output)
+    assert output.shown[:6] == ["ring", "ring", None, None, "ring", "ring"]  # a cross: unknown
+    assert output.shown[6:] == ["circle", "circle"]  # re-classified once the gallery changed
+    assert [e["event"] for e in output.events] == ["end_of_source", "removed", "enrolled"]
+    assert result.stats.frames == 5  # held frames are not read again
+
+
+def test_a_stop_keeps_the_frames_a_pending_enrol_got(folder, tmp_path):
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    output = Recorder(holds_last_frame=False, max_shows=2)  # the output ends the loop after 2 frames
+    session = session_for(rec, output, tmp_path, "enroll ring 4\n")
+    run_loop(rec, open_source(source=str(folder)), session, output)
+    assert output.events[-1]["event"] == "enrolled"
+    assert output.events[-1]["shots"] == 2 and output.events[-1]["requested"] == 4
+
+
+def test_json_lines_output_prints_the_documented_fields(folder, tmp_path, capsys):
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    rec.enroll("ring", [ring()])
+    output = JsonLinesOutput()
+    session = session_for(rec, output, tmp_path, "wait 2\nquit\n")
+    run_loop(rec, open_source(source=str(folder)), session, output)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    import json
+
+    first = json.loads(lines[0])
+    assert set(first) == {"frame", "label", "score", "top", "latency_ms"}
+    assert first["frame"] == 0 and first["label"] == "ring" and first["top"][0][0] == "ring"
