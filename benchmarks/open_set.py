@@ -50,7 +50,7 @@ from dmf_deploy.export.cohort import (
     score_images,
 )
 from dmf_deploy.manifest import read_manifest
-from dmf_deploy.runtime.app import demo_bundle_path
+from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.runtime.open_set import OPEN_SET_FILE, OpenSetRule, refusal, relative_score
 from dmf_deploy.train.datasets import FewShotDataset, open_dataset
@@ -231,11 +231,11 @@ def main() -> None:
     args = parser.parse_args()
 
     print("command: " + shlex.join(["python", "benchmarks/open_set.py", *sys.argv[1:]]))
-    bundle = args.bundle or demo_bundle_path()
+    bundle = args.bundle or DEMO_BUNDLE
     manifest = read_manifest(bundle)
     backend = open_backend(bundle, manifest, "onnxruntime", args.threads)
-    preprocess = manifest["model_config"].preprocess
-    print(f"bundle: {bundle} (weights {manifest['weights_sha256'][:12]})")
+    preprocess = manifest.model.preprocess
+    print(f"bundle: {bundle} (weights {manifest.weights_sha256[:12]})")
     started = time.perf_counter()
     if args.write_cohort:
         write_cohort(open_dataset("omniglot", args.data_root, "val"), args.write_cohort)

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -18,6 +19,7 @@ import onnx
 from dmf_deploy.atomic import atomic_write_bytes, current_umask
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
+from dmf_deploy.export.cohort import CohortError, bundle_rule, read_cohort, write_rule
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
@@ -85,10 +87,19 @@ def export_bundle(
     force: bool = False,
     check: bool = True,
     progress: Progress | None = None,
+    cohort: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Export a checkpoint (path or "demo") to a bundle folder and return its path."""
+    """Export a checkpoint (path or "demo") to a bundle folder and return its path.
+
+    `cohort`: a folder of classes the model never trained on (one sub-folder of images per class),
+    to fit the open-set rule on (dmf_deploy.export.cohort); None copies the demo model's rule.
+    """
     say = progress or (lambda _msg: None)
     validate_export_args(solver, steps, opset)
+    try:
+        images = None if cohort is None else read_cohort(cohort)
+    except CohortError as exc:
+        raise ExportError(f"--cohort: {exc}") from exc
     out = Path(out_dir).absolute()
     _check_destination(out, force)
     ckpt_path = resolve_checkpoint(ckpt)
@@ -118,6 +129,10 @@ def export_bundle(
             weights_sha256=metadata["weights_sha256"],
         )
         manifest.write(staging)
+        rule = bundle_rule(staging, manifest, images)
+        manifest = replace(manifest, open_set=write_rule(staging, rule))
+        manifest.write(staging)
+        say(f"open-set rule: {rule.fitted_on}")
         parity = None
         if check:
             from dmf_deploy.export.parity import check_bundle

@@ -31,6 +31,13 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option(
+    "--cohort",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Fit the open-set ('unknown') rule on this folder: one sub-folder of images per class the "
+    "model never trained on (default: copy the demo model's rule).",
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
@@ -55,6 +62,7 @@ def main(
     steps: int,
     opset: int,
     force: bool,
+    cohort: Path | None,
     check: bool,
     trt: bool,
     fp16: bool,
@@ -85,6 +93,7 @@ def main(
                 steps=steps,
                 opset=opset,
                 force=force,
+                cohort=cohort,
                 check=check,
                 progress=progress,
             )

@@ -23,7 +23,7 @@ import numpy as np
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import PreprocessConfig
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
 from dmf_deploy.preprocess import check_frame, preprocess_frames
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.runtime.open_set import (
@@ -147,17 +147,25 @@ def fit_rule(
     return OpenSetRule(known_quantiles=tuple(float(q) for q in quantiles), fitted_on=described)
 
 
-def bundle_rule(bundle: Path, manifest: dict, cohort: str | os.PathLike[str] | None) -> OpenSetRule:
-    """The rule `dmf-export` writes: fitted on the cohort folder on the bundle's own graphs, or, with
-    none, the demo model's (whose relative scores may sit elsewhere for another model)."""
+@dataclass(frozen=True)
+class Cohort:
+    """A cohort folder as read (`load_cohort_folder`): checked before an export starts."""
+
+    name: str
+    frames: list[np.ndarray]
+    labels: np.ndarray
+
+
+def bundle_rule(bundle: Path, manifest: Manifest, cohort: Cohort | None) -> OpenSetRule:
+    """The rule `dmf-export` writes: fitted on the cohort with the bundle's own graphs, or, with none,
+    the demo model's (whose relative scores may sit elsewhere for another model)."""
     if cohort is None:
         rule = default_open_set()
         note = f"not fitted for this model: the demo model's rule ({rule.fitted_on}); refit with --cohort DIR"
         return OpenSetRule(rule.known_quantiles, rule.min_contrast, rule.default_sensitivity, note)
-    frames, labels, _ = load_cohort_folder(cohort)
     backend = open_backend(bundle, manifest, "onnxruntime")
-    preprocess = manifest["model_config"].preprocess
-    return fit_rule(backend, preprocess, frames, labels, f"cohort folder {Path(cohort).name}")
+    preprocess = manifest.model.preprocess
+    return fit_rule(backend, preprocess, cohort.frames, cohort.labels, f"cohort folder {cohort.name}")
 
 
 def write_rule(bundle: Path, rule: OpenSetRule) -> dict[str, str]:
@@ -165,6 +173,11 @@ def write_rule(bundle: Path, rule: OpenSetRule) -> dict[str, str]:
     data = (json.dumps(rule.to_dict(), indent=2) + "\n").encode()
     atomic_write_bytes(bundle / OPEN_SET_FILE, data)
     return {"file": OPEN_SET_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_cohort(root: str | os.PathLike[str]) -> Cohort:
+    frames, labels, _ = load_cohort_folder(root)
+    return Cohort(Path(root).name, frames, labels)
 
 
 def load_cohort_folder(root: str | os.PathLike[str]) -> tuple[list[np.ndarray], np.ndarray, list[str]]:

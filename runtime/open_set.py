@@ -27,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-import dmf_deploy
-from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, BundleError, sha256_file
+from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, BundleError, Manifest, sha256_file
+from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime.backends import Backend
 
 OPEN_SET_FORMAT = "dmf-open-set"
@@ -44,8 +44,7 @@ MAX_SENSITIVITY = QUANTILE_STEPS / 100
 CONTRAST_BLUR_SIGMA = 2.0  # pixels at the model's input size: edges narrower than ~4 px count
 CONTRAST_PERCENTILE = 99.0  # a stroke covers a few percent of the frame; the 99th ignores lone pixels
 MAX_RECORD_BYTES = 64 << 10
-MANIFEST_KEY = "open_set"  # the manifest's entry: {"file": OPEN_SET_FILE, "sha256": ...}
-DEMO_BUNDLE = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
+# The manifest's `open_set` entry: {"file": OPEN_SET_FILE, "sha256": ...}.
 
 
 class OpenSetError(ValueError):
@@ -168,17 +167,17 @@ def refusal(
     return ""
 
 
-def load_open_set(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> OpenSetRule:
+def load_open_set(bundle: str | os.PathLike[str], manifest: Manifest) -> OpenSetRule:
     """The bundle's rule, its file checked against the manifest's sha256; a bundle exported without
     one (format version 1) gets the demo model's, fitted on Omniglot."""
-    entry = manifest.get(MANIFEST_KEY)
+    entry = manifest.open_set
     if entry is None:
         if Path(bundle).resolve() == DEMO_BUNDLE:
             raise BundleError(f"the demo bundle {DEMO_BUNDLE} has no open-set record ({OPEN_SET_FILE})")
         return default_open_set()
     named = isinstance(entry, dict) and entry.get("file") == OPEN_SET_FILE
     if not named or not isinstance(entry.get("sha256"), str):
-        raise BundleError(f"the manifest's {MANIFEST_KEY!r} entry must name {OPEN_SET_FILE} and its sha256")
+        raise BundleError(f"the manifest's 'open_set' entry must name {OPEN_SET_FILE} and its sha256")
     path = Path(bundle) / OPEN_SET_FILE
     if not path.is_file():
         raise BundleError(f"{path} is missing (the manifest names it)")
@@ -194,6 +193,4 @@ def load_open_set(bundle: str | os.PathLike[str], manifest: dict[str, Any]) -> O
 
 def default_open_set() -> OpenSetRule:
     """The demo model's rule (fitted on Omniglot): for bundles exported without one."""
-    from dmf_deploy.manifest import read_manifest
-
-    return load_open_set(DEMO_BUNDLE, read_manifest(DEMO_BUNDLE))
+    return load_open_set(DEMO_BUNDLE, Manifest.read(DEMO_BUNDLE))
