@@ -44,7 +44,6 @@ MAX_SENSITIVITY = QUANTILE_STEPS / 100
 CONTRAST_BLUR_SIGMA = 2.0  # pixels at the model's input size: edges narrower than ~4 px count
 CONTRAST_PERCENTILE = 99.0  # a stroke covers a few percent of the frame; the 99th ignores lone pixels
 MAX_RECORD_BYTES = 64 << 10
-# The manifest's `open_set` entry: {"file": OPEN_SET_FILE, "sha256": ...}.
 
 
 class OpenSetError(ValueError):
@@ -168,8 +167,9 @@ def refusal(
 
 
 def load_open_set(bundle: str | os.PathLike[str], manifest: Manifest) -> OpenSetRule:
-    """The bundle's rule, its file checked against the manifest's sha256; a bundle exported without
-    one (format version 1) gets the demo model's, fitted on Omniglot."""
+    """The bundle's rule, its file checked against the manifest's sha256 (the manifest's `open_set`
+    entry: {"file": OPEN_SET_FILE, "sha256": ...}); a bundle exported without one (format version 1)
+    gets the demo model's, fitted on Omniglot."""
     entry = manifest.open_set
     if entry is None:
         if Path(bundle).resolve() == DEMO_BUNDLE:
