@@ -20,9 +20,16 @@ class InvalidFrame(ValueError):
     pass
 
 
+def refuse_none(frame: object, where: str = "frame") -> None:
+    """cv2.imread returns None for a file it cannot read: say so, rather than fail on None later."""
+    if frame is None:
+        raise InvalidFrame(f"{where} is None (did the image fail to load?)")
+
+
 def check_frame(frame: object, index: int | None = None) -> np.ndarray:
     """Return the frame as HxWx3 BGR uint8, or raise InvalidFrame naming what is wrong."""
     where = "frame" if index is None else f"frame {index}"
+    refuse_none(frame, where)
     if not isinstance(frame, np.ndarray):
         raise InvalidFrame(f"{where} must be a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8:
@@ -40,15 +47,17 @@ def check_frame(frame: object, index: int | None = None) -> np.ndarray:
 
 def resize_frame(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     size = config.image_size
+    side = config.crop_from or size
     interp = _INTERPOLATION[config.interpolation]
     if config.resize == "center-crop":
         h, w = bgr.shape[:2]
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        scale = side / min(h, w)
+        nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
         bgr = cv2.resize(bgr, (nw, nh), interpolation=interp)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        return bgr[top : top + size, left : left + size]
-    return cv2.resize(bgr, (size, size), interpolation=interp)
+    else:
+        bgr = cv2.resize(bgr, (side, side), interpolation=interp)
+    top, left = (bgr.shape[0] - size) // 2, (bgr.shape[1] - size) // 2
+    return bgr[top : top + size, left : left + size]
 
 
 def normalize(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -65,6 +74,7 @@ def preprocess_frame(frame: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed."""
+    refuse_none(frames)
     if isinstance(frames, np.ndarray) and frames.ndim != 4:
         if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 3)):
             raise InvalidFrame(

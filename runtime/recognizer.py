@@ -19,7 +19,7 @@ import numpy as np
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
 from dmf_deploy.names import validate_class_name
 from dmf_deploy.packaged import resolve_bundle_path
-from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames
+from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError
 from dmf_deploy.runtime.open_set import frame_contrast, load_open_set, own_scores, refusal
@@ -205,6 +205,7 @@ class Recognizer:
             and (frames.ndim == 2 or frames.shape[2] in (1, 3))
         ):
             raise InvalidFrame("enroll takes a sequence of frames; wrap a single frame in a list")
+        refuse_none(frames)
         if len(frames) == 0:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
         feats = self.features(frames)  # validates every frame before anything changes
