@@ -176,6 +176,9 @@ def _bundle_files(folder: Path) -> set[str] | None:
         for entry in entries.values() if isinstance(entries, dict) else ():
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 files.add(entry["file"])
+    open_set = manifest.get("open_set")  # the open-set record (version 2)
+    if isinstance(open_set, dict) and isinstance(open_set.get("file"), str):
+        files.add(open_set["file"])
     return files
 
 
