@@ -50,8 +50,8 @@ def free_display() -> int:
     raise RuntimeError("no free X display number in 99..198")
 
 
-@pytest.fixture()
-def display():
+def start_xvfb() -> tuple[subprocess.Popen, int] | None:
+    """Our own Xvfb on a free display number; None when another process took the number first."""
     number = free_display()
     server = subprocess.Popen(
         ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
@@ -62,8 +62,25 @@ def display():
     while not Path(f"/tmp/.X11-unix/X{number}").exists():
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            pytest.fail(f"Xvfb :{number} did not start")
+            return None
         time.sleep(0.05)
+    time.sleep(0.5)
+    # The socket may be another test run's that started on the same number a moment earlier: then our
+    # server has exited ("server already active"), and that display goes away with the other run.
+    if server.poll() is not None:
+        return None
+    return server, number
+
+
+@pytest.fixture()
+def display():
+    for _ in range(5):
+        started = start_xvfb()
+        if started is not None:
+            break
+    else:
+        pytest.fail("Xvfb did not start on a free display number (5 tries)")
+    server, number = started
     yield f":{number}"
     server.terminate()
     server.wait(timeout=10)
