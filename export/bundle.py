@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folder
 from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import DEFAULT_STEPS, PreprocessConfig, Solver
+from dmf_deploy.export.cohort import CohortError, bundle_rule, read_cohort, write_rule
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
@@ -146,16 +148,23 @@ def export_bundle(
     calibration: str | os.PathLike[str] | None = None,
     target: str = "onnxruntime",
     bank_dtype: str = "float32",
+    cohort: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export a checkpoint (path or "demo") to a bundle folder and return its path.
 
     `precision="int8"` quantizes the backbone for `target` ("onnxruntime" or "tensorrt"), calibrated
     on the images in the `calibration` folder (the demo model has a default set); `target` also picks
     the head form (`dmf_deploy.bundle_head.HEAD_FORMS`); `bank_dtype="float16"` halves the class bank.
+    `cohort`: a folder of classes the model never trained on (one sub-folder of images per class),
+    to fit the open-set rule on (dmf_deploy.export.cohort); None copies the demo model's rule.
     With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
     """
     say = progress or (lambda _msg: None)
     validate_precision_args(precision, target, bank_dtype)
+    try:
+        images = None if cohort is None else read_cohort(cohort)
+    except CohortError as exc:
+        raise ExportError(f"--cohort: {exc}") from exc
     out = Path(out_dir).absolute()
     _check_destination(out, force)
     if precision == "int8":
@@ -207,6 +216,11 @@ def export_bundle(
             quantized = (calib_images, calib, target)
             parity = _quantize(model, staging, paths, io_spec[BACKBONE], quantized, build, parity)
             say(f"quantized the backbone to INT8 for {target} ({calib.images} calibration images)")
+        # Last, on the graphs as shipped (INT8 included): the open-set rule's constants follow them.
+        manifest = Manifest.read(staging)
+        rule = bundle_rule(staging, manifest, images)
+        replace(manifest, open_set=write_rule(staging, rule)).write(staging)
+        say(f"open-set rule: {rule.fitted_on}")
         if parity is not None:
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
@@ -266,6 +280,9 @@ def _bundle_files(folder: Path) -> set[str] | None:
         for entry in entries.values() if isinstance(entries, dict) else ():
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 files.add(entry["file"])
+    open_set = manifest.get("open_set")  # the open-set record (version 2)
+    if isinstance(open_set, dict) and isinstance(open_set.get("file"), str):
+        files.add(open_set["file"])
     return files
 
 

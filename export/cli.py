@@ -64,6 +64,13 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     show_default=True,
     help="Class-bank storage: float16 halves galleries (scores within 1e-3).",
 )
+@click.option(
+    "--cohort",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Fit the open-set ('unknown') rule on this folder: one sub-folder of images per class the "
+    "model never trained on (default: copy the demo model's rule).",
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
@@ -98,6 +105,7 @@ def main(
     calibration: Path | None,
     target: str | None,
     bank_dtype: str,
+    cohort: Path | None,
     check: bool,
     trt: bool,
     fp16: bool,
@@ -145,6 +153,7 @@ def main(
                 steps=steps,
                 opset=opset,
                 force=force,
+                cohort=cohort,
                 check=check,
                 progress=progress,
                 on_parity=reports.append,

@@ -103,6 +103,7 @@ def open_recognizer(
     threshold: float | None,
     smoothing: float,
     gallery_is_default: bool,
+    sensitivity: float | None = None,
 ) -> Recognizer:
     try:
         return Recognizer.open(
@@ -112,6 +113,7 @@ def open_recognizer(
             shortlist=shortlist,
             threshold=threshold,
             smoothing=smoothing,
+            sensitivity=sensitivity,
         )
     except GalleryError as exc:
         hint = (
@@ -146,9 +148,15 @@ def open_recognizer(
     help="Shots per class: the default K of `enroll NAME [K]`, and the target shown in the window.",
 )
 @click.option(
+    "--sensitivity",
+    type=click.FloatRange(0.0, 0.5),
+    help="Fraction of known frames the open-set rule may call 'unknown' (default: the bundle's, "
+    "0.05); higher also refuses more unknown frames.",
+)
+@click.option(
     "--threshold",
     type=float,
-    help="Absolute score below which a frame is 'unknown' (default: relative to each class).",
+    help="Absolute score below which a frame is 'unknown', instead of --sensitivity's relative rule.",
 )
 @click.option(
     "--smoothing",
@@ -165,6 +173,9 @@ def open_recognizer(
 @click.option("--names", "names_text", help="Comma-separated class names that `n` takes in turn.")
 @click.option("--headless", is_flag=True, help="No window: commands on stdin, JSON lines on stdout.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
+@click.option(
+    "--max-speed", is_flag=True, help="Window: play a video file as fast as possible, not at its frame rate."
+)
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
@@ -189,12 +200,14 @@ def main(
     gallery: Path | None,
     backend: str,
     shots: int,
+    sensitivity: float | None,
     threshold: float | None,
     smoothing: float,
     shortlist: int | None,
     names_text: str | None,
     headless: bool,
     max_frames: int | None,
+    max_speed: bool,
     retries: int,
     screenshot: Path | None,
     verbose: bool,
@@ -203,7 +216,8 @@ def main(
 
     \b
     Window keys: n new class (typed, Enter confirms; or the next of --names), space adds the current
-    frame as a shot, tab selects the next class, d deletes it, s saves, q or Esc quits (and saves).
+    frame as a shot, p pauses and resumes, tab selects the next class, d deletes it (d again
+    confirms), u undoes the last deletion until saved, s saves, q or Esc quits (and saves).
     \b
     Headless (--headless): one JSON line per frame on stdout (frame, label, score, top, latency_ms)
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,
@@ -232,7 +246,7 @@ def main(
             raise AppError(str(exc)) from exc
     gallery_path = gallery
     rec = open_recognizer(
-        bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default
+        bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default, sensitivity
     )
     stopping = threading.Event()  # set by a signal: a stream's reconnect wait ends at once
     try:
@@ -248,7 +262,9 @@ def main(
     except SourceError as exc:
         raise AppError(str(exc)) from None
 
-    output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description)
+    # In the window a video file plays at its own frame rate (a person presses keys on its frames).
+    rate = None if max_speed or headless else getattr(frames, "frame_rate", None)
+    output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description, rate)
     commands = None
     if headless and sys.stdin is not None:
         # File sources with piped stdin: each line read when it is due (reproducible runs).

@@ -31,7 +31,7 @@ import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.runtime.lines import MAX_LINE_BYTES, LineReader, RefusedLine
-from dmf_deploy.runtime.recognizer import Enrollment, Recognizer
+from dmf_deploy.runtime.recognizer import Enrollment, Recognizer, RemovedClass
 
 MAX_SHOTS = 1000  # per enroll command: a typo like "enroll mug 50000" must not swallow a whole video
 QUEUE_LINES = 1000  # command lines a live source's reader holds before it stops reading stdin
@@ -185,6 +185,7 @@ class Session:
         self.dirty = False  # the gallery changed since it was loaded or last saved
         self.version = 0  # bumps on every change, so views can refresh cached thumbnails
         self.pending: PendingEnrollment | None = None
+        self.undoable: list[RemovedClass] = []  # deletions `undo` reverts, newest last; saving clears
         self.waiting = 0
         self.stopped = False
         self.frames_over = False  # the source ended (or --max-frames was reached): no more frames
@@ -314,7 +315,7 @@ class Session:
 
     def remove(self, name: str, line: str = "") -> Event:
         try:
-            self.rec.remove(name)
+            self.undoable.append(self.rec.remove(name))
         except KeyError as exc:
             return self._error(line or f"remove {name}", exc)
         self._changed()
@@ -338,7 +339,22 @@ class Session:
         except (OSError, ValueError) as exc:
             return self._error("save", exc)
         self.dirty = False
+        self.undoable.clear()
         event: Event = {"event": "saved", "path": str(path), "classes": len(self.rec.gallery)}
+        self.emit(event)
+        return event
+
+    def undo(self) -> Event:
+        """Put back the last class deleted since the gallery was last saved."""
+        if not self.undoable:
+            return self._error("undo", ValueError("nothing to undo (deletions are final once saved)"))
+        removed = self.undoable.pop()
+        try:
+            self.rec.restore(removed)
+        except ValueError as exc:
+            return self._error(f"undo (restore {removed.name})", exc)
+        self._changed()
+        event: Event = {"event": "restored", "name": removed.name, "classes": self.rec.classes}
         self.emit(event)
         return event
 

@@ -79,6 +79,7 @@ class Output(Protocol):
     """Where the loop's frames and the Session's events go."""
 
     holds_last_frame: bool  # keep showing the last frame after the source ends (until quit)
+    paused: bool  # hold the frame on screen now (the window's `p`); no frame is read meanwhile
 
     def emit(self, event: Event) -> None:
         """One Session event (enrolled, saved, error, end_of_source, ...)."""
@@ -105,7 +106,7 @@ def run_loop(
         session.run_due_commands()
         if session.stopped:
             break
-        if not session.frames_over:
+        if not session.frames_over and not (output.paused and result.last_frame is not None):
             if max_frames is not None and stats.frames >= max_frames:
                 break
             frame = source.read()
@@ -118,7 +119,7 @@ def run_loop(
             if prediction is not None:
                 result.last_prediction, predicted_at = prediction, session.version
             keep_going = output.show(frame, prediction, session, stats)
-        elif output.holds_last_frame and result.last_frame is not None:
+        elif (output.paused or output.holds_last_frame) and result.last_frame is not None:
             if predicted_at != session.version:  # the held frame, against the changed gallery
                 result.last_prediction = classify(rec, result.last_frame, stats)
                 predicted_at = session.version
@@ -169,6 +170,7 @@ class JsonLinesOutput:
     """Headless: one JSON line per classified frame on stdout, and one per event."""
 
     holds_last_frame = False
+    paused = False
 
     def emit(self, event: Event) -> None:
         print_json(event)

@@ -45,6 +45,7 @@ KNOWN = (90, 220, 90)  # BGR green
 UNKNOWN = (40, 160, 255)  # BGR orange
 BAR = (200, 160, 60)
 BAR_BEST = (90, 220, 90)
+BAR_UNKNOWN = (105, 105, 105)  # grey: on an unknown frame the bars are not confidence
 CURRENT = (0, 215, 255)  # BGR yellow
 
 WINDOW = "dmf-run"
@@ -66,7 +67,7 @@ SPECIAL_KEYS = {
     0xFF09: TAB,
     0xFE20: TAB,
 }
-HELP = "n new class   space add shot   tab next class   d delete   s save   q quit"
+HELP = "n new class  space add shot  p pause  tab next class  d delete  u undo  s save  q quit"
 
 
 @dataclass
@@ -79,6 +80,8 @@ class View:
     thumbnails: dict[str, np.ndarray] = field(default_factory=dict)  # name -> decoded BGR thumbnail
     current: str | None = None  # the class that `space` adds shots to
     typing: str | None = None  # the name being typed after `n`; None when not naming
+    paused: bool = False
+    confirm_delete: str | None = None  # the class a second `d` deletes
     status: str = ""
     shots_target: int = 5
     source: str = ""
@@ -138,12 +141,15 @@ def draw_panel(panel: np.ndarray, view: View) -> None:
     put(panel, f"{view.fps:5.1f} fps", (width - 100, 28), 0.5, DIM)
     put(panel, fit_text(view.source, width - 28, 0.4), (14, 50), 0.4, DIM)
     pred = view.prediction
-    if pred is None or not view.classes:
+    if (pred is None or not view.classes) and view.current is not None:
+        headline, color = f"'{view.current}': no shots yet", DIM
+        detail = "space adds the current frame"
+    elif pred is None or not view.classes:
         headline, color = "no classes yet", DIM
         detail = "press n to add one"
     elif pred.label is None:
         headline, color = "unknown", UNKNOWN
-        detail = pred.message or "no class is a convincing match"
+        detail = pred.reason or pred.message or "no class is a convincing match"
     else:
         headline, color = pred.label, KNOWN
         detail = f"score {pred.score:.3f}"
@@ -161,7 +167,10 @@ def draw_panel(panel: np.ndarray, view: View) -> None:
         put(panel, f"{score:.3f}", (width - 62, y), 0.42, DIM)
         # Bars are relative to the best score: DMF scores have no fixed scale across models.
         length = int(np.clip(score / best, 0.0, 1.0) * (width - 28)) if score > 0 else 0
-        bar_color = BAR_BEST if i == 0 and pred is not None and pred.label == name else BAR
+        if pred is not None and pred.label is None:
+            bar_color = BAR_UNKNOWN
+        else:
+            bar_color = BAR_BEST if i == 0 and pred is not None and pred.label == name else BAR
         cv2.rectangle(panel, (14, y + 6), (14 + width - 28, y + 14), (70, 70, 70), -1)
         if length:
             cv2.rectangle(panel, (14, y + 6), (14 + length, y + 14), bar_color, -1)
@@ -210,12 +219,17 @@ def draw_status(bar: np.ndarray, view: View) -> None:
     width = bar.shape[1]
     if view.typing is not None:
         line, color = f"name of the new class: {view.typing}_   (Enter confirms, Esc cancels)", CURRENT
+    elif view.confirm_delete is not None:
+        line = f"delete '{view.confirm_delete}'? d deletes it (u undoes until saved), any other key keeps it"
+        color = UNKNOWN
     elif view.current is not None:
         shots = dict(view.classes).get(view.current, 0)
         line = f"class '{view.current}': {shots}/{view.shots_target} shots - space adds the current frame"
         color = CURRENT
     else:
         line, color = "live", TEXT
+    if view.paused:
+        line = f"PAUSED (p resumes)   {line}"
     if view.status:
         line = f"{line}   |   {view.status}"
     put(bar, fit_text(line, width - 20, 0.45), (10, 19), 0.45, color)
@@ -240,9 +254,11 @@ class Window:
 
     holds_last_frame = True
 
-    def __init__(self, names: list[str], shots: int, source: str) -> None:
+    def __init__(self, names: list[str], shots: int, source: str, frame_rate: float | None = None) -> None:
         self.names = list(names)  # --names: taken in turn by `n`, so no typing is needed
         self.view = View(shots_target=shots, source=source)
+        self.frame_rate = frame_rate  # a video file's own rate: frames are shown at it; None: at once
+        self._next_frame = time.monotonic()
         self.status_until = 0.0
         self.last_canvas: np.ndarray | None = None
         self._thumbs_version = -1
@@ -269,7 +285,9 @@ class Window:
             total = event["total_shots"]
             text = f"'{event['name']}' now has {total} shot{'s' if total != 1 else ''}"
         elif kind == "removed":
-            text = f"deleted '{event['name']}'"
+            text = f"deleted '{event['name']}' - u undoes it until you save"
+        elif kind == "restored":
+            text = f"restored '{event['name']}'"
         elif kind == "saved":
             text = f"saved {event['classes']} classes to {event['path']}"
         elif kind == "error":
@@ -289,8 +307,22 @@ class Window:
         self.view.fps = stats.recent
         self.last_canvas = render(frame, self.view)
         cv2.imshow(WINDOW, self.last_canvas)
-        self.on_key(cv2.waitKeyEx(30 if session.frames_over else 1), frame, session)
+        self.on_key(cv2.waitKeyEx(self._wait_ms(session)), frame, session)
         return not self.closed()
+
+    @property
+    def paused(self) -> bool:
+        return self.view.paused
+
+    def _wait_ms(self, session: Session) -> int:
+        """How long to wait for a key: until the next frame is due, for a file played at its rate."""
+        if session.frames_over or self.view.paused:
+            return 30
+        if not self.frame_rate:
+            return 1
+        now = time.monotonic()
+        self._next_frame = max(self._next_frame + 1.0 / self.frame_rate, now)
+        return max(1, round(1000 * (self._next_frame - now)))
 
     def close(self) -> None:
         self._open = False
@@ -316,6 +348,7 @@ class Window:
         key = SPECIAL_KEYS.get(code, code)
         if code < 0 or (key > 0xFF and code not in SPECIAL_KEYS):
             return  # no key, or a special key we do not use (arrows, shift...)
+        confirming, self.view.confirm_delete = self.view.confirm_delete, None  # any key ends it
         if self.view.typing is not None:
             self._on_typing_key(key, session)
         elif key in (ord("q"), ESC):
@@ -335,9 +368,15 @@ class Window:
         elif key == ord("d"):
             if self.view.current is None:
                 self.say("no current class to delete (tab picks one)")
-            else:
+            elif confirming == self.view.current:
                 session.remove(self.view.current)
                 self.view.current = None
+            else:
+                self.view.confirm_delete = self.view.current
+        elif key == ord("u"):
+            session.undo()
+        elif key == ord("p"):
+            self.view.paused = not self.view.paused
         elif key == ord("s"):
             session.save()
 
@@ -365,6 +404,4 @@ class Window:
             self.view.current = validate_class_name(name)
         except InvalidClassName as exc:
             self.say(f"error: {exc}")
-            return
-        shots = session.shots(self.view.current) if self.view.current in session.rec.gallery else 0
-        self.say(f"class '{self.view.current}' ({shots} shots): press space to add the current frame")
+        # The status line names the current class and its shots: no second message.

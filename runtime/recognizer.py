@@ -18,6 +18,7 @@ import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
 from dmf_deploy.names import validate_class_name
+from dmf_deploy.open_set import frame_contrast, load_open_set, own_scores, refusal
 from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
 from dmf_deploy.runtime.backends import Backend, open_backend
@@ -26,12 +27,6 @@ from dmf_deploy.runtime.rwlock import ReadWriteLock
 
 log = logging.getLogger("dmf_deploy.runtime")
 
-# A query is "unknown" when its best score is below this fraction of that class's self-score (its
-# prototype scored against itself). DMF scores scale with the query's feature norm, so an absolute
-# threshold does not transfer between models; a ratio to the class's own reference does.
-# 0.7 is calibrated on held-out Omniglot alphabets with the demo model (20 classes enrolled from one
-# shot): it accepts 95% of known-class queries and rejects 48% of unseen-class ones (0.75: 85% / 67%).
-DEFAULT_UNKNOWN_RATIO = 0.7
 HEAD_CHUNK = 256  # classes per head call at most
 # Bytes of per-pair intermediates per head call: the gather sampler holds 9 taps x 4 corners x G*k*k
 # floats per (query, class, position), ~1.1 MB per pair for ResNet-12, so a call takes ~115 of its
@@ -51,10 +46,21 @@ class Prediction:
     score: float
     scores: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    reason: str = ""  # why the label is None: the gate that refused the frame, and its value
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The k best (class, score) pairs, best first."""
         return sorted(self.scores.items(), key=lambda kv: kv[1], reverse=True)[:k]
+
+
+@dataclass(frozen=True)
+class RemovedClass:
+    """A class as `Recognizer.remove` took it out: enough to `restore` it."""
+
+    name: str
+    feature_sum: np.ndarray  # the sum of its shots' features, as the gallery stores it
+    count: int
+    thumbnail: bytes | None  # JPEG
 
 
 class Recognizer:
@@ -68,9 +74,9 @@ class Recognizer:
         gallery: Gallery,
         gallery_path: Path | None,
         shortlist: int | str | None = None,
-        unknown_ratio: float = DEFAULT_UNKNOWN_RATIO,
         threshold: float | None = None,
         smoothing: float = 0.0,
+        sensitivity: float | None = None,
     ) -> None:
         self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
         self.config = manifest.model
@@ -79,16 +85,16 @@ class Recognizer:
         if not (shortlist is None or shortlist == "auto" or count):
             raise ValueError(f"shortlist must be a class count, 'auto' or None (exact), got {shortlist!r}")
         self.shortlist = shortlist
-        self.unknown_ratio = unknown_ratio
+        self.open_set = load_open_set(bundle, manifest)
+        self.open_set.threshold(sensitivity)  # a ValueError now, not at the first frame
+        self.sensitivity = sensitivity
         self.threshold = threshold
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = smoothing
         self._lock = ReadWriteLock()
-        self._self_scores = np.zeros(0, np.float32)
         self._smoothed: tuple[tuple[str, ...], np.ndarray] | None = None
         self._complete_banks()
-        self._refresh_self_scores()
 
     # ----- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -101,6 +107,7 @@ class Recognizer:
         threshold: float | None = None,
         smoothing: float = 0.0,
         threads: int | None = None,
+        sensitivity: float | None = None,
     ) -> Recognizer:
         """Verify the bundle (sha256 of every graph), create every session, and load or start a gallery.
 
@@ -108,6 +115,9 @@ class Recognizer:
         "./demo" names a folder called demo).
         `gallery`: a file to load (a missing file starts an empty gallery that `save()` writes there),
         a Gallery, or None (in-memory; pass a path to `save`).
+        `sensitivity`: the fraction of known frames the open-set rule may call unknown, as measured
+        when the bundle's rule was fitted (0 to 0.5; None: the bundle's default, 0.05). Higher refuses
+        more unknown frames. `threshold`: an absolute score instead (blank frames stay unknown).
         """
         root = resolve_bundle_path(bundle)
         manifest = Manifest.read(root)
@@ -141,6 +151,7 @@ class Recognizer:
             shortlist=shortlist,
             threshold=threshold,
             smoothing=smoothing,
+            sensitivity=sensitivity,
         )
 
     # ----- reading ---------------------------------------------------------------------------------
@@ -171,12 +182,16 @@ class Recognizer:
         with self._lock.read():
             names = tuple(self.gallery.names)
             if not names:
-                empty = Prediction(None, float("nan"), {}, "no classes enrolled yet")
+                note = "no classes enrolled yet"
+                empty = Prediction(None, float("nan"), {}, note, note)
                 return empty if single else [empty] * len(feats)
             scores = self._classify_scores(feats)
-            reference = self._self_scores.copy()
         scores = self._smooth(names, scores)
-        predictions = [self._decide(names, row, reference) for row in scores]
+        size = self.config.preprocess.image_size
+        contrast = [frame_contrast(check_frame(f), size) for f in frames]
+        # The frame's own score divides the best one; an absolute threshold has no use for it.
+        own = own_scores(self.backend, feats) if self.threshold is None else np.ones(len(feats))
+        predictions = [self._decide(names, *args) for args in zip(scores, contrast, own)]
         return predictions[0] if single else predictions
 
     # ----- changing --------------------------------------------------------------------------------
@@ -212,18 +227,33 @@ class Recognizer:
                 total, count = delta, shots
             prototype = (total / count).astype(np.float32)[None]
             bank = self.backend.run(SUPPORT, {"prototypes": prototype})
-            self_score = self._head(prototype, bank)[0, 0]
             # Only now, with every result in hand, does the gallery change.
             row = g.add_shots(name, delta, shots, thumbnail)
             g.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
-            self._self_scores = _set_row(self._self_scores, row, len(g), self_score)
             self._smoothed = None
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> RemovedClass:
+        """Delete a class; what comes back puts it back with `restore` (the window's undo)."""
         with self._lock.write():
-            row = self.gallery.index(name)
-            self.gallery.remove(name)
-            self._self_scores = np.delete(self._self_scores, row)
+            g = self.gallery
+            row = g.index(name)
+            removed = RemovedClass(name, g.feature_sums[row].copy(), int(g.counts[row]), g.thumbnail(name))
+            g.remove(name)
+            self._smoothed = None
+        return removed
+
+    def restore(self, removed: RemovedClass) -> None:
+        """Enrol a removed class again, as the last class, with its shots and thumbnail."""
+        name = validate_class_name(removed.name)
+        prototype = (removed.feature_sum / removed.count).astype(np.float32)[None]
+        bank = self.backend.run(SUPPORT, {"prototypes": prototype})
+        thumb = removed.thumbnail
+        picture = cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR) if thumb else None
+        with self._lock.write():
+            if name in self.gallery:
+                raise GalleryError(f"cannot restore {name!r}: a class of that name exists again")
+            row = self.gallery.add_shots(name, removed.feature_sum, removed.count, picture)
+            self.gallery.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
             self._smoothed = None
 
     def rename(self, old: str, new: str) -> None:
@@ -299,16 +329,14 @@ class Recognizer:
         self._smoothed = prev
         return np.stack(smoothed)
 
-    def _decide(self, names: tuple[str, ...], row: np.ndarray, reference: np.ndarray) -> Prediction:
+    def _decide(self, names: tuple[str, ...], row: np.ndarray, contrast: float, own: float) -> Prediction:
         best = int(np.argmax(row))
         score = float(row[best])
         table = {name: float(s) for name, s in zip(names, row) if np.isfinite(s)}
-        if self.threshold is not None:
-            known = score >= self.threshold
-        else:
-            known = score >= self.unknown_ratio * float(reference[best])
-        if not known:
-            return Prediction(None, score, table, f"best match {names[best]!r} is not convincing")
+        rule, name = self.open_set, names[best]
+        why = refusal(rule, contrast, name, score, float(own), self.sensitivity, self.threshold)
+        if why:
+            return Prediction(None, score, table, why, why)
         return Prediction(names[best], score, table)
 
     def _complete_banks(self) -> None:
@@ -334,16 +362,6 @@ class Recognizer:
             bank = self.backend.run(SUPPORT, {"prototypes": np.stack([g.prototype(r) for r in rows])})
             for i, row in enumerate(rows):
                 g.set_bank(row, {k: bank[k][i] for k in CLASS_BANK}, touch=False)
-
-    def _refresh_self_scores(self) -> None:
-        """Each class's prototype scored against itself: the reference for the unknown decision."""
-        g = self.gallery
-        bank = g.bank_arrays()
-        scores = np.zeros(len(g), np.float32)
-        for row in range(len(g)):
-            proto = g.prototype(row).astype(np.float32)[None]
-            scores[row] = self._head(proto, {k: bank[k][row : row + 1] for k in CLASS_BANK})[0, 0]
-        self._self_scores = scores
 
 
 class Enrollment:
@@ -388,13 +406,6 @@ def coarse_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:
     frame's backbone on ONNX Runtime.
     """
     return np.einsum("bc,nc->bn", feats.mean(axis=(2, 3)), class_weight)
-
-
-def _set_row(values: np.ndarray, row: int, length: int, value: float) -> np.ndarray:
-    if len(values) < length:
-        values = np.concatenate([values, np.zeros(length - len(values), values.dtype)])
-    values[row] = value
-    return values
 
 
 def describe_model(manifest: Manifest) -> str:

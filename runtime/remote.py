@@ -95,7 +95,9 @@ class RemoteRecognizer:
             for r, text in enumerate(out["text"]):
                 table = {name: float(s) for name, s in zip(classes, out["scores"][r]) if np.isfinite(s)}
                 score = float(out["score"][r, 0])
-                predictions.append(Prediction(text["label"], score, table, text["message"]))
+                # An unknown frame's message is its reason (Recognizer._decide sets both alike).
+                reason = text["message"] if text["label"] is None else ""
+                predictions.append(Prediction(text["label"], score, table, text["message"], reason))
         return predictions[0] if single else predictions
 
     # ----- changing (the server saves each change) ------------------------------------------------

@@ -159,6 +159,9 @@ def camera_advice(index: int, problem: str) -> str:
     return " ".join(lines)
 
 
+MAX_FRAME_RATE = 1000.0  # beyond this a container's frame rate is a placeholder, not a rate
+
+
 class VideoFileSource:
     kind = "file"
     lost = None
@@ -168,6 +171,9 @@ class VideoFileSource:
         self.description = f"video {path}"
         self._cap = self._open()
         self._frames_this_pass = 0
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        # What the file says it plays at; None where the container gives nothing sensible.
+        self.frame_rate: float | None = float(fps) if 0 < fps <= MAX_FRAME_RATE else None
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(str(self.path))

@@ -417,6 +417,7 @@ class Recorder:
 
     def __init__(self, holds_last_frame: bool, on_show=None, max_shows: int = 100) -> None:
         self.holds_last_frame = holds_last_frame
+        self.paused = False  # the window pauses on `p`; this recorder never does
         self.events: list[dict] = []
         self.shown: list[str | None] = []
         self.on_show, self.max_shows = on_show, max_shows

@@ -11,17 +11,28 @@ else in pytest's tmp folder.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from bundles import dmf_run_command, export_small_bundle, write_video  # tests/bundles.py
 
 from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.runtime import Recognizer
+from dmf_deploy.runtime.overlay import (
+    BAR,
+    BAR_UNKNOWN,
+    KNOWN,
+    STATUS_HEIGHT,
+    STRIP_HEIGHT,
+    UNKNOWN,
+    VIDEO_WIDTH,
+)
 
 GLYPHS = GlyphSet(3, seed=11, image_size=96, jitter=0.3)  # three classes, as test_app.py's clip
 
@@ -41,8 +52,8 @@ def free_display() -> int:
     raise RuntimeError("no free X display number in 99..198")
 
 
-@pytest.fixture()
-def display():
+def start_xvfb() -> tuple[subprocess.Popen, int] | None:
+    """Our own Xvfb on a free display number; None when another process took the number first."""
     number = free_display()
     server = subprocess.Popen(
         ["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
@@ -53,8 +64,25 @@ def display():
     while not Path(f"/tmp/.X11-unix/X{number}").exists():
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            pytest.fail(f"Xvfb :{number} did not start")
+            return None
         time.sleep(0.05)
+    time.sleep(0.5)
+    # The socket may be another test run's that started on the same number a moment earlier: then our
+    # server has exited ("server already active"), and that display goes away with the other run.
+    if server.poll() is not None:
+        return None
+    return server, number
+
+
+@pytest.fixture()
+def display():
+    for _ in range(5):
+        started = start_xvfb()
+        if started is not None:
+            break
+    else:
+        pytest.fail("Xvfb did not start on a free display number (5 tries)")
+    server, number = started
     yield f":{number}"
     server.terminate()
     server.wait(timeout=10)
@@ -126,7 +154,7 @@ def test_window_enrols_with_keys(display, artifacts, tmp_path_factory, tmp_path)
         press(env, window, "n", "space", "space")  # `n` takes "mug" from --names; two shots
         press(env, window, "n", "c", "u", "p", "x", "BackSpace", "Return", "space")  # typed name "cup"
         press(env, window, "n", "z", "Escape")  # naming cancelled: no class
-        press(env, window, "n", "t", "m", "p", "Return", "space", "d")  # enrolled, then deleted
+        press(env, window, "n", "t", "m", "p", "Return", "space", "d", "d")  # enrolled, then deleted
         press(env, window, "Tab", "space")  # tab selects the first class (mug): a third shot
         press(env, window, "s")
         press(env, window, "q", closes_window=True)
@@ -144,3 +172,63 @@ def test_window_enrols_with_keys(display, artifacts, tmp_path_factory, tmp_path)
     assert image is not None, f"no screenshot at {shot}"
     assert image.shape[1] >= 900 and image.shape[0] >= 480
     print(f"window screenshot: {shot}")
+
+
+def colour_pixels(image, colour, tolerance: int = 12) -> int:
+    """Pixels within `tolerance` of a BGR colour (anti-aliased text edges blend into the panel)."""
+    return int((np.abs(image.astype(int) - np.array(colour)).max(axis=2) <= tolerance).sum())
+
+
+def test_window_pauses_confirms_deletes_undoes_and_greys_an_unknown_frame(
+    display, artifacts, tmp_path_factory, tmp_path
+):
+    bundle = export_small_bundle(tmp_path_factory, seed=0, train_steps=200)  # shared with test_app.py
+    blank = np.full_like(GLYPHS.render(0, 0), 255)  # no edge: unknown whatever the model scores
+    rate = 10.0
+    clip = write_video(tmp_path / "clip.mp4", [GLYPHS.render(0, i) for i in range(20)] + [blank] * 40, rate)
+    gallery = tmp_path / "g.dmfg"
+    shot = artifacts / "dmf-run-unknown.png"
+    shot.unlink(missing_ok=True)
+    env = {**os.environ, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
+    command = [*dmf_run_command(), "--source", str(clip), "--bundle", str(bundle), "--gallery", str(gallery)]
+    child = subprocess.Popen(
+        [*command, "--names", "mug", "--shots", "3", "--screenshot", str(shot)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = time.monotonic()
+    try:
+        window = find_window(env, child)
+        press(env, window, "n", "p", "space", "space", "p")  # paused: space enrols the held frame, twice
+        press(env, window, "n", "c", "u", "p", "Return", "space")  # "cup", one shot
+        press(env, window, "d", "x")  # asked, then any other key: cup is kept
+        press(env, window, "d", "d")  # asked and confirmed: cup is deleted
+        press(env, window, "u")  # and undone (nothing was saved in between)
+        # Let the clip reach its blank frames and end: the last frame held on screen is unknown.
+        time.sleep(max(0.0, 60 / rate + 2.0 - (time.monotonic() - started)))
+        press(env, window, "q", closes_window=True)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+
+    saved = Recognizer.open(bundle, gallery=gallery)
+    assert saved.classes == ["mug", "cup"]  # cup restored after its deletion (as the last class)
+    assert saved.gallery.counts.tolist() == [2, 1]  # mug: the two shots taken while paused
+    # The file played at its own 10 fps, not as fast as the CPU allows (a slower machine is slower,
+    # never faster: 1.3x leaves room for the first frames' catch-up after the window opened).
+    fps = float(re.search(r"([0-9.]+) fps end to end", err).group(1))
+    assert fps <= 1.3 * rate, err
+
+    image = cv2.imread(str(shot))
+    assert image is not None, f"no screenshot at {shot}"
+    video_h = image.shape[0] - STRIP_HEIGHT - STATUS_HEIGHT
+    panel = image[:video_h, VIDEO_WIDTH:]
+    headline, bars = panel[60:100], panel[130:]
+    assert colour_pixels(headline, UNKNOWN) > 50  # "unknown" in the unknown colour
+    assert colour_pixels(panel, KNOWN) == 0  # no known-green headline and no green best bar
+    assert colour_pixels(bars, BAR_UNKNOWN, tolerance=4) > 100 and colour_pixels(bars, BAR, 12) == 0
+    print(f"window screenshot of an unknown frame: {shot}")

@@ -22,6 +22,7 @@ from dmf_deploy.atomic import exchange_folders
 from dmf_deploy.checkpoint import CheckpointError, load_checkpoint
 from dmf_deploy.export.bundle import STALE_EXPORT_SECONDS, ExportError, export_bundle
 from dmf_deploy.manifest import FORMAT_VERSION, MANIFEST_NAME
+from dmf_deploy.open_set import OPEN_SET_FILE
 from dmf_deploy.packaged import DEMO_BUNDLE
 
 CLI_TIMEOUT_S = 300  # an import of torch + onnx on a busy 2-core machine, with room to spare
@@ -88,7 +89,7 @@ def test_force_replaces_an_empty_folder_then_a_bundle_of_any_version(tmp_path: P
     export_bundle(ckpt, out, force=True, check=False)
     assert json.loads((out / MANIFEST_NAME).read_text())["format_version"] == FORMAT_VERSION
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_NAME, "backbone.onnx", "support.onnx", "head.onnx"]
+        [MANIFEST_NAME, "backbone.onnx", "support.onnx", "head.onnx", OPEN_SET_FILE]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "bundle"]
 
