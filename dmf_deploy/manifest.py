@@ -200,6 +200,13 @@ class Manifest:
     def bank_dtypes(self) -> dict[str, str]:
         return {k: self.graphs[SUPPORT].dtype(k) for k in CLASS_BANK}
 
+    def files(self) -> list[str]:
+        """The bundle's files this manifest names, besides itself: every graph, then the open-set record."""
+        names = [spec.file for spec in self.graphs.values()]
+        if self.open_set is not None and isinstance(self.open_set.get("file"), str):
+            names.append(self.open_set["file"])
+        return names
+
     def with_engines(self, engines: Mapping[str, EngineSpec]) -> Manifest:
         return replace(self, engines=dict(engines))
 

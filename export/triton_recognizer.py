@@ -104,8 +104,9 @@ def write_recognizer_model(bundle_dir: Path, manifest: Manifest, out_dir: Path) 
     bundle_copy = version_dir / BUNDLE_DIR
     bundle_copy.mkdir(parents=True, exist_ok=True)
     for graph in manifest.graphs:  # the three graphs and any optional ones the bundle declares
-        source = verify_graph(bundle_dir, manifest, graph)
-        shutil.copyfile(source, bundle_copy / source.name)
+        verify_graph(bundle_dir, manifest, graph)
+    for name in manifest.files():  # the graphs and the open-set record (checked again where it is read)
+        shutil.copyfile(bundle_dir / name, bundle_copy / name)
     shutil.copyfile(bundle_dir / MANIFEST_NAME, bundle_copy / MANIFEST_NAME)
     atomic_write_bytes(version_dir / "model.py", _model_source().read_bytes())
     atomic_write_bytes(model_dir / "config.pbtxt", recognizer_config_text().encode("utf-8"))

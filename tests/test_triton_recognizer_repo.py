@@ -27,6 +27,9 @@ def test_recognizer_model_folder(tmp_path: Path) -> None:
     assert (model / "1" / "model.py").read_bytes() == Path(triton_model.__file__).read_bytes()
     for graph in manifest.graphs.values():  # the bundle travels with the model, unchanged
         assert sha256_file(model / "1" / "bundle" / graph.file) == graph.sha256
+    assert "open_set.json" in manifest.files()  # travels too: the runtime refuses a bundle without it
+    for name in manifest.files():
+        assert (model / "1" / "bundle" / name).read_bytes() == (DEMO_BUNDLE / name).read_bytes()
     config = (model / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and f"max_batch_size: {RECOGNIZER_MAX_BATCH}" in config
     assert "dynamic_batching" in config and f'string_value: "{GALLERY_FILE}"' in config
