@@ -18,13 +18,16 @@ import onnx
 from dmf_deploy.atomic import atomic_write_bytes, current_umask
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
+from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     DEFAULT_OPSET,
+    EXPLAIN,
     MAX_OPSET,
     MIN_OPSET,
     Manifest,
+    explain_io,
     graph_io,
     sha256_file,
 )
@@ -85,8 +88,11 @@ def export_bundle(
     force: bool = False,
     check: bool = True,
     progress: Progress | None = None,
+    explain: bool = True,
 ) -> Path:
-    """Export a checkpoint (path or "demo") to a bundle folder and return its path."""
+    """Export a checkpoint (path or "demo") to a bundle folder and return its path.
+
+    `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs)."""
     say = progress or (lambda _msg: None)
     validate_export_args(solver, steps, opset)
     out = Path(out_dir).absolute()
@@ -108,6 +114,10 @@ def export_bundle(
             if not report.ok:
                 raise ExportError(f"{name}.onnx is not TensorRT-ready: " + "; ".join(report.errors))
         say("checked graphs (onnx.checker full check, shape inference, TensorRT-readiness lint)")
+        if explain:
+            paths[EXPLAIN] = export_explain(model, solver, steps, staging, opset)
+            io_spec = {**io_spec, EXPLAIN: explain_io(model.config)}
+            say("exported explain.onnx")
         manifest = Manifest.build(
             model.config,
             paths,
@@ -116,6 +126,7 @@ def export_bundle(
             opset=opset,
             checkpoint_sha256=sha256_file(ckpt_path),
             weights_sha256=metadata["weights_sha256"],
+            io=io_spec,
         )
         manifest.write(staging)
         parity = None
@@ -124,6 +135,9 @@ def export_bundle(
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
             parity = check_bundle(model, staging, Manifest.read(staging), solver, steps)
+            if explain:
+                comparisons = check_explain(model, staging, Manifest.read(staging), solver, steps)
+                parity = with_explain_parity(parity, comparisons)
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
     except BaseException:
