@@ -110,6 +110,31 @@ def test_sampled_points_are_pytorchs_sampling_positions(random_bundle, which, on
     assert np.abs(ex.sampled_points - undeformed(ex.query_points, size, h, w)).max() > 0.1
 
 
+@pytest.mark.parametrize("config", [{}, {"kernel": 3}, {"official_score_scale": True}])
+def test_explain_head_matches_the_grid_sample_head(config, one_torch_thread):
+    """The traced function against the reference head, for both ODE spaces (k = 1 in group space,
+    k = 3 in channel space) and the official score scale; no export, so every form is cheap to cover."""
+    import torch
+
+    from dmf_deploy.bundle_head import bundle_bank
+    from dmf_deploy.explain_head import explain_outputs
+    from dmf_deploy.export.explain import reference_outputs
+
+    model = make_model(seed=2, **config)
+    gen = torch.Generator().manual_seed(0)
+    query, protos = torch.randn(2, 16, 4, 4, generator=gen), torch.randn(3, 16, 4, 4, generator=gen)
+    solver, steps = model.resolve_solver(None, None)
+    with torch.no_grad():
+        bank = model.class_bank(protos)
+        got = explain_outputs(model, query, bundle_bank(bank), solver, steps)
+        scores = model.head_scores(query, bank, solver, steps).numpy()
+    ref = reference_outputs(model, query, bank, solver, steps)
+    for name, value in zip(("sampling_positions", "contributions", "aligned"), got):
+        # Both float32, the same terms summed in other orders: ~1e-7 relative (parity's 1e-4 is the bar).
+        assert relative_error(value.numpy(), ref[name]) < 1e-5, name
+    assert relative_error(got[1].numpy().mean(axis=(2, 3)), scores) < 1e-5
+
+
 def undeformed(query_points: np.ndarray, size: int, h: int, w: int) -> np.ndarray:
     """[hw, 9, 2]: each query point plus {-1, 0, 1} feature cells in x and y, tap t = 3(dy+1) + (dx+1)."""
     shifts = np.array([(dx * size / w, dy * size / h) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
