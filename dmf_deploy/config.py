@@ -27,6 +27,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     color: str = "rgb"  # channel order the network expects
     resize: str = "stretch"  # "stretch": resize to size x size; "center-crop": shorter side, then crop
+    # Resize to crop_from (instead of image_size) by the rule above, then keep the central image_size
+    # square: tieredImageNet's official test transform is 92 then 84. None: no margin is cut.
+    crop_from: int | None = None
     interpolation: str = "linear"  # cv2.INTER_LINEAR
     scale: float = 1.0 / 255.0
 
@@ -37,6 +40,8 @@ class PreprocessConfig:
             raise ValueError(f"only colour order 'rgb' is supported, got {self.color!r}")
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
+        if self.crop_from is not None and self.crop_from < self.image_size:
+            raise ValueError(f"crop_from must be >= image_size {self.image_size}, got {self.crop_from}")
         if self.interpolation not in ("linear", "area"):
             raise ValueError(f"interpolation must be 'linear' or 'area', got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -107,6 +112,8 @@ class ModelConfig:
         data["widths"] = list(self.widths)
         data["preprocess"]["mean"] = list(self.preprocess.mean)
         data["preprocess"]["std"] = list(self.preprocess.std)
+        if self.preprocess.crop_from is None:
+            del data["preprocess"]["crop_from"]  # manifests and fingerprints of models without it unchanged
         return data
 
     @classmethod

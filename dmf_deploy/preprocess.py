@@ -40,15 +40,17 @@ def check_frame(frame: object, index: int | None = None) -> np.ndarray:
 
 def resize_frame(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     size = config.image_size
+    side = config.crop_from or size
     interp = _INTERPOLATION[config.interpolation]
     if config.resize == "center-crop":
         h, w = bgr.shape[:2]
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        scale = side / min(h, w)
+        nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
         bgr = cv2.resize(bgr, (nw, nh), interpolation=interp)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        return bgr[top : top + size, left : left + size]
-    return cv2.resize(bgr, (size, size), interpolation=interp)
+    else:
+        bgr = cv2.resize(bgr, (side, side), interpolation=interp)
+    top, left = (bgr.shape[0] - size) // 2, (bgr.shape[1] - size) // 2
+    return bgr[top : top + size, left : left + size]
 
 
 def normalize(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:

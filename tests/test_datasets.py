@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dmf_deploy.config import PreprocessConfig
-from dmf_deploy.preprocess import preprocess_frame
+from dmf_deploy.config import ModelConfig, PreprocessConfig
+from dmf_deploy.preprocess import normalize, preprocess_frame, resize_frame
 from dmf_deploy.train.augment import AugmentConfig, make_example
 from dmf_deploy.train.datasets import (
     OMNIGLOT_DEFAULT_SPLIT,
@@ -286,6 +286,39 @@ def test_make_example_train_is_seeded_and_respects_flips():
     assert 3 < mirrored < 17
     with pytest.raises(ValueError, match="crop"):
         AugmentConfig(crop="zoom")
+
+
+def test_evaluation_crop_resizes_then_keeps_the_centre_and_training_crops_skip_it():
+    """tieredImageNet's official test transform, Resize((92, 92)) then CenterCrop((84, 84)): on an
+    84x84 image, cv2's 92x92 resize and its central 84x84 square (4-pixel margins)."""
+    image = np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    zoom = PreprocessConfig(image_size=84, crop_from=92)
+    expected = cv2.resize(image, (92, 92), interpolation=cv2.INTER_LINEAR)[4:88, 4:88]
+    assert np.array_equal(resize_frame(image, zoom), expected)
+    assert np.array_equal(make_example(image, zoom, None, train=False), normalize(expected, zoom))
+    # "center-crop" (shorter side first) cuts the same margin from the shorter side's square
+    wide = np.random.default_rng(1).integers(0, 256, (84, 168, 3), dtype=np.uint8)
+    cropped = resize_frame(wide, PreprocessConfig(image_size=84, resize="center-crop", crop_from=92))
+    assert np.array_equal(cropped, cv2.resize(wide, (184, 92))[4:88, 50:134])
+    # Training crops resize straight to 84, as the official RandomResizedCrop / RandomCrop do.
+    plain = AugmentConfig().without("crop", "hflip", "color", "erase")
+    trained = make_example(image, zoom, np.random.default_rng(0), True, plain)
+    assert np.array_equal(trained, preprocess_frame(image, PreprocessConfig(image_size=84)))
+    resized = AugmentConfig(crop="resized").without("hflip", "color", "erase")
+    a = make_example(image, zoom, np.random.default_rng(5), True, resized)
+    b = make_example(image, PreprocessConfig(image_size=84), np.random.default_rng(5), True, resized)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="crop_from"):
+        PreprocessConfig(image_size=84, crop_from=80)
+
+
+def test_evaluation_crop_travels_in_the_model_config_and_is_absent_when_unset():
+    with_crop = ModelConfig(preprocess=PreprocessConfig(image_size=84, crop_from=92))
+    assert with_crop.to_dict()["preprocess"]["crop_from"] == 92
+    assert ModelConfig.from_dict(with_crop.to_dict()) == with_crop
+    # without one, the dict (manifests, model fingerprints) is what it was before the field existed
+    plain = ModelConfig().to_dict()
+    assert "crop_from" not in plain["preprocess"] and ModelConfig.from_dict(plain) == ModelConfig()
 
 
 def test_augmentations_change_the_image():

@@ -27,10 +27,11 @@ import torch.distributed as dist  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from dmf_deploy import load_checkpoint  # noqa: E402
+from dmf_deploy.backbones import BasicBlock  # noqa: E402
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata  # noqa: E402
 from dmf_deploy.train.cli import main  # noqa: E402
-from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate  # noqa: E402
-from dmf_deploy.train.presets import PRESETS  # noqa: E402
+from dmf_deploy.train.loop import METRIC_KEYS, Trainer, evaluate, model_config, rank_batches  # noqa: E402
+from dmf_deploy.train.presets import PRESETS, resolved_settings  # noqa: E402
 from dmf_deploy.train.schedule import learning_rate  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -125,6 +126,28 @@ def test_metrics_lines_have_the_documented_keys_and_curves_png_is_an_image(smoke
 def _fewshot_weight() -> float:
     h = w = 32 // 8  # conv4 at 32x32 -> 4x4 maps; the default weight 0.5 hw/((h+2)(w+2))
     return 0.5 * h * w / ((h + 2) * (w + 2))
+
+
+def test_validation_runs_on_the_scheduled_epochs_only(tmp_path):
+    """val_every 3: epochs 1 (the first), 3 and 4 (the last) are validated, epoch 2 is not; best.pt
+    comes from a validated epoch, last.pt from every epoch."""
+    settings = PRESETS["glyphs-smoke"].replace(
+        epochs=4, episodes_per_epoch=4, val_episodes=2, val_every=3, val_all_after=10, **SMALL
+    )
+    trainer = Trainer(settings, tmp_path, CPU)
+    trainer.fit(progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] is not None for r in rows] == [True, False, True, True]
+    assert rows[1]["val_ci95"] is None and rows[1]["loss"] > 0
+    _, best = load_checkpoint_with_metadata(tmp_path / "best.pt")
+    _, last = load_checkpoint_with_metadata(tmp_path / "last.pt")
+    assert best["epoch"] + 1 in (1, 3, 4) and last["epoch"] == 3 and last["accuracy"] == rows[3]["val_acc"]
+    assert cv2.imread(str(tmp_path / "curves.png")) is not None
+
+
+def test_tiered_models_carry_the_official_evaluation_crop():
+    assert model_config(PRESETS["tiered-5shot"], 351).preprocess.crop_from == 92
+    assert model_config(PRESETS["mini-1shot"], 64).preprocess.crop_from is None
 
 
 # ----- 2. resume ----------------------------------------------------------------------------------------
@@ -230,6 +253,75 @@ def test_ddp_on_cpu_with_gloo_writes_one_checkpoint_set(tmp_path):
     assert not any(k.startswith("module.") for k in model.state_dict())
     assert meta["resume"]["epoch"] == 0 and meta["settings"]["episodes_per_epoch"] == 8
     assert not list(tmp_path.glob("**/*.tmp*"))
+
+
+DDP_RUN = {"episodes_per_batch": 4, "episodes_per_epoch": 8, "epochs": 2, "val_episodes": 2, "width": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_two_gloo_ranks_take_one_process_steps_and_episodes(tmp_path):
+    """N ranks reproduce one process's recipe: 4 episodes per step across both ranks (2 each), the
+    same number of optimizer steps at the same learning rates, and between them the same episodes."""
+    script, settings = str(Path(__file__).with_name("ddp_record.py")), json.dumps(DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), settings], env=env, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
+    port = _free_port()
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            script, str(tmp_path / "two"), settings,
+        ],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert single["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
+    steps = DDP_RUN["epochs"] * DDP_RUN["episodes_per_epoch"] // DDP_RUN["episodes_per_batch"]
+    assert len(single["lr_history"]) == steps  # 2 epochs x 2 steps of 4 episodes
+    for rank in ranks:
+        assert rank["lr_history"] == single["lr_history"]  # same steps, same rates
+        assert rank["last_epoch_classes"] == single["last_epoch_classes"]  # the same episode stream
+    # step by step, rank 0 took the first two of the single process's four episodes, rank 1 the rest
+    assert single["last_epoch_episodes"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    shares = zip(ranks[0]["last_epoch_episodes"], ranks[1]["last_epoch_episodes"], strict=True)
+    assert [a + b for a, b in shares] == single["last_epoch_episodes"]
+    assert all(len(step) == 2 for r in ranks for step in r["last_epoch_episodes"])
+    # DDP kept the two replicas identical (summed weights agree to float64 rounding of equal tensors)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_an_odd_split_of_episodes_over_ranks_is_refused():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        rank_batches(PRESETS["mini-1shot"], rank=0, world=3)
+    with pytest.raises(ValueError, match="multiple of episodes_per_batch"):
+        rank_batches(PRESETS["mini-1shot"].replace(episodes_per_epoch=1202), rank=1, world=2)
+    assert rank_batches(PRESETS["mini-1shot"], rank=1, world=4)[:2] == [[1], [5]]
+
+
+# ----- DropBlock ramp: every backbone pass counts, validation included, as in the official code ----------
+def test_dropblock_ramp_counts_validation_passes(tmp_path):
+    """1 epoch = 1 training step (2 episodes) + validation of 3 episodes, counted as ceil(3 / 2) = 2
+    passes (the official test loader feeds episodes_per_batch episodes a pass). BatchNorm's own
+    counters see the training steps only. ResNet-12 at 16x16 keeps this to a few seconds."""
+    settings = PRESETS["glyphs-smoke"].replace(
+        backbone="resnet12", image_size=16, groups=64, q_query=1, episodes_per_batch=2,
+        episodes_per_epoch=2, epochs=2, warmup_epochs=1, val_episodes=3,
+    )  # fmt: skip
+    trainer = Trainer(settings, tmp_path, CPU)
+    trainer.fit(progress=False)
+    blocks = [m for m in trainer.model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 4
+    assert [int(b.num_batches_tracked) for b in blocks] == [2 * (1 + 2)] * 4
+    assert int(blocks[0].bn1.num_batches_tracked) == 2
+    resolved = resolved_settings(settings)
+    assert resolved["dropblock_passes"] == 6 and resolved["final_drop_rate"] == pytest.approx(0.1 * 6 / 40000)
 
 
 # ----- 4. bad input fails before training, with exit code 2 and a clear message -------------------------
@@ -351,6 +443,27 @@ def test_eval_works_for_an_official_checkpoint(tmp_path):
     assert "2-way 1-shot on glyphs/test" in line and "(2 episodes, seed 112)" in line
     mean, ci = (float(v) / 100 for v in re.search(PCT, line).groups())
     assert mean * 4 == pytest.approx(round(mean * 4), abs=1e-3) and ci >= 0  # 2 episodes x 2 queries
+
+
+def test_eval_on_tiered_data_resizes_then_centre_crops_as_the_official_test(smoke_run, tmp_path):
+    """--dataset tiered adds the official 92 -> 84 crop, scaled to this 32-pixel model (round(32 *
+    92 / 84) = 35), unless --crop-from says otherwise; other data keep the model's plain resize."""
+    out, *_ = smoke_run
+    root = _write_folder(tmp_path / "tiered", {"test": {f"c{i}": 2 for i in range(2)}})
+    base = ["eval", "--ckpt", str(out / "best.pt"), "--data-root", str(root), "--episodes", "2"]
+    base += ["--way", "2", "--queries", "1"]
+    cases = [
+        (["--dataset", "tiered"], "inputs: resize 35, centre crop 32"),
+        (["--dataset", "tiered", "--crop-from", "0"], "inputs: resize 32"),
+        (["--dataset", "folder"], "inputs: resize 32"),
+        (["--dataset", "folder", "--crop-from", "40"], "inputs: resize 40, centre crop 32"),
+    ]
+    for args, expected in cases:
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        assert result.output.strip().splitlines()[-1].endswith(expected), (args, result.output)
+    result = CliRunner().invoke(main, [*base, "--dataset", "tiered", "--crop-from", "20"])
+    assert result.exit_code == 2 and "crop_from must be >= image_size 32" in result.output, result.output
 
 
 def test_eval_refuses_bad_requests_before_evaluating(smoke_run, tmp_path):

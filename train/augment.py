@@ -4,7 +4,7 @@ The official DMF recipe (pickled miniImageNet) is RandomCrop(84, padding=8), Col
 0.4), RandomHorizontalFlip, ToTensor, Normalize, RandomErasing(0.5). Here crop, flip and colour
 jitter act on uint8 BGR around `dmf_deploy.preprocess.resize_frame`; `normalize` follows; random
 erasing acts on the normalised array. Every example therefore passes through resize_frame and
-normalize exactly as the runtime's frames do.
+normalize exactly as the runtime's frames do (less the model's evaluation crop, see random_crop).
 """
 
 from __future__ import annotations
@@ -108,7 +108,11 @@ def _resized_crop_box(h: int, w: int, cfg: AugmentConfig, rng: np.random.Generat
 def random_crop(
     bgr: np.ndarray, pre: PreprocessConfig, cfg: AugmentConfig, rng: np.random.Generator
 ) -> np.ndarray:
-    """Original-size BGR -> SxS BGR, always through resize_frame."""
+    """Original-size BGR -> SxS BGR, always through resize_frame.
+
+    The model's evaluation crop (`crop_from`, e.g. tieredImageNet's 92 -> 84) is not applied: training
+    crops are resized straight to the input size, as the official RandomResizedCrop and RandomCrop are."""
+    pre = replace(pre, crop_from=None)
     if cfg.crop == "resized":
         top, left, ch, cw = _resized_crop_box(*bgr.shape[:2], cfg, rng)
         return resize_frame(bgr[top : top + ch, left : left + cw], pre)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from .presets import PRESETS
+from dmf_deploy.config import PreprocessConfig
+
+from .presets import OFFICIAL_EVAL_SIZES, PRESETS, resolved_settings
 
 
 class DefaultToFit(click.Group):
@@ -30,35 +33,57 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="omniglot-demo", show_default=True)
 @click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/dmf"), show_default=True
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="omniglot-demo",
+    show_default=True,
+    help="Settings to start from; every other option overrides one of them.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/dmf"),
+    show_default=True,
+    help="Folder for best.pt, last.pt, metrics.jsonl and curves.png.",
 )
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
-@click.option("--dataset", default=None, help="Override the preset's dataset kind.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--episodes-per-epoch", type=int, default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--dataset", default=None, help="Dataset kind: mini-pickle, tiered, folder, omniglot, glyphs.")
+@click.option("--epochs", type=int, default=None, help="Epochs in all, warm-up included.")
+@click.option("--episodes-per-epoch", type=int, default=None, help="Training episodes per epoch.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (after warm-up, before the decay).")
 @click.option("--solver", default=None, help="Training solver, e.g. dopri5-adaptive (the paper) or rk4-38.")
-@click.option("--steps", type=int, default=None)
-@click.option("--backbone", default=None)
-@click.option("--image-size", type=int, default=None)
-@click.option("--groups", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--workers", type=int, default=None)
-@click.option("--val-episodes", type=int, default=None)
-@click.option("--episodes-per-batch", type=int, default=None)
-@click.option("--kernel", type=int, default=None)
-@click.option("--n-way", type=int, default=None)
-@click.option("--k-shot", type=int, default=None)
-@click.option("--q-query", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--steps", type=int, default=None, help="Steps of a fixed-step solver.")
+@click.option("--backbone", default=None, help="resnet12 or conv4.")
+@click.option("--image-size", type=int, default=None, help="Network input side in pixels.")
+@click.option("--groups", type=int, default=None, help="Channel groups of the meta-filter.")
+@click.option("--width", type=int, default=None, help="conv4 channel width.")
+@click.option("--workers", type=int, default=None, help="Data-loading processes per rank.")
+@click.option("--val-episodes", type=int, default=None, help="Episodes per validation.")
+@click.option(
+    "--episodes-per-batch",
+    type=int,
+    default=None,
+    help="Episodes per optimizer step, all DDP ranks together (each rank takes its share).",
+)
+@click.option("--kernel", type=int, default=None, help="Meta-filter kernel: 1 or 3.")
+@click.option("--n-way", type=int, default=None, help="Classes per training episode.")
+@click.option("--k-shot", type=int, default=None, help="Support images per class in training episodes.")
+@click.option("--q-query", type=int, default=None, help="Query images per class in training episodes.")
+@click.option("--seed", type=int, default=None, help="Seed of the weights, episodes and augmentation.")
+@click.option(
+    "--amp/--no-amp",
+    default=None,
+    help="bf16 autocast of the backbone on CUDA. Default: the preset's (off for the paper presets).",
+)
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="last.pt to continue from.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @click.option(
     "--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this budget."
 )
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings and exit; reads no data.")
 def fit(
     preset: str,
     out_dir: Path,
@@ -66,9 +91,10 @@ def fit(
     device: str | None,
     no_progress: bool,
     max_minutes: float | None,
+    dry_run: bool,
     **overrides,
 ) -> None:
-    """Train with a preset; any option given overrides it."""
+    """Train with a preset; any option given overrides it. The default subcommand."""
     import torch
     import torch.distributed as dist
 
@@ -80,6 +106,10 @@ def fit(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         settings = PRESETS[preset].replace(**overrides)
+        if dry_run:
+            for key, value in resolved_settings(settings).items():
+                click.echo(f"{key}: {value}")
+            return
         target = torch.device(device) if device else None
         if target is not None and target.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
@@ -117,18 +147,27 @@ def fit(
 @main.command("eval")
 @click.option("--ckpt", required=True, help='Checkpoint (ours or official), or "demo".')
 @click.option("--dataset", required=True, help="omniglot, folder, tiered, mini-pickle or glyphs.")
-@click.option("--data-root", default=None)
-@click.option("--split", default="test", show_default=True)
-@click.option("--way", type=int, default=5, show_default=True)
-@click.option("--shot", type=int, default=1, show_default=True)
-@click.option("--queries", type=int, default=15, show_default=True)
-@click.option("--episodes", type=int, default=2000, show_default=True)
-@click.option("--seed", type=int, default=112, show_default=True)
+@click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
+@click.option("--split", default="test", show_default=True, help="train, val or test.")
+@click.option("--way", type=int, default=5, show_default=True, help="Classes per episode.")
+@click.option("--shot", type=int, default=1, show_default=True, help="Support images per class.")
+@click.option("--queries", type=int, default=15, show_default=True, help="Query images per class.")
+@click.option(
+    "--episodes", type=int, default=2000, show_default=True, help="Test episodes (the CI shrinks as 1/sqrt)."
+)
+@click.option("--seed", type=int, default=112, show_default=True, help="Seed of the test episodes.")
 @click.option(
     "--within-alphabet", is_flag=True, help="Omniglot: all classes of an episode from one alphabet."
 )
-@click.option("--solver", default=None)
-@click.option("--steps", type=int, default=None)
+@click.option("--solver", default=None, help="Solver to evaluate with (default: the checkpoint's).")
+@click.option("--steps", type=int, default=None, help="Steps of a fixed-step solver.")
+@click.option(
+    "--crop-from",
+    type=int,
+    default=None,
+    help="Resize to this side, then centre-crop the input size (0: plain resize). Default: the "
+    "checkpoint's rule, or the official 92 -> 84 for --dataset tiered when it has none.",
+)
 def evaluate_cmd(
     ckpt: str,
     dataset: str,
@@ -142,6 +181,7 @@ def evaluate_cmd(
     within_alphabet: bool,
     solver: str | None,
     steps: int | None,
+    crop_from: int | None,
 ) -> None:
     """Accuracy ± 95% CI under the official protocol (2000 episodes, seed 112, 15 queries per class)."""
     import torch
@@ -155,6 +195,7 @@ def evaluate_cmd(
     try:
         model = load_checkpoint(ckpt)
         model.resolve_solver(solver, steps)  # an unknown solver fails here, not after loading data
+        preprocess = evaluation_preprocess(model.config.preprocess, dataset, crop_from)
         data = open_dataset(dataset, data_root, split)
         EpisodeSampler(data, way, shot, queries, episodes, seed)  # enough classes, images, episodes?
     except (CheckpointError, DatasetError, ValueError) as exc:
@@ -175,11 +216,28 @@ def evaluate_cmd(
         steps=steps,
         progress=True,
         workers=min(8, os.cpu_count() or 1),
+        preprocess=preprocess,
     )
+    sizes = f"resize {preprocess.crop_from or preprocess.image_size}"
+    if preprocess.crop_from:
+        sizes += f", centre crop {preprocess.image_size}"
     click.echo(
         f"{way}-way {shot}-shot{' within-alphabet' if within_alphabet else ''} on {dataset}/{split}: "
-        f"{mean:.2%} ± {ci:.2%} ({episodes} episodes, seed {seed})"
+        f"{mean:.2%} ± {ci:.2%} ({episodes} episodes, seed {seed}); inputs: {sizes}"
     )
+
+
+def evaluation_preprocess(
+    model_rule: PreprocessConfig, dataset: str, crop_from: int | None
+) -> PreprocessConfig:
+    """The model's preprocessing with the evaluation crop asked for (`--crop-from`, 0 for none), else
+    its own, else tieredImageNet's official 92 -> 84 (scaled to other input sizes) for tiered data."""
+    if crop_from is None and model_rule.crop_from is None and dataset == "tiered":
+        big, small = OFFICIAL_EVAL_SIZES
+        crop_from = round(model_rule.image_size * big / small)
+    if crop_from is None:
+        return model_rule
+    return replace(model_rule, crop_from=crop_from or None)  # PreprocessConfig refuses one below the size
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """N-way K-shot episode sampling over a FewShotDataset, reproducible from a seed.
 
 Episode i of (seed, rank, epoch) is drawn from its own generator, so an episode can be regenerated
-on its own (e.g. by a DataLoader worker) and every DDP rank sees different episodes.
+on its own (e.g. by a DataLoader worker). `rank` selects an independent stream; the trainer draws one
+stream on every DDP rank and splits each step's episodes between the ranks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The training loop: the paper's loss, SGD + warm-up/cosine, AMP on CUDA, DDP, resume, metrics."""
+"""The training loop: the paper's loss, SGD + warm-up/cosine, optional bf16 on CUDA, DDP, resume, metrics.
+
+Under DDP the recipe is one process's: a step takes episodes_per_batch episodes across all ranks
+(episodes_per_batch / world_size each), so the step count, learning rate and episodes stay the same;
+BatchNorm statistics are synced across ranks on CUDA (SyncBatchNorm is CUDA-only in PyTorch).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.backbones import BasicBlock
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, save_checkpoint
 from dmf_deploy.config import ModelConfig, PreprocessConfig
 from dmf_deploy.model import DMFNet
@@ -37,8 +43,8 @@ METRIC_KEYS = (
     "global_ce",  # its global-classifier cross-entropy term
     "fewshot_ce",  # its few-shot cross-entropy term (before the 0.5-style weight)
     "accuracy",  # few-shot accuracy on the training episodes
-    "val_acc",  # mean val_way-way val_shot-shot accuracy on the validation split
-    "val_ci95",  # its 95% confidence interval (1.96 std / sqrt(episodes))
+    "val_acc",  # mean val_way-way val_shot-shot accuracy on the validation split (null: not validated)
+    "val_ci95",  # its 95% confidence interval (1.96 std / sqrt(episodes)) (null: not validated)
     "episodes_per_s",  # training episodes per second, all ranks together
     "seconds",  # wall time of the epoch's training steps
     "world_size",  # number of DDP processes
@@ -76,7 +82,7 @@ def model_config(settings: TrainSettings, num_classes: int) -> ModelConfig:
     return ModelConfig(
         backbone=settings.backbone,
         widths=widths,
-        preprocess=PreprocessConfig(image_size=settings.image_size),
+        preprocess=PreprocessConfig(image_size=settings.image_size, crop_from=settings.eval_crop_from),
         groups=settings.groups,
         kernel=settings.kernel,
         num_classes=num_classes,
@@ -139,11 +145,14 @@ def evaluate(
     steps: int | None = None,
     progress: bool = False,
     workers: int = 0,
+    preprocess: PreprocessConfig | None = None,
 ) -> tuple[float, float]:
-    """Mean accuracy and 95% CI over episodes (the official protocol: seed 112, 2000 episodes, 15 queries)."""
+    """Mean accuracy and 95% CI over episodes (the official protocol: seed 112, 2000 episodes, 15 queries).
+
+    Images go through `preprocess`, by default the model's own (with its evaluation crop, if any)."""
     model.eval()
     sampler = EpisodeSampler(dataset, n_way, k_shot, q_query, episodes, seed, within_alphabet=within_alphabet)
-    data = EpisodeDataset(dataset, sampler, model.config.preprocess, augment=None)
+    data = EpisodeDataset(dataset, sampler, preprocess or model.config.preprocess, augment=None)
     loader = episode_loader(data, 1, workers=workers, pin=False)
     accuracies = []
     iterator = loader
@@ -182,8 +191,13 @@ class Trainer:
             settings.val_episodes,
             within_alphabet=settings.val_within_alphabet,
         )
+        self.batches = rank_batches(settings, self.rank, self.world)  # refuses a batch ranks cannot split
         torch.manual_seed(settings.seed)
         self.model = DMFNet(model_config(settings, self.train_set.num_classes)).to(device)
+        if self.world > 1 and device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif self.world > 1 and self.rank == 0:
+            log.warning("DDP on %s: BatchNorm statistics are per rank (SyncBatchNorm needs CUDA)", device)
         self.loss = EpisodeLoss(self.model, amp=settings.amp and device.type == "cuda")
         self.step_module: nn.Module = self.loss
         if self.world > 1:
@@ -197,15 +211,14 @@ class Trainer:
             nesterov=True,
             weight_decay=settings.weight_decay,
         )
-        per_rank = max(1, settings.episodes_per_epoch // self.world)
+        # Every rank draws the same episodes (rank 0's stream) and trains on its share of each step.
         self.sampler = EpisodeSampler(
             self.train_set,
             settings.n_way,
             settings.k_shot,
             settings.q_query,
-            per_rank,
+            settings.episodes_per_epoch,
             settings.seed,
-            rank=self.rank,
             within_alphabet=settings.within_alphabet,
         )
         self.data = EpisodeDataset(
@@ -214,9 +227,10 @@ class Trainer:
             self.model.config.preprocess,
             augment_config(settings, self.train_set),
         )
-        self.steps_per_epoch = -(-per_rank // settings.episodes_per_batch)
+        self.steps_per_epoch = settings.steps_per_epoch()
         self.start_epoch, self.best_acc = 0, -1.0
-        self.lr_history: list[float] = []
+        self.lr_history: list[float] = []  # one rate per optimizer step taken
+        self.epoch_episodes: list[list[int]] = []  # episode numbers of each step of the last epoch, this rank
 
     # ----- persistence -----------------------------------------------------------------------------
     def resume(self, path: Path) -> None:
@@ -242,12 +256,12 @@ class Trainer:
         self.start_epoch, self.best_acc = int(state["epoch"]) + 1, float(state["best_acc"])
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
-    def _save(self, name: str, epoch: int, val: tuple[float, float], with_state: bool) -> None:
+    def _save(self, name: str, epoch: int, val: tuple[float, float] | None, with_state: bool) -> None:
         meta: dict[str, Any] = {
             "dataset": self.settings.dataset,
             "epoch": epoch,
-            "accuracy": val[0],
-            "accuracy_ci95": val[1],
+            "accuracy": val[0] if val else None,  # None: this epoch was not validated
+            "accuracy_ci95": val[1] if val else None,
             "validation": f"{self.settings.val_way}-way {self.settings.val_shot}-shot",
             "settings": asdict(self.settings),
         }
@@ -286,9 +300,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             self.model.train()
             started, sums, count, episodes = time.perf_counter(), {}, 0, 0
-            loader = episode_loader(
-                self.data, s.episodes_per_batch, s.workers, pin=self.device.type == "cuda"
-            )
+            loader = episode_loader(self.data, self.batches, s.workers, pin=self.device.type == "cuda")
+            self.epoch_episodes = []
             batches = enumerate(loader)
             if progress and self.rank == 0:
                 from rich.progress import track
@@ -309,42 +322,50 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 count += 1
                 episodes += len(batch.support_sizes)  # the last batch may be short
+                self.epoch_episodes.append(batch.episode_ids)
             metrics = _all_reduce_mean(
                 {k: v / max(count, 1) for k, v in sums.items()}, self.device, self.world
             )
             elapsed = time.perf_counter() - started
             episodes_per_s = self.world * episodes / elapsed
+            validate = s.validates_after(epoch + 1)  # by the schedule alone, so that resuming is exact
             if self.rank == 0:
-                val = evaluate(
-                    self.model,
-                    self.val_set,
-                    s.val_way,
-                    s.val_shot,
-                    s.val_episodes,
-                    seed=1,
-                    device=self.device,
-                    q_query=self.val_queries,
-                    within_alphabet=s.val_within_alphabet,
-                    workers=s.workers,
-                )
+                val = self._validate() if validate else None
                 last = {
                     "epoch": epoch + 1,
                     "lr": lr,
                     **metrics,
-                    "val_acc": val[0],
-                    "val_ci95": val[1],
+                    "val_acc": val[0] if val else None,
+                    "val_ci95": val[1] if val else None,
                     "episodes_per_s": episodes_per_s,
                     "seconds": elapsed,
                     "world_size": self.world,
                 }
-                if val[0] > self.best_acc:
+                if val is not None and val[0] > self.best_acc:
                     self.best_acc = val[0]
                     self._save("best.pt", epoch, val, with_state=False)
                 self._save("last.pt", epoch, val, with_state=True)
                 self._log(last)
+            if validate:  # on every rank, so that all keep the same DropBlock rate
+                count_dropblock_passes(self.model, -(-s.val_episodes // s.episodes_per_batch))
             if self.world > 1:
                 dist.barrier()
         return last
+
+    def _validate(self) -> tuple[float, float]:
+        s = self.settings
+        return evaluate(
+            self.model,
+            self.val_set,
+            s.val_way,
+            s.val_shot,
+            s.val_episodes,
+            seed=s.val_seed,
+            device=self.device,
+            q_query=self.val_queries,
+            within_alphabet=s.val_within_alphabet,
+            workers=s.workers,
+        )
 
     def _log(self, record: dict[str, Any]) -> None:
         line = json.dumps(record)
@@ -353,6 +374,32 @@ class Trainer:
         previous = path.read_bytes() if path.exists() else b""
         atomic_write_bytes(path, previous + line.encode() + b"\n")
         plot_metrics(path, self.out_dir / "curves.png")
+
+
+def rank_batches(settings: TrainSettings, rank: int, world: int) -> list[list[int]]:
+    """Episode numbers this rank trains on, step by step: its contiguous share of each step's episodes."""
+    per_step, total = settings.episodes_per_batch, settings.episodes_per_epoch
+    if world > 1 and (per_step % world or total % per_step):
+        raise ValueError(
+            f"{world} DDP ranks share each step's {per_step} episodes: episodes_per_batch must be a "
+            f"multiple of the world size and episodes_per_epoch ({total}) a multiple of episodes_per_batch"
+        )
+    share = per_step // world
+    return [
+        list(range(first + rank * share, min(first + (rank + 1) * share, total)))
+        for first in range(0, total, per_step)
+    ]
+
+
+def count_dropblock_passes(model: nn.Module, passes: int) -> None:
+    """Advance the DropBlock ramp by `passes` backbone passes made outside training.
+
+    The official ResNet-12 counts every forward pass, evaluation included, and ramps the drop rate
+    over 40,000 of them; ours counts training passes, so validation passes are added here.
+    """
+    for block in model.modules():
+        if isinstance(block, BasicBlock) and block.drop_rate > 0:
+            block.num_batches_tracked += passes
 
 
 def _dist_info() -> tuple[int, int]:
@@ -384,11 +431,13 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     ax_loss.plot(epochs, [r["global_ce"] for r in rows], label="global CE")
     ax_loss.set_xlabel("epoch")
     ax_loss.legend()
-    acc = np.array([r["val_acc"] for r in rows])
-    ci = np.array([r["val_ci95"] for r in rows])
+    validated = [r for r in rows if r["val_acc"] is not None]
+    val_epochs = [r["epoch"] for r in validated]
+    acc = np.array([r["val_acc"] for r in validated])
+    ci = np.array([r["val_ci95"] for r in validated])
     ax_acc.plot(epochs, [r["accuracy"] for r in rows], label="train episodes")
-    ax_acc.plot(epochs, acc, label="validation")
-    ax_acc.fill_between(epochs, acc - ci, acc + ci, alpha=0.3)
+    ax_acc.plot(val_epochs, acc, marker=".", label="validation")
+    ax_acc.fill_between(val_epochs, acc - ci, acc + ci, alpha=0.3)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()

@@ -23,6 +23,7 @@ class EpisodeBatch:
     support_labels: list[torch.Tensor]
     query_labels: list[torch.Tensor]
     query_global_labels: list[torch.Tensor]
+    episode_ids: list[int]  # each episode's number in its sampler (for the current epoch)
 
     def pin_memory(self) -> EpisodeBatch:
         """Called by DataLoader(pin_memory=True); without it a custom batch type is left unpinned and the
@@ -35,6 +36,7 @@ class EpisodeBatch:
             pin(self.support_labels),
             pin(self.query_labels),
             pin(self.query_global_labels),
+            self.episode_ids,
         )
 
     def to(self, device: torch.device) -> EpisodeBatch:
@@ -46,6 +48,7 @@ class EpisodeBatch:
             move(self.support_labels),
             move(self.query_labels),
             move(self.query_global_labels),
+            self.episode_ids,
         )
 
 
@@ -84,6 +87,7 @@ class EpisodeDataset(Dataset):
             torch.from_numpy(episode.support_labels),
             torch.from_numpy(episode.query_labels),
             torch.from_numpy(global_ids),
+            index,
         )
 
 
@@ -95,14 +99,19 @@ def collate(items) -> EpisodeBatch:
         support_labels=[it[2] for it in items],
         query_labels=[it[3] for it in items],
         query_global_labels=[it[4] for it in items],
+        episode_ids=[it[5] for it in items],
     )
 
 
-def episode_loader(data: EpisodeDataset, episodes_per_batch: int, workers: int, pin: bool) -> DataLoader:
+def episode_loader(
+    data: EpisodeDataset, batches: int | list[list[int]], workers: int, pin: bool
+) -> DataLoader:
+    """Batches of `batches` consecutive episodes, or the given lists of episode numbers."""
+    if isinstance(batches, int):
+        batches = [list(range(i, min(i + batches, len(data)))) for i in range(0, len(data), batches)]
     return DataLoader(
         data,
-        batch_size=episodes_per_batch,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin,
