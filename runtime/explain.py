@@ -21,7 +21,7 @@ import numpy as np
 
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import BundleError
-from dmf_deploy.preprocess import check_frame, resize_frame
+from dmf_deploy.preprocess import check_frame, resize_box, resize_frame
 from dmf_deploy.runtime.gallery import GalleryError
 
 FIGURE_WIDTH, FIGURE_HEIGHT = 640, 384  # `render`'s image: two 300 px panels, a title and a legend
@@ -183,16 +183,9 @@ def _text(image: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.5
 # ----- on dmf-run's window ---------------------------------------------------------------------------
 def frame_affine(frame_shape: tuple[int, ...], preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) per axis (x, y) with frame pixel = scale * preprocessed pixel + shift: the inverse
-    of the preprocessing resize (a stretch, or a centre crop of the scaled frame)."""
+    of the preprocessing resize and crop (`resize_box`)."""
     h, w = frame_shape[:2]
-    size = preprocess.image_size
-    if preprocess.resize == "center-crop":
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-    else:
-        nh = nw = size
-        left = top = 0
+    nw, nh, left, top = resize_box(frame_shape, preprocess)
     ratio = np.array([w / nw, h / nh], np.float64)
     return ratio, (np.array([left, top], np.float64) + 0.5) * ratio - 0.5
 
