@@ -255,9 +255,10 @@ class Recognizer:
                 known = ", ".join(repr(n) for n in self.gallery.names) or "none"
                 raise UnknownClassError(f"no class named {name!r} is enrolled (enrolled: {known})")
             row = self.gallery.index(name)
-            bank = {k: np.ascontiguousarray(v[row : row + 1]) for k, v in self.gallery.bank_arrays().items()}
+            # explain.onnx is float32 whatever precision the bundle's own graphs and banks use.
+            bank = {k: v[row : row + 1].astype(np.float32) for k, v in self.gallery.bank_arrays().items()}
             jpeg = self.gallery.thumbnail(name)
-        outputs = self._explainer.run(EXPLAIN, {"query_features": feats, **bank})
+        outputs = self._explainer.run(EXPLAIN, {"query_features": feats.astype(np.float32), **bank})
         thumbnail = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) if jpeg else None
         return Explanation.from_outputs(name, self.config.preprocess, outputs, thumbnail)
 
