@@ -32,6 +32,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
+@click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="Also write explain.onnx (Recognizer.explain, dmf-explain, dmf-run's e key).",
+)
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
 @click.option(
@@ -56,6 +62,7 @@ def main(
     opset: int,
     force: bool,
     check: bool,
+    explain: bool,
     trt: bool,
     fp16: bool,
     max_batch: int,
@@ -87,6 +94,7 @@ def main(
                 force=force,
                 check=check,
                 progress=progress,
+                explain=explain,
             )
     except (ExportError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
