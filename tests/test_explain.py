@@ -314,3 +314,24 @@ def test_frame_affine_inverts_the_preprocessing_resize(rule):
         expected = scale[axis] * grid + shift[axis]
         # cv2's fixed-point interpolation weights: ~1/32 of a frame pixel at most.
         np.testing.assert_allclose(resized[inner, inner], expected[inner, inner], atol=0.05)
+
+
+def test_add_explain_graph_leaves_the_other_graphs_alone(
+    tmp_path, old_bundle, random_bundle, one_torch_thread
+):
+    from dmf_deploy.export.explain import add_explain_graph
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(old_bundle, bundle)
+    before = {p.name: p.read_bytes() for p in bundle.glob("*.onnx")}
+    with pytest.raises(BundleError, match="not the checkpoint"):
+        add_explain_graph(checkpoint_of(random_bundle), bundle)  # other weights: refused, nothing written
+    assert not (bundle / "explain.onnx").exists()
+    manifest = add_explain_graph("demo", bundle)
+    assert {p.name: p.read_bytes() for p in bundle.glob("*.onnx") if p.name in before} == before
+    assert Manifest.read(bundle).graphs[EXPLAIN] == manifest.graphs[EXPLAIN]
+    assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []  # no staging left
+    rec = enrolled(bundle, 2)
+    query = GLYPHS.render(1, 5)
+    means = [rec.explain(query, c).score for c in rec.classes]
+    assert relative_error(np.array([means]), rec.scores([query])) <= SCORE_TOL
