@@ -27,7 +27,7 @@ from dmf_deploy.runtime import GalleryError, Recognizer
 
 DEMO_BUNDLE = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
 V1_MANIFEST = Path(__file__).resolve().parent / "data" / "demo_manifest_v1.json"
-GRAPH_FILES = ("backbone.onnx", "support.onnx", "head.onnx")
+GRAPH_FILES = ("backbone.onnx", "support.onnx", "head.onnx", "explain.onnx")  # the demo bundle's
 
 
 def bundle_with(root: Path, manifest: dict | str) -> Path:
