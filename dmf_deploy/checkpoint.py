@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import struct
+import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +19,14 @@ import torch
 
 from dmf_deploy.atomic import atomic_write_with
 from dmf_deploy.config import ModelConfig
+from dmf_deploy.manifest import MANIFEST_NAME
 from dmf_deploy.model import DMFNet
-from dmf_deploy.packaged import DEMO_CHECKPOINT, is_demo_name
+from dmf_deploy.packaged import DEMO_CHECKPOINT, DEMO_NAME, is_demo_name
 
 FORMAT = "dmf-deploy-checkpoint"
 FORMAT_VERSION = 1
 DEMO_PATH = DEMO_CHECKPOINT
+WANTED = f'a checkpoint file (ours, or an official .pth.tar) or "{DEMO_NAME}"'
 
 # Official key -> our key. Everything under `base.` keeps its name.
 _OFFICIAL_RENAMES = {
@@ -46,6 +49,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
             )
         return DEMO_PATH
     resolved = Path(path)
+    if resolved.is_dir():
+        what = "a bundle folder (an exported model)" if (resolved / MANIFEST_NAME).is_file() else "a folder"
+        raise CheckpointError(f"{resolved} is {what}, not a checkpoint: --ckpt wants {WANTED}")
     if not resolved.is_file():
         raise CheckpointError(f"checkpoint {resolved} does not exist")
     return resolved
@@ -79,7 +85,18 @@ def save_checkpoint(model: DMFNet, path: str | os.PathLike[str], **metadata: Any
     return Path(path)
 
 
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    # torch's messages may advise weights_only=False, which would run code from the file: never pass it on.
+    detail = "" if "weights_only" in str(exc) else f": {exc}"
+    return CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated){detail}")
+
+
 def _read(path: Path) -> Any:
+    if not zipfile.is_zipfile(path) and tarfile.is_tarfile(path):
+        raise CheckpointError(
+            f"{path} is in PyTorch's legacy tar format, which safe loading (weights_only=True) cannot "
+            "read; re-save it with a current PyTorch from a source you trust"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -88,9 +105,9 @@ def _read(path: Path) -> Any:
                 f"{path} holds Python objects that safe loading (weights_only=True) refuses to run "
                 "(or it is truncated mid-record); only tensors and plain containers are accepted"
             ) from exc
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
+        raise _unreadable(path, exc) from exc
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, IndexError, struct.error) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {exc}") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> DMFNet:
@@ -114,16 +131,33 @@ def load_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[DMFNet,
             config = ModelConfig.from_dict(payload["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{resolved} has an invalid model config: {exc}") from exc
-        state = payload["state_dict"]
-        metadata = dict(payload.get("metadata", {}))
+        state = _checked_state(payload["state_dict"], resolved)
+        metadata = payload.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{resolved} has metadata that is not a dict")
+        metadata = dict(metadata)
     else:
-        state = _official_state(payload["state_dict"])
+        state = _official_state(_checked_state(payload["state_dict"], resolved))
         config = _official_config(state, resolved)
         metadata = {"source": "official", "acc": payload.get("acc"), "epoch": payload.get("epoch")}
-    model = DMFNet(config)
+    try:
+        model = DMFNet(config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{resolved} describes a model that cannot be built: {exc}") from exc
     _load_state(model, state, resolved, spell=str if payload.get("format") == FORMAT else _official_key)
     metadata.setdefault("weights_sha256", weights_sha256(model.state_dict()))
     return model.eval(), metadata
+
+
+def _checked_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: 'state_dict' entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor"
+            )
+    return state
 
 
 def _official_key(key: str) -> str:
@@ -153,8 +187,16 @@ def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
         raise CheckpointError(
             f"{path} is neither a dmf-deploy nor an official DMF checkpoint; missing keys: {missing}"
         )
+    layers = [k for k in state if k.startswith("base.layer") and k.endswith(".0.conv1.weight")]
+    for key in (*needed, *layers):
+        shape = tuple(state[key].shape)
+        if len(shape) not in (2, 4) or min(shape) < 1 or (key == needed[0] and len(shape) != 4):
+            raise CheckpointError(
+                f"{path}: {_official_key(key)} has shape {shape}, which is not a convolution kernel "
+                "(or linear weight) with non-empty axes"
+            )
     kernel_out, channels = state["head.kernel_conv.weight"].shape[:2]
-    if kernel_out > 0 and channels % kernel_out == 0:
+    if channels % kernel_out == 0:
         groups, kernel = kernel_out, 1
     elif kernel_out % 9 == 0 and channels % (kernel_out // 9) == 0:
         groups, kernel = kernel_out // 9, 3
@@ -168,6 +210,15 @@ def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
         for i in range(1, 5)
         if f"base.layer{i}.0.conv1.weight" in state
     )
+    try:
+        return _official_model_config(state, groups, kernel, widths)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its weights do not describe a valid DMF model: {exc}") from exc
+
+
+def _official_model_config(
+    state: dict[str, torch.Tensor], groups: int, kernel: int, widths: tuple[int, ...]
+) -> ModelConfig:
     return ModelConfig(
         backbone="resnet12",
         widths=widths,
@@ -201,4 +252,7 @@ def _load_state(
     ]
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape: {'; '.join(wrong[:5])}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights cannot be loaded: {exc}") from exc

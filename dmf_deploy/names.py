@@ -11,11 +11,19 @@ class InvalidClassName(ValueError):
     pass
 
 
+def name_key(name: str) -> str:
+    """The form a class name is stored and looked up in: stripped, Unicode NFC.
+
+    NFC makes "café" typed as one code point (é) and as two (e + combining accent) the same class.
+    """
+    return unicodedata.normalize("NFC", name.strip())
+
+
 def validate_class_name(name: object) -> str:
-    """Return the name stripped of surrounding spaces, or raise InvalidClassName saying why."""
+    """Return the name stripped of surrounding spaces and in NFC, or raise InvalidClassName saying why."""
     if not isinstance(name, str):
         raise InvalidClassName(f"class name must be a string, got {type(name).__name__}")
-    cleaned = name.strip()
+    cleaned = name_key(name)
     if not cleaned:
         raise InvalidClassName("class name is empty")
     if len(cleaned) > MAX_NAME_LENGTH:

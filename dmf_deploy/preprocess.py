@@ -20,9 +20,16 @@ class InvalidFrame(ValueError):
     pass
 
 
+def refuse_none(frame: object, where: str = "frame") -> None:
+    """cv2.imread returns None for a file it cannot read: say so, rather than fail on None later."""
+    if frame is None:
+        raise InvalidFrame(f"{where} is None (did the image fail to load?)")
+
+
 def check_frame(frame: object, index: int | None = None) -> np.ndarray:
     """Return the frame as HxWx3 BGR uint8, or raise InvalidFrame naming what is wrong."""
     where = "frame" if index is None else f"frame {index}"
+    refuse_none(frame, where)
     if not isinstance(frame, np.ndarray):
         raise InvalidFrame(f"{where} must be a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8:
@@ -72,6 +79,7 @@ def preprocess_frame(frame: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed."""
+    refuse_none(frames)
     if isinstance(frames, np.ndarray) and frames.ndim != 4:
         if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 3)):
             raise InvalidFrame(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from dmf_deploy.atomic import atomic_write_bytes, current_umask
+from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import SOLVERS
 from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
@@ -24,6 +25,9 @@ from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     DEFAULT_OPSET,
     EXPLAIN,
+    FORMAT,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     MAX_OPSET,
     MIN_OPSET,
     Manifest,
@@ -33,6 +37,12 @@ from dmf_deploy.manifest import (
 )
 
 EXPORTABLE_SOLVERS = tuple(s for s in SOLVERS if s != "dopri5-adaptive")
+# A killed export leaves its staging (.partial) or swapped-out (.old) folder; one untouched this long is
+# stale. Longer than a gallery's temp files: a large export can write nothing for minutes while it checks.
+STALE_EXPORT_SECONDS = 3600.0
+# Files a bundle holds besides those its manifest names: the parity report, TensorRT engines, and
+# TensorRT's timing caches (export/tensorrt_build.py writes them beside the engines).
+_BUNDLE_EXTRAS = re.compile(r"(parity\.json|.+\.plan|timing\..+\.cache)\Z")
 Progress = Callable[[str], None]
 
 
@@ -66,10 +76,10 @@ def validate_export_args(solver: str, steps: int, opset: int) -> None:
 
 
 def _check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ExportError(f"{out} already exists; pass --force to replace it")
+        _check_replaceable(out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +158,71 @@ def export_bundle(
     return out
 
 
+def _bundle_files(folder: Path) -> set[str] | None:
+    """The file names a bundle's manifest names (any format version); None if it has no readable one."""
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        if manifest_path.is_symlink() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    files = {MANIFEST_NAME}
+    for section in ("graphs", "engines"):
+        entries = manifest.get(section)
+        for entry in entries.values() if isinstance(entries, dict) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                files.add(entry["file"])
+    return files
+
+
+def _check_replaceable(out: Path) -> None:
+    """--force replaces only an empty folder or a bundle; refuse anything else, saying why."""
+    refuse = f"--force replaces only an empty folder or a dmf bundle; {out} "
+    if out.is_symlink():
+        raise ExportError(refuse + "is a symbolic link: give the folder it points to")
+    if not out.is_dir():
+        raise ExportError(refuse + "is not a folder")
+    try:
+        entries = list(os.scandir(out))
+    except OSError as exc:
+        raise ExportError(refuse + f"cannot be listed: {exc}") from exc
+    if not entries:
+        return
+    named = _bundle_files(out)
+    if named is None:
+        raise ExportError(refuse + f"is not empty and has no {FORMAT} {MANIFEST_NAME}; nothing was deleted")
+    foreign = sorted(
+        e.name
+        for e in entries
+        if not e.is_file(follow_symlinks=False) or not (e.name in named or _BUNDLE_EXTRAS.match(e.name))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ExportError(
+            refuse + f"is a bundle that also holds what its manifest does not name ({shown}); "
+            "nothing was deleted"
+        )
+
+
 def _install(staging: Path, out: Path) -> None:
-    """Swap the finished bundle into place; an old bundle is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    """Put the finished bundle in place of `out`; what was there goes only once the new bundle is in.
+
+    Where the OS allows, one atomic exchange: `out` always holds a complete bundle. Elsewhere two renames,
+    with a moment between them when `out` does not exist.
+    """
+    leftovers = re.compile(re.escape(f".{out.name}.") + r"(.+\.partial|old-\d+)\Z")
+    remove_stale(out.parent, leftovers, STALE_EXPORT_SECONDS, folders=True)
+    if not (out.exists() or out.is_symlink()):
+        os.replace(staging, out)
+        return
+    _check_replaceable(out)  # again: the folder may have changed during the export
+    if exchange_folders(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old content
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
     os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,9 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 )
 @click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option(
+    "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option(
     "--explain/--no-explain",
@@ -83,6 +85,19 @@ def main(
     def progress(message: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {message}")
 
+    def fail(message: str) -> None:
+        # soft_wrap: an error is one line, not broken mid-sentence at the terminal width; no markup
+        # parsing of paths in it.
+        console.print("[red]error:[/red] ", end="")
+        console.print(message, soft_wrap=True, markup=False, highlight=False)
+        sys.exit(2)
+
+    if trt:  # checked first: a missing TensorRT must not cost a whole export before failing
+        from dmf_deploy.export.tensorrt_build import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            fail(f"--trt: {reason}")
     try:
         with console.status("exporting..."):
             path = export_bundle(
@@ -97,8 +112,7 @@ def main(
                 explain=explain,
             )
     except (ExportError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+        fail(str(exc))
     except ParityError as exc:
         _print_parity(Path(out_dir), format_report)
         console.print(f"[red]parity failed:[/red] {exc}")
@@ -106,12 +120,8 @@ def main(
     if check:
         _print_parity(path, format_report)
     if trt:
-        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle, tensorrt_unavailable_reason
+        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle
 
-        reason = tensorrt_unavailable_reason()
-        if reason:
-            console.print(f"[red]error:[/red] --trt: {reason}")
-            sys.exit(2)
         build_trt_for_bundle(
             path, fp16=fp16, max_batch=max_batch, max_classes=max_classes, workspace_mb=workspace
         )

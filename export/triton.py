@@ -9,8 +9,11 @@ Three models, one per bundle graph:
   class bank is an input, so servers keep no state and scale out, and two requests' banks must never
   be concatenated along a batch axis.
 
-Each model is ONNX (onnxruntime backend) or, where the bundle has a TensorRT plan and `use_plans`
-is set, the plan. Graph I/O stays float32 in both cases (fp16 plans cast at their boundary).
+Beside them, ``dmf_recognizer`` (export/triton_recognizer.py): one stateful Python-backend model that
+holds the gallery in server memory and runs the torch-free Recognizer (classify and enrol).
+
+Each of the three graph models is ONNX (onnxruntime backend) or, where the bundle has a TensorRT plan
+and `use_plans` is set, the plan. Graph I/O stays float32 in both cases (fp16 plans cast at their boundary).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import ModelConfig
+from dmf_deploy.export.triton_recognizer import MODEL_NAME as RECOGNIZER_MODEL
+from dmf_deploy.export.triton_recognizer import write_recognizer_model
 from dmf_deploy.manifest import (
     BACKBONE,
     CLASS_BANK,
@@ -146,6 +151,7 @@ def write_triton_repository(
         )
         atomic_write_bytes(out / model / "config.pbtxt", text.encode("utf-8"))
         platforms[model] = platform
+    write_recognizer_model(bundle, manifest, out)
     bank_shapes = io[SUPPORT]["outputs"]
     readme = repository_readme(config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH, bank_shapes)
     atomic_write_bytes(out / "README.md", readme.encode("utf-8"))
@@ -176,15 +182,24 @@ def repository_readme(
     models = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
     return f"""# DMF model repository for Triton Inference Server
 
-Serve it with:
-
-```
-tritonserver --model-repository {out.resolve()}
-```
-
 | model | platform |
 |---|---|
+| `{RECOGNIZER_MODEL}` | `python` (dmf_deploy's Recognizer) |
 {models}
+
+## Which to use when
+
+- `{RECOGNIZER_MODEL}`: many cameras, one shared gallery. The server holds the gallery
+  (`{RECOGNIZER_MODEL}/gallery.dmfg`, saved atomically after every change); clients send frames and
+  get labels and scores back, and enrol, remove and rename classes with requests to the same model.
+  Serve it with `dmf-serve --repo {out.resolve()}` (`pip install "dmf-deploy[serve]"`) and talk to it
+  with `dmf_deploy.runtime.remote.RemoteRecognizer`.
+- `dmf_backbone`, `dmf_support`, `dmf_head`: for NVIDIA's Triton containers with the ONNX Runtime
+  (or TensorRT) backend, when the client keeps the classes itself. Stateless, but every head request
+  carries the whole class bank (below). Serve them in such a container with
+  `tritonserver --model-repository {out.resolve()} --model-control-mode explicit
+  --load-model dmf_backbone --load-model dmf_support --load-model dmf_head` (`{RECOGNIZER_MODEL}` needs
+  dmf_deploy installed where the server runs).
 
 ## How the three models fit together
 

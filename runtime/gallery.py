@@ -36,19 +36,18 @@ import math
 import os
 import re
 import struct
-import time
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import cv2
 import numpy as np
 
-from dmf_deploy.atomic import atomic_write_with
-from dmf_deploy.names import validate_class_name
+from dmf_deploy.atomic import atomic_write_with, remove_stale, write_target
+from dmf_deploy.names import name_key, validate_class_name
 
 FORMAT = "dmf-gallery"
 FORMAT_VERSION = 2
@@ -61,6 +60,15 @@ SUM_DTYPE = np.dtype(np.float32)  # halves memory against float64; a few hundred
 BANK_DTYPE = np.dtype(np.float32)  # the default; a bundle may declare float16 banks
 BANK_DTYPES = ("float32", "float16")
 _MIN_CAPACITY = 4
+# Bounds no real gallery reaches, checked before anything is allocated: a hand-made file must not cost
+# more than its own size in memory, nor overflow int64 shot counts.
+MAX_CLASSES = 1 << 20
+MAX_SHOTS = 1 << 31  # per class
+MAX_RANK = 8  # axes of a feature or class-bank tensor
+MAX_ROW_ELEMENTS = 1 << 24  # elements of one class's feature map or bank tensor (64 MB of float32)
+MAX_THUMBNAIL_BYTES = 256 << 10
+MAX_THUMBNAIL_SIDE = 256  # pixels; saved thumbnails are THUMBNAIL_SIZE
+_ZIP_MAGIC = b"PK\x03\x04"
 _BANK_PREFIX = "bank."
 _BANK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -84,6 +92,10 @@ def _shape(value: Any, what: str) -> tuple[int, ...]:
         raise GalleryError(f"{what} must be a sequence of positive integers, got {value!r}") from exc
     if not shape or min(shape) < 1:
         raise GalleryError(f"{what} must be a non-empty sequence of positive integers, got {value!r}")
+    if len(shape) > MAX_RANK or math.prod(shape) > MAX_ROW_ELEMENTS:
+        raise GalleryError(
+            f"{what} {shape} is too large: at most {MAX_RANK} axes and {MAX_ROW_ELEMENTS} elements"
+        )
     return shape
 
 
@@ -182,7 +194,7 @@ class Gallery:
         return self._count
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.strip() in self._rows
+        return isinstance(name, str) and name_key(name) in self._rows
 
     def __repr__(self) -> str:
         return f"Gallery({self._count} classes, model {_short(self.fingerprint)})"
@@ -194,7 +206,7 @@ class Gallery:
 
     def index(self, name: str) -> int:
         """Row of a class; KeyError if it is not enrolled."""
-        key = name.strip() if isinstance(name, str) else name
+        key = name_key(name) if isinstance(name, str) else name
         try:
             return self._rows[key]
         except (KeyError, TypeError):
@@ -270,10 +282,12 @@ class Gallery:
             )
         if not np.all(np.isfinite(delta)):
             raise GalleryError(f"the features of {name!r} contain NaN or infinity")
+        row = self._rows.get(name)
+        if int(n_shots) + (0 if row is None else int(self._counts[row])) > MAX_SHOTS:
+            raise GalleryError(f"class {name!r} would have more than {MAX_SHOTS} shots")
         thumb = None if thumbnail_bgr is None else encode_thumbnail(thumbnail_bgr)
 
         now = _now()
-        row = self._rows.get(name)
         if row is None:
             row = self._append_row(name, now)
         self._sums[row] += delta.astype(SUM_DTYPE)
@@ -425,12 +439,19 @@ class Gallery:
             "thumbnail_offsets": offsets,
             **{_BANK_PREFIX + k: a[:n] for k, a in self._banks.items()},
         }
-        _remove_stale_temps(target)
 
         def write(handle: IO[bytes]) -> None:
             np.savez(handle, **arrays)
 
-        atomic_write_with(target, write)
+        try:
+            real, _ = write_target(target)  # a symlink is saved through, to the file it names
+            _remove_stale_temps(real)
+            atomic_write_with(target, write)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise  # names its path already
+            # A write error ("No space left on device") names no file; say which gallery was not saved.
+            raise OSError(exc.errno, f"cannot save the gallery {target}: {exc.strerror}") from exc
         return target
 
     # ----------------------------------------------------------------- loading
@@ -444,15 +465,21 @@ class Gallery:
         The description is only used in messages (and kept for later saves if given).
         """
         path = Path(path)
+        if not path.exists():  # follows links: a dangling link names the file a save will create
+            raise GalleryNotFoundError(f"gallery file {path} does not exist")
         if not path.is_file():
-            problem = "is not a file" if path.exists() else "does not exist"
-            raise GalleryNotFoundError(f"gallery file {path} {problem}")
+            raise GalleryError(
+                f"gallery path {path} exists but is not a regular file (a folder, device or FIFO); "
+                "refusing to read or replace it"
+            )
         try:
-            npz = np.load(path, allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array
-                raise GalleryError(f"{path} is not a {FORMAT} file (not an .npz archive)")
-            with npz:
-                return cls._from_npz(path, npz, expected_fingerprint, expected_description)
+            with open(path, "rb") as handle:
+                if handle.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                    raise GalleryError(f"{path} is not a {FORMAT} file (not an .npz archive)")
+                size = os.fstat(handle.fileno()).st_size
+                with zipfile.ZipFile(handle) as archive:
+                    npz = _Archive(archive, size)
+                    return cls._from_npz(path, npz, expected_fingerprint, expected_description)
         except GalleryError:
             raise
         except (
@@ -461,6 +488,7 @@ class Gallery:
             EOFError,
             KeyError,
             TypeError,
+            OverflowError,
             zipfile.BadZipFile,
             zlib.error,
             struct.error,
@@ -471,7 +499,7 @@ class Gallery:
             raise GalleryError(f"{path} is corrupt or not a {FORMAT} file: {exc}") from exc
 
     @classmethod
-    def _from_npz(cls, path: Path, npz: Any, fingerprint: str, description: str) -> Gallery:
+    def _from_npz(cls, path: Path, npz: _Archive, fingerprint: str, description: str) -> Gallery:
         header_array = _read_member(npz, "header", np.uint8, None, limit=MAX_HEADER_BYTES)
         header = json.loads(header_array.tobytes().decode("utf-8"))
         if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -508,16 +536,28 @@ class Gallery:
         if not isinstance(classes, list):
             raise GalleryError(f"{path} has no class list")
         n = len(classes)
+        # The class list is checked against the stored rows before it is walked.
+        stored = _member_header(npz, "feature_sums").shape
+        if n > MAX_CLASSES or stored[:1] != (n,):
+            raise GalleryError(
+                f"{path} lists {n} classes but stores feature sums of shape {stored} "
+                f"(and at most {MAX_CLASSES} classes are allowed)"
+            )
         names, counts, created, updated = [], [], [], []
+        seen: set[str] = set()
         for entry in classes:
             if not isinstance(entry, dict):
-                raise GalleryError(f"{path} has a malformed class entry {entry!r}")
-            name = validate_class_name(entry.get("name"))
-            if name != entry["name"] or name in names:
+                raise GalleryError(f"{path} has a malformed class entry {str(entry)[:100]!r}")
+            name = validate_class_name(entry.get("name"))  # NFC: a gallery of older versions may hold NFD
+            if name in seen:
                 raise GalleryError(f"{path} has an invalid or duplicate class name {entry['name']!r}")
+            seen.add(name)
             shots = entry.get("shots")
-            if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-                raise GalleryError(f"{path}: class {name!r} has an invalid shot count {shots!r}")
+            if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= MAX_SHOTS:
+                raise GalleryError(
+                    f"{path}: class {name!r} has an invalid shot count {str(shots)[:40]!r} "
+                    f"(1..{MAX_SHOTS})"
+                )
             stamps = (entry.get("created"), entry.get("updated"))
             if not all(isinstance(s, str) and len(s) <= 64 for s in stamps):
                 raise GalleryError(f"{path}: class {name!r} has invalid timestamps")
@@ -547,36 +587,67 @@ class Gallery:
             gallery._banks[k][:n] = a
         gallery._names = names
         gallery._rows = {nm: i for i, nm in enumerate(names)}
-        gallery._thumbs = [blob[a:b] or None for a, b in zip(offsets[:-1], offsets[1:])]
+        gallery._thumbs = [
+            _checked_thumbnail(path, name, blob[a:b])
+            for name, a, b in zip(names, offsets[:-1].tolist(), offsets[1:].tolist())
+        ]
         gallery._created, gallery._updated = created, updated
         gallery._bank_ready = [True] * n
         return gallery
 
 
-def _read_member(
-    npz: Any, key: str, dtype: Any, shape: tuple[int, ...] | None, limit: int | None = None
-) -> np.ndarray:
-    """Read one array after checking its .npy header, so a lying file cannot make us allocate or unpickle.
+class _Archive:
+    """An open gallery zip and the size of its file (what every declared size is checked against)."""
 
-    `shape` None means any 1-D array (of at most `limit` bytes if given). The result has native byte order.
-    """
-    dtype = np.dtype(dtype)
+    def __init__(self, archive: zipfile.ZipFile, size: int) -> None:
+        self.zip = archive
+        self.size = size
+
+
+class _Member(NamedTuple):
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    data_offset: int  # where the array data starts within the member
+
+
+def _member_header(npz: _Archive, key: str) -> _Member:
+    """One stored array's zip entry and .npy header, read without touching its data."""
     try:
         info = npz.zip.getinfo(key + ".npy")
     except KeyError:
         raise GalleryError(f"gallery file lacks the array {key!r}") from None
     if info.compress_type != zipfile.ZIP_STORED:
         raise GalleryError(f"gallery array {key!r} is compressed; np.savez never writes that")
+    # Sizes in a zip are claims of the file itself: a stored member must lie within the archive.
+    if info.file_size != info.compress_size or info.header_offset + info.compress_size > npz.size:
+        raise GalleryError(
+            f"gallery array {key!r} declares {info.file_size} bytes, more than the {npz.size}-byte file holds"
+        )
     with npz.zip.open(info) as member:
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
-            got_shape, _, got_dtype = np.lib.format.read_array_header_1_0(member)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
         elif version == (2, 0):
-            got_shape, _, got_dtype = np.lib.format.read_array_header_2_0(member)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
         else:
             raise GalleryError(f"gallery array {key!r} has unsupported .npy version {version}")
+        return _Member(info, tuple(shape), bool(fortran), dtype, member.tell())
+
+
+def _read_member(
+    npz: _Archive, key: str, dtype: Any, shape: tuple[int, ...] | None, limit: int | None = None
+) -> np.ndarray:
+    """Read one array after checking its .npy header, so a lying file cannot make us allocate or unpickle.
+
+    `shape` None means any 1-D array (of at most `limit` bytes if given). The result has native byte order.
+    """
+    dtype = np.dtype(dtype)
+    info, got_shape, fortran, got_dtype, data_offset = _member_header(npz, key)
+    nbytes = math.prod(got_shape) * got_dtype.itemsize  # Python ints: no overflow
     # A stored member holds its data: a header claiming more would make numpy allocate what the file lacks.
-    if math.prod(got_shape) * got_dtype.itemsize > info.file_size:  # Python ints: no overflow
+    if min(got_shape, default=1) < 0 or data_offset + nbytes > info.file_size:
         raise GalleryError(
             f"gallery array {key!r} claims shape {got_shape}, more than its {info.file_size} bytes"
         )
@@ -584,33 +655,85 @@ def _read_member(
     if (got_dtype.kind, got_dtype.itemsize) != (dtype.kind, dtype.itemsize):
         raise GalleryError(f"gallery array {key!r} has dtype {got_dtype}; expected {dtype}")
     if shape is None:
-        if len(got_shape) != 1 or (limit is not None and got_shape[0] * dtype.itemsize > limit):
+        if len(got_shape) != 1 or (limit is not None and nbytes > limit):
             raise GalleryError(
                 f"gallery array {key!r} has shape {got_shape}; expected 1-D"
                 + (f" of at most {limit} bytes" if limit is not None else "")
             )
-    elif tuple(got_shape) != shape:
+    elif got_shape != shape:
         raise GalleryError(
-            f"gallery array {key!r} has shape {tuple(got_shape)}, inconsistent with the header's {shape}"
+            f"gallery array {key!r} has shape {got_shape}, inconsistent with the header's {shape}"
         )
-    return np.asarray(npz[key], dtype=dtype)
+    with npz.zip.open(info) as member:
+        member.seek(data_offset)
+        data = member.read(nbytes)
+    if len(data) != nbytes:
+        raise GalleryError(f"gallery array {key!r} is truncated")
+    array = np.frombuffer(data, got_dtype).reshape(got_shape, order="F" if fortran else "C")
+    return array.astype(dtype)  # native byte order, writable, C order
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding; None if it has none."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            if i + 9 > len(data):
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return width, height
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def _thumbnail_problem(data: bytes) -> str | None:
+    if len(data) > MAX_THUMBNAIL_BYTES:
+        return f"is {len(data)} bytes (the limit is {MAX_THUMBNAIL_BYTES})"
+    size = jpeg_size(data)
+    if size is None:
+        return "is not a JPEG image"
+    if min(size) < 1 or max(size) > MAX_THUMBNAIL_SIDE:
+        return f"is {size[0]}x{size[1]} pixels (the limit is {MAX_THUMBNAIL_SIDE} a side)"
+    return None
+
+
+def _checked_thumbnail(path: Path, name: str, data: bytes) -> bytes | None:
+    if not data:
+        return None
+    problem = _thumbnail_problem(data)
+    if problem:
+        raise GalleryError(f"{path}: the thumbnail of {name!r} {problem}")
+    return data
+
+
+def decode_thumbnail(data: bytes | None) -> np.ndarray | None:
+    """A thumbnail as a BGR image; None when there is none or it is not a small JPEG.
+
+    Dimensions are read from the JPEG header first: a "thumbnail" of 10000x10000 pixels is never decoded.
+    """
+    if not data or _thumbnail_problem(data):
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
 def _remove_stale_temps(target: Path) -> None:
     """Delete temp files that earlier saves to `target` left when killed (atomic_open's naming)."""
     pattern = re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]+\.tmp\Z")
-    try:
-        entries = list(os.scandir(target.parent))
-    except OSError:
-        return  # the folder does not exist yet; atomic_open creates it
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for entry in entries:
-        try:
-            if (
-                pattern.match(entry.name)
-                and entry.is_file(follow_symlinks=False)
-                and entry.stat().st_mtime < cutoff
-            ):
-                os.unlink(entry.path)
-        except OSError:
-            pass  # another process removed it first, or it is not ours to remove
+    remove_stale(target.parent, pattern, STALE_TEMP_SECONDS)

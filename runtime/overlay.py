@@ -24,7 +24,7 @@ import numpy as np
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.runtime.commands import Event, Session
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, draw_live
-from dmf_deploy.runtime.gallery import GalleryError
+from dmf_deploy.runtime.gallery import GalleryError, decode_thumbnail
 from dmf_deploy.runtime.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.recognizer import Prediction
 
@@ -245,8 +245,7 @@ def class_strip(session: Session) -> tuple[list[tuple[str, int]], dict[str, np.n
     classes = [(c["name"], c["shots"]) for c in session.class_list()]
     thumbs = {}
     for name, _ in classes:
-        data = session.rec.gallery.thumbnail(name)
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        image = decode_thumbnail(session.rec.gallery.thumbnail(name))
         if image is not None:
             thumbs[name] = image
     return classes, thumbs

@@ -13,16 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, EXPLAIN, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.names import validate_class_name
 from dmf_deploy.packaged import resolve_bundle_path
-from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames
+from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
 from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backend
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, UnknownClassError
-from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError
+from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError, decode_thumbnail
 from dmf_deploy.runtime.rwlock import ReadWriteLock
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -194,6 +193,7 @@ class Recognizer:
             and (frames.ndim == 2 or frames.shape[2] in (1, 3))
         ):
             raise InvalidFrame("enroll takes a sequence of frames; wrap a single frame in a list")
+        refuse_none(frames)
         if len(frames) == 0:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
         feats = self.features(frames)  # validates every frame before anything changes
@@ -259,8 +259,7 @@ class Recognizer:
             bank = {k: v[row : row + 1].astype(np.float32) for k, v in self.gallery.bank_arrays().items()}
             jpeg = self.gallery.thumbnail(name)
         outputs = self._explainer.run(EXPLAIN, {"query_features": feats.astype(np.float32), **bank})
-        thumbnail = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) if jpeg else None
-        return Explanation.from_outputs(name, self.config.preprocess, outputs, thumbnail)
+        return Explanation.from_outputs(name, self.config.preprocess, outputs, decode_thumbnail(jpeg))
 
     def head_scores(self, feats: np.ndarray, bank: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The exact head alone: [B, N] scores of backbone features against a class bank (default:

@@ -21,6 +21,7 @@ from bundles import checkpoint_of, export_small_bundle, relative_error  # tests/
 import dmf_deploy.runtime
 from dmf_deploy.manifest import BundleError, Manifest
 from dmf_deploy.names import InvalidClassName
+from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import Gallery, GalleryError, Prediction, Recognizer
 from dmf_deploy.train.glyphs import GlyphSet
@@ -553,7 +554,6 @@ def five_classes(rec) -> Recognizer:
     return rec
 
 
-DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
 
 
 @pytest.mark.skipif(not DEMO_BUNDLE.is_dir(), reason="the demo bundle is not installed")

@@ -9,17 +9,15 @@ is a chosen number. Then the real bundle, unmodified: `scores()` is exact whatev
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, read_manifest
+from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.backends import OnnxRuntimeBackend
 from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
-DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "dmf_deploy" / "assets" / "demo_bundle"
 pytestmark = pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
 
 

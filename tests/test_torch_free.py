@@ -30,6 +30,8 @@ TORCH_FREE = [
     "dmf_deploy.runtime.bench",  # dmf-bench
     "dmf_deploy.runtime.explain",
     "dmf_deploy.runtime.explain_cli",  # dmf-explain
+    "dmf_deploy.runtime.remote",
+    "dmf_deploy.runtime.serve",
 ]
 
 PROBE = textwrap.dedent(

@@ -45,7 +45,7 @@ def _model_config_class():
         from tritonclient.grpc import model_config_pb2
 
         return model_config_pb2.ModelConfig
-    except ImportError:
+    except (ImportError, RuntimeError):  # RuntimeError: tritonclient installed without its grpc extra
         pass
     F = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(

@@ -1,0 +1,111 @@
+"""Property-based fuzzing of the gallery reader: any bytes give a Gallery or a GalleryError, never
+another exception, within 1 s of CPU and 256 MB of memory (checked in a child with a memory limit).
+
+Three kinds of input: arbitrary bytes; a real gallery file with bytes changed, cut or inserted; and a
+well-formed archive whose JSON header holds arbitrary values. Example counts are modest (the CI machine
+has 2 cores); Hypothesis is derandomised so a CI failure reproduces locally.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bounded_reader import BoundedReader
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_gallery import filled, npz_members, savez
+
+CPU_BOUND_S = 1.0  # the issue's bound per file; CPU time, so a busy CI machine does not inflate it
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,  # timing is checked in the child, on CPU time
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def reader() -> Iterator[BoundedReader]:
+    child = BoundedReader(memory_mb=256)
+    yield child
+    child.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module")
+def good_file(workdir: Path) -> Path:
+    return filled(3).save(workdir / "good.dmfg")
+
+
+def check(reader: BoundedReader, path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    answer = reader.load(path)
+    assert answer["outcome"] in ("ok", "GalleryError"), answer["message"]
+    assert answer["cpu_s"] < CPU_BOUND_S, answer
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=4096), st.binary(max_size=4096).map(lambda b: b"PK\x03\x04" + b)))
+def test_arbitrary_bytes(reader: BoundedReader, workdir: Path, data: bytes) -> None:
+    check(reader, workdir / "bytes.dmfg", data)
+
+
+edit = st.tuples(
+    st.sampled_from(["set", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=8)
+)
+
+
+@FUZZ
+@given(edits=st.lists(edit, min_size=1, max_size=4))
+def test_mutated_gallery(
+    reader: BoundedReader, workdir: Path, good_file: Path, edits: list[tuple[str, float, bytes]]
+) -> None:
+    data = bytearray(good_file.read_bytes())
+    for kind, where, payload in edits:
+        at = int(where * (len(data) - 1)) if data else 0
+        if kind == "set":
+            data[at : at + len(payload)] = payload[: len(data) - at]
+        elif kind == "cut":
+            del data[at:]
+        else:
+            data[at:at] = payload
+    check(reader, workdir / "mutated.dmfg", bytes(data))
+
+
+json_value = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+header_key = st.sampled_from(["feature_shape", "bank_shapes", "classes", "feature_dtype", "format_version"])
+
+
+@FUZZ
+@given(
+    changes=st.dictionaries(header_key, json_value, max_size=3),
+    # Counts near and past the int32/int64 limits, where numpy overflows, as often as any other value.
+    shots=st.builds(lambda k, d: 2**k + d, st.integers(0, 100), st.integers(-2, 2)) | json_value,
+)
+def test_arbitrary_header_values(
+    reader: BoundedReader, workdir: Path, good_file: Path, changes: dict, shots: object
+) -> None:
+    members = npz_members(good_file)
+    header = json.loads(members["header"].tobytes())
+    header["classes"][0]["shots"] = shots
+    header.update(changes)
+    members["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    path = workdir / "header.dmfg"
+    savez(path, **members)
+    check(reader, path, path.read_bytes())
