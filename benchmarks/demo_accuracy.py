@@ -17,7 +17,7 @@ float64 mean of its shots' features cast to float32 (as enroll), support.onnx ma
 call (as scores). The first --check episodes of every task are also run through a fresh Recognizer's
 enroll + scores on the raw images, and the script stops if any score differs.
 
-    python benchmarks/demo_accuracy.py [--data-root /work/shared/data/omniglot] [--bundle DIR]
+    python benchmarks/demo_accuracy.py [--data-root OMNIGLOT_DIR] [--bundle DIR]
         [--episodes 600] [--episodes-20 400] [--queries 15] [--splits test,val] [--check 2] [--json F]
 """
 
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The folder with images_background_small{1,2}.zip (as tests/test_datasets.py looks for it).
 DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
 BATCH = 64
-TOLERANCE = 1e-5  # relative, over an episode's [Q, N] scores (DESIGN: max|got - ref| / max|ref|)
+TOLERANCE = 1e-5  # relative, over an episode's [Q, N] scores (max|got - ref| / max|ref|)
 # Lake et al.'s floors for Omniglot 20-way within-alphabet 1-shot (error rates, on their 20 runs).
 FLOORS = (("chance", 95.0), ("pixel nearest neighbour (cosine, blurred)", 72.0), ("Modified Hausdorff", 39.0))
 

@@ -39,7 +39,7 @@ from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.recognizer import coarse_scores, new_gallery
 
 DEMO_BUNDLE = packaged.DEMO_BUNDLE
-DATA = Path("/work/shared/data/omniglot")
+DATA = Path(os.environ.get("DMF_OMNIGLOT_DIR", "omniglot"))  # the folder of the Omniglot zips
 TARGET = 0.995  # top-1 agreement with exact at >= 200 classes
 ROTATION_SETS = ((0,), (0, 90), (0, 90, 180), (0, 90, 180, 270))
 BATCH = 64

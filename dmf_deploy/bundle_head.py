@@ -19,7 +19,7 @@ with bilinear hat weights relu(1 - |y - i|) * relu(1 - |x - j|). A window member
 neighbour of the sample gets weight 0, so samples off the map read zero (DCN v1). One Gather fetches
 the 9 taps x 4 corners rows for every (query, class, position), one batched MatMul sums them.
 
-Scores for k = 1 in group space (DESIGN.md), laid out [Q, G, N, h*w]: the sampled filters need one
+Scores for k = 1 in group space (docs/solvers.md), laid out [Q, G, N, h*w]: the sampled filters need one
 transpose of a [N*h*w, G] matrix per query to get there, and <relu(q)_g, w_g> comes out of its MatMul
 in that layout directly. The mean over positions is taken inside the same reduction. The solver's
 growth is `linear_growth` on rates below MAX_FILTER: exp where the fixed-step solver equals it in

@@ -180,7 +180,11 @@ def _official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
-    """Infer the official model's config from its weights (DESIGN.md: the G, k rule)."""
+    """Infer the official model's config from its weights.
+
+    G and k come from kernel_conv's out_channels: k = 1 if they divide C, else k = 3 if a ninth of them
+    does (unique because C = 640 has no factor 3).
+    """
     needed = ("head.kernel_conv.weight", "global_classifier.weight", "base.layer4.0.conv1.weight")
     missing = [_official_key(k) for k in needed if k not in state]
     if missing:

@@ -11,11 +11,43 @@ from typing import Any
 
 BACKBONES = ("resnet12", "conv4")
 FIXED_SOLVERS = ("euler", "midpoint", "rk4", "rk4-38", "dopri5")
-SOLVERS = (*FIXED_SOLVERS, "dopri5-adaptive", "exact")
+ADAPTIVE_SOLVERS = ("dopri5-adaptive",)
+SOLVERS = (*FIXED_SOLVERS, *ADAPTIVE_SOLVERS, "exact")
+EXPORTABLE_SOLVERS = (*FIXED_SOLVERS, "exact")  # an adaptive solver's step count depends on the data
+# The one default step count for a fixed-step solver: fixed-step dopri5 x 8 equals the closed form to
+# within float32 rounding (docs/solvers.md), so more steps buy nothing.
+DEFAULT_STEPS = 8
 RESIZE_RULES = ("stretch", "center-crop")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A solver choice, checked once where it enters (config, CLI, `episode_scores`, export).
+
+    `name` is one of SOLVERS; `steps` the fixed-step count (an adaptive solver chooses its own steps
+    and ignores it, `exact` is one closed-form step). `exact` exists only for kernel 1.
+    """
+
+    name: str
+    steps: int
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE_SOLVERS
+
+    @classmethod
+    def checked(cls, name: str, steps: int, kernel: int) -> Solver:
+        """The solver `name` x `steps` for a head of `kernel`; ValueError naming what is wrong."""
+        if name not in SOLVERS:
+            raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if name == "exact" and kernel != 1:
+            raise ValueError(f"the 'exact' solver exists only for kernel 1; this model has k = {kernel}")
+        return cls(name, steps)
 
 
 @dataclass(frozen=True)
@@ -77,12 +109,7 @@ class ModelConfig:
             raise ValueError(f"kernel must be 1 or 3, got {self.kernel}")
         if self.groups < 1 or self.channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide the feature channels {self.channels}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
-        if self.solver == "exact" and self.kernel != 1:
-            raise ValueError("the 'exact' solver exists only for kernel 1")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        Solver.checked(self.solver, self.steps, self.kernel)
 
     @property
     def channels(self) -> int:

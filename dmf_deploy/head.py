@@ -191,9 +191,7 @@ def integrate_channels(
     p, c, h, w = x0.shape
     g, k = head.groups, head.kernel
     weights = filter_per_tap(filt, g, k, head.official_filter_order).unsqueeze(2)  # [P, G, 1, kk, hw]
-    if solver == "exact":
-        if k != 1:
-            raise ValueError("the 'exact' solver exists only for kernel 1")
+    if solver == "exact":  # k = 1: Solver.checked refused it for any other kernel
         growth = torch.exp(weights.reshape(p, g, 1, h * w))
         grouped = x0.reshape(p, g, c // g, h * w)
         return torch.where(grouped > 0, grouped * growth, grouped).reshape(p, c, h, w)

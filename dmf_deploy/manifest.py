@@ -465,6 +465,7 @@ def _parse(raw: Any, source: str) -> Manifest:
     for tensor in CLASS_BANK:
         if tensor not in graphs[SUPPORT].outputs:
             raise r.fail(f"graphs.support.outputs.{tensor}", "is missing")
+    _check_backbone_io(r, model, tuple(int(d) for d in feature_shape), graphs[BACKBONE])
     engines_raw = r.get(raw, "engines", "", dict, {})
     engines = {name: _engine(r, entry, f"engines.{name}") for name, entry in engines_raw.items()}
     calibration = None
@@ -507,6 +508,30 @@ def _parse(raw: Any, source: str) -> Manifest:
         target=r.choice(raw, "target", "", TARGETS, "gather"),
         open_set=r.get(raw, "open_set", "", dict, None),
     )
+
+
+def _check_backbone_io(
+    r: _Reader, model: ModelConfig, feature_shape: tuple[int, ...], spec: GraphSpec
+) -> None:
+    """The model's image size is the backbone's input, its feature maps are the backbone's output and
+    `feature_shape`: a manifest that says otherwise lies (the sessions then check the graph itself)."""
+    size = model.preprocess.image_size
+    expected = (model.channels, model.feature_size, model.feature_size)
+    images = spec.inputs.get("images")
+    if images is None or tuple(images[1:]) != (3, size, size):
+        raise r.fail(
+            "graphs.backbone.inputs.images",
+            f"is {None if images is None else list(images)}; model.preprocess.image_size {size} "
+            f"needs [B, 3, {size}, {size}]",
+        )
+    if feature_shape != expected:
+        raise r.fail("feature_shape", f"is {list(feature_shape)}; the model computes {list(expected)}")
+    features = spec.outputs.get("features")
+    if features is None or tuple(features[1:]) != feature_shape:
+        raise r.fail(
+            "graphs.backbone.outputs.features",
+            f"is {None if features is None else list(features)}; feature_shape is {list(feature_shape)}",
+        )
 
 
 def _graph(r: _Reader, entry: Any, where: str) -> GraphSpec:

@@ -7,12 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmf_deploy.backbones import build_backbone
-from dmf_deploy.config import ModelConfig
+from dmf_deploy.config import DEFAULT_STEPS, ModelConfig, Solver
 from dmf_deploy.head import ClassBank, DMFHead
-from dmf_deploy.solvers import check_solver
 
 FORMS = ("factored", "literal")
-DEFAULT_STEPS = 8  # for a solver other than the training one, as `dmf-export --steps` defaults
 
 
 class DMFNet(nn.Module):
@@ -51,13 +49,12 @@ class DMFNet(nn.Module):
         return self.head.class_bank(prototypes)
 
     def resolve_solver(self, solver: str | None, steps: int | None) -> tuple[str, int]:
+        """None means the training solver (and its steps); another solver defaults to DEFAULT_STEPS."""
         solver = self.config.solver if solver is None else solver
         if steps is None:
             steps = self.config.steps if solver == self.config.solver else DEFAULT_STEPS
-        check_solver(solver, steps)
-        if solver == "exact" and self.config.kernel != 1:
-            raise ValueError("the 'exact' solver exists only for kernel 1")
-        return solver, steps
+        checked = Solver.checked(solver, steps, self.config.kernel)
+        return checked.name, checked.steps
 
     def score_map(
         self,
@@ -107,30 +104,6 @@ class DMFNet(nn.Module):
         return self.head_scores(query_feats, self.class_bank(protos), solver, steps)
 
     # ----- training --------------------------------------------------------------------------------
-    def training_loss(
-        self,
-        support: torch.Tensor,
-        support_labels: torch.Tensor,
-        query: torch.Tensor,
-        query_labels: torch.Tensor,
-        query_global_labels: torch.Tensor,
-        fewshot_weight: float | None = None,
-        solver: str | None = None,
-        steps: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The paper's loss for one episode of images (see `loss_from_features`)."""
-        feats = self.features(torch.cat([support, query], dim=0))
-        return self.loss_from_features(
-            feats[: support.shape[0]],
-            support_labels,
-            feats[support.shape[0] :],
-            query_labels,
-            query_global_labels,
-            fewshot_weight,
-            solver,
-            steps,
-        )
-
     def loss_from_features(
         self,
         support_feats: torch.Tensor,

@@ -15,7 +15,7 @@ from functools import cache
 
 import torch
 
-from dmf_deploy.config import FIXED_SOLVERS, SOLVERS
+from dmf_deploy.config import FIXED_SOLVERS
 
 Rhs = Callable[[torch.Tensor], torch.Tensor]  # autonomous: the alignment ODE does not depend on t
 
@@ -60,13 +60,6 @@ TABLEAUS: dict[str, Tableau] = {
 assert set(TABLEAUS) == set(FIXED_SOLVERS)
 
 
-def check_solver(solver: str, steps: int) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-
-
 def rk_step(f: Rhs, y: torch.Tensor, dt: float, tableau: Tableau) -> torch.Tensor:
     """One explicit Runge-Kutta step of size dt."""
     stages: list[torch.Tensor] = []
@@ -101,8 +94,10 @@ def adaptive_solve(f: Rhs, y0: torch.Tensor, rtol: float, atol: float) -> torch.
 def solve(
     f: Rhs, y0: torch.Tensor, solver: str, steps: int, rtol: float = 1e-2, atol: float = 1e-2
 ) -> torch.Tensor:
-    """Integrate dy/dt = f(y) over [0, 1] with any general-purpose solver (not `exact`)."""
-    check_solver(solver, steps)
+    """Integrate dy/dt = f(y) over [0, 1] with any general-purpose solver (not `exact`).
+
+    `solver` and `steps` are trusted: `config.Solver.checked` validated them where they came in.
+    """
     if solver == "dopri5-adaptive":
         return adaptive_solve(f, y0, rtol, atol)
     if solver == "exact":
@@ -139,13 +134,12 @@ def linear_growth(
 ) -> torch.Tensor:
     """What the solver makes of y' = rate * y, y(0) = 1, at t = 1: exp(rate) for `exact`.
 
-    For the k = 1 ODE on a positive entry this is the whole solution (DESIGN.md, "closed form").
+    For the k = 1 ODE on a positive entry this is the whole solution (docs/solvers.md, "The closed form").
     `max_rate`: a bound on `rate` (the head's rates are sigmoids, below 1). Where the fixed-step
     solver's R(rate/steps)^steps equals exp(rate) to within the dtype's rounding over [0, max_rate]
     (`growth_is_exp`), the growth is evaluated as exp(rate): the same value, more accurately than
     the polynomial's float arithmetic, in one op instead of about fifteen.
     """
-    check_solver(solver, steps)
     if solver == "exact" or (max_rate is not None and growth_is_exp(solver, steps, rate.dtype, max_rate)):
         return torch.exp(rate)
     if solver == "dopri5-adaptive":

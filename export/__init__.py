@@ -1,6 +1,6 @@
 """Export: ONNX graphs, bundle writer, parity reports, TensorRT builder, Triton repository.
 
-`export_bundle` is the public entry point (DESIGN.md); it is loaded on first use so that importing
+`export_bundle` is the public entry point; it is loaded on first use so that importing
 this package stays cheap.
 """
 

@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
-from dmf_deploy.config import SOLVERS
+from dmf_deploy.config import DEFAULT_STEPS, Solver
 from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
@@ -36,7 +37,6 @@ from dmf_deploy.manifest import (
     sha256_file,
 )
 
-EXPORTABLE_SOLVERS = tuple(s for s in SOLVERS if s != "dopri5-adaptive")
 # A killed export leaves its staging (.partial) or swapped-out (.old) folder; one untouched this long is
 # stale. Longer than a gallery's temp files: a large export can write nothing for minutes while it checks.
 STALE_EXPORT_SECONDS = 3600.0
@@ -51,19 +51,24 @@ class ExportError(ValueError):
 
 
 class ParityError(RuntimeError):
-    """The bundle was written but broke a parity tolerance (see its parity.json)."""
+    """The bundle was written but broke a parity tolerance; `report` is the parity report."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
 
 
-def validate_export_args(solver: str, steps: int, opset: int) -> None:
-    if solver == "dopri5-adaptive":
+def validate_export_args(solver: str, steps: int, opset: int, kernel: int) -> Solver:
+    """The export's solver for a model of `kernel`, checked once; ExportError says what is wrong."""
+    try:
+        checked = Solver.checked(solver, steps, kernel)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if checked.adaptive:
         raise ExportError(
-            "dopri5-adaptive cannot be exported: its step count depends on the data. Use the fixed-step "
+            f"{solver} cannot be exported: its step count depends on the data. Use the fixed-step "
             "'dopri5' with --steps (8 reaches ~1e-6 of exact), or 'exact' for k = 1"
         )
-    if solver not in EXPORTABLE_SOLVERS:
-        raise ExportError(f"unknown solver {solver!r}; choose one of {', '.join(EXPORTABLE_SOLVERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ExportError(f"--steps must be a positive integer, got {steps!r}")
     if opset >= 20:
         raise ExportError(
             f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
@@ -73,6 +78,7 @@ def validate_export_args(solver: str, steps: int, opset: int) -> None:
         raise ExportError(
             f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
         )
+    return checked
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -93,30 +99,33 @@ def export_bundle(
     ckpt: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] = "bundle",
     solver: str = "dopri5",
-    steps: int = 8,
+    steps: int = DEFAULT_STEPS,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     check: bool = True,
     progress: Progress | None = None,
+    on_parity: Callable[[dict[str, Any]], None] | None = None,
     explain: bool = True,
 ) -> Path:
     """Export a checkpoint (path or "demo") to a bundle folder and return its path.
 
-    `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs)."""
+    With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
+    `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs).
+    """
     say = progress or (lambda _msg: None)
-    validate_export_args(solver, steps, opset)
     out = Path(out_dir).absolute()
     _check_destination(out, force)
     ckpt_path = resolve_checkpoint(ckpt)
     model, metadata = load_checkpoint_with_metadata(ckpt_path)
-    if solver == "exact" and model.config.kernel != 1:
-        raise ExportError("the 'exact' solver exists only for kernel 1 models; this checkpoint has k = 3")
+    validate_export_args(solver, steps, opset, model.config.kernel)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask
     try:
-        paths = export_all(model, solver, steps, staging, opset, on_graph=lambda g: say(f"exported {g}.onnx"))
         io_spec = graph_io(model.config)
+        paths = export_all(
+            model, solver, steps, staging, opset, lambda g: say(f"exported {g}.onnx"), io_spec=io_spec
+        )
         for name, path in paths.items():
             onnx.checker.check_model(str(path), full_check=True)
             onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
@@ -144,17 +153,18 @@ def export_bundle(
             from dmf_deploy.export.parity import check_bundle
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
-            parity = check_bundle(model, staging, Manifest.read(staging), solver, steps)
+            parity = check_bundle(model, staging, manifest, solver, steps)
             if explain:
-                comparisons = check_explain(model, staging, Manifest.read(staging), solver, steps)
-                parity = with_explain_parity(parity, comparisons)
+                parity = with_explain_parity(parity, check_explain(model, staging, manifest, solver, steps))
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if parity is not None and on_parity is not None:
+        on_parity(parity)
     if parity is not None and not parity["passed"]:
-        raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}")
+        raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}", parity)
     return out
 
 

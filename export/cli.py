@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
 from dmf_deploy.manifest import DEFAULT_OPSET
 
 
@@ -26,9 +26,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     "--solver",
     default="dopri5",
     show_default=True,
-    help="Fixed-step ODE solver unrolled into head.onnx: euler, midpoint, rk4, rk4-38, dopri5, exact.",
+    type=click.Choice(EXPORTABLE_SOLVERS),
+    help="Fixed-step ODE solver unrolled into head.onnx (exact: the closed form, kernel 1 only).",
 )
-@click.option("--steps", default=8, show_default=True, type=int, help="Solver steps.")
+@click.option(
+    "--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(min=1), help="Solver steps."
+)
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
 @click.option(
     "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
@@ -47,6 +50,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 )
 @click.option(
     "--max-classes", default=256, show_default=True, type=int, help="TensorRT profile: max classes N."
+)
+@click.option(
+    "--opt-batch",
+    default=None,
+    type=click.IntRange(min=1),
+    help="TensorRT profile: the batch kernels are tuned for [default: --max-batch with --triton, else 1].",
 )
 @click.option("--workspace", default=1024, show_default=True, type=int, help="TensorRT workspace, MB.")
 @click.option(
@@ -69,6 +78,7 @@ def main(
     fp16: bool,
     max_batch: int,
     max_classes: int,
+    opt_batch: int | None,
     workspace: int,
     triton_dir: Path | None,
 ) -> None:
@@ -93,11 +103,14 @@ def main(
         sys.exit(2)
 
     if trt:  # checked first: a missing TensorRT must not cost a whole export before failing
-        from dmf_deploy.export.tensorrt_build import tensorrt_unavailable_reason
+        from dmf_deploy.tensorrt_support import tensorrt_import_reason
 
-        reason = tensorrt_unavailable_reason()
+        reason = tensorrt_import_reason()
         if reason:
             fail(f"--trt: {reason}")
+    if opt_batch is not None and opt_batch > max_batch:
+        fail(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
+    reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
         with console.status("exporting..."):
             path = export_bundle(
@@ -109,22 +122,32 @@ def main(
                 force=force,
                 check=check,
                 progress=progress,
+                on_parity=reports.append,
                 explain=explain,
             )
     except (ExportError, CheckpointError) as exc:
         fail(str(exc))
     except ParityError as exc:
-        _print_parity(Path(out_dir), format_report)
+        click.echo(format_report(exc.report))
         console.print(f"[red]parity failed:[/red] {exc}")
         sys.exit(1)
-    if check:
-        _print_parity(path, format_report)
+    for report in reports:
+        click.echo(format_report(report))
     if trt:
-        from dmf_deploy.export.tensorrt_build import build_trt_for_bundle
+        from dmf_deploy.export.profiles import choose_opt_batch
+        from dmf_deploy.export.tensorrt_build import EngineBuildError, build_trt_for_bundle
 
-        build_trt_for_bundle(
-            path, fp16=fp16, max_batch=max_batch, max_classes=max_classes, workspace_mb=workspace
-        )
+        try:
+            build_trt_for_bundle(
+                path,
+                fp16=fp16,
+                max_batch=max_batch,
+                max_classes=max_classes,
+                opt_batch=choose_opt_batch(max_batch, opt_batch, triton=triton_dir is not None),
+                workspace_mb=workspace,
+            )
+        except EngineBuildError as exc:  # the bundle and its earlier engines are unchanged (one transaction)
+            fail(f"--trt: {exc}")
         progress("built TensorRT engines")
     if triton_dir is not None:
         from dmf_deploy.export.triton import write_triton_repository
@@ -133,12 +156,6 @@ def main(
         write_triton_repository(path, read_manifest(path), triton_dir, use_plans=trt)
         progress(f"wrote Triton model repository {triton_dir}")
     progress(f"bundle ready: {path}")
-
-
-def _print_parity(bundle: Path, format_report) -> None:
-    report_path = bundle / "parity.json"
-    if report_path.is_file():
-        click.echo(format_report(json.loads(report_path.read_text())))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ from dmf_deploy.bundle_head import bundle_bank
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.explain_head import explain_outputs
 from dmf_deploy.export.graphs import example_inputs, export_graph
-from dmf_deploy.export.parity import CLASS_COUNTS, RELATIVE_TOLERANCE, Comparison, _compare, _episode_images
+from dmf_deploy.export.parity import (
+    CLASS_COUNTS,
+    RELATIVE_TOLERANCE,
+    Comparison,
+    OrtGraphs,
+    _compare,
+    _episode_images,
+)
 from dmf_deploy.head import ClassBank, integrate_channels
 from dmf_deploy.manifest import (
     CLASS_BANK,
@@ -96,9 +103,7 @@ def check_explain(
     class_counts: tuple[int, ...] = CLASS_COUNTS,
 ) -> list[Comparison]:
     """explain.onnx on ONNX Runtime against the PyTorch reference, for the parity report's episodes."""
-    from dmf_deploy.runtime.backends import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(bundle, manifest, graphs=(EXPLAIN,))
+    backend = OrtGraphs(bundle, manifest, graphs=(EXPLAIN,))
     comparisons = []
     model = model.eval()
     for source in sources:

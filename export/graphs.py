@@ -64,10 +64,9 @@ def graph_modules(model: DMFNet, solver: str, steps: int) -> dict[str, nn.Module
     }
 
 
-def example_inputs(model: DMFNet) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Random example tensors with the manifest's shapes, dynamic axes at their example sizes."""
+def example_inputs(model: DMFNet, io_spec: dict) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Random example tensors with the shapes of `io_spec` (`graph_io`), dynamic axes at example sizes."""
     gen = torch.Generator().manual_seed(0)
-    io_spec = graph_io(model.config)
 
     def make(shape: list) -> torch.Tensor:
         dims = [EXAMPLE_SIZES[d] if isinstance(d, str) else d for d in shape]
@@ -112,12 +111,15 @@ def export_graph(
 
 
 def export_all(
-    model: DMFNet, solver: str, steps: int, out_dir: Path, opset: int, on_graph=None
+    model: DMFNet, solver: str, steps: int, out_dir: Path, opset: int, on_graph=None, io_spec=None
 ) -> dict[str, Path]:
-    """Write backbone.onnx, support.onnx and head.onnx into out_dir; returns their paths."""
-    io_spec = graph_io(model.config)
+    """Write backbone.onnx, support.onnx and head.onnx into out_dir; returns their paths.
+
+    `io_spec` is the graphs' I/O (`graph_io(model.config)` when not given).
+    """
+    io_spec = graph_io(model.config) if io_spec is None else io_spec
     modules = graph_modules(model, solver, steps)
-    examples = example_inputs(model)
+    examples = example_inputs(model, io_spec)
     paths = {}
     for name in (BACKBONE, SUPPORT, HEAD):
         path = out_dir / f"{name}.onnx"

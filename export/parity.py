@@ -1,6 +1,6 @@
 """Parity: the exported graphs on ONNX Runtime against the PyTorch model run with the SAME solver.
 
-"relative" = max|got - ref| / max|ref| over a whole output (DESIGN.md). The comparison itself is
+"relative" = max|got - ref| / max|ref| over a whole output. The comparison itself is
 Polygraphy's (`SimpleCompareFunc` with atol = tolerance * max|ref| and rtol = 0, which is that definition).
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from dmf_deploy.bundle_head import bundle_bank
+from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.head import ClassBank
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.model import DMFNet
 from dmf_deploy.preprocess import preprocess_frames
 
@@ -34,6 +35,25 @@ class Comparison:
     mean_abs: float
     relative: float
     passed: bool
+
+
+class OrtGraphs:
+    """The bundle's graphs (default: the three) in ONNX Runtime sessions (CPU), run by graph name."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, graphs: tuple[str, ...] = GRAPH_NAMES) -> None:
+        import onnxruntime as ort
+
+        self._sessions = {
+            graph: ort.InferenceSession(
+                str(verify_graph(bundle, manifest, graph)), providers=["CPUExecutionProvider"]
+            )
+            for graph in graphs
+        }
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, inputs)))
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -80,8 +100,6 @@ def _episode_images(source: str, n_way: int, shots: int, queries: int, model: DM
         support = gen.standard_normal((n_way * shots, 3, size, size)).astype(np.float32)
         query = gen.standard_normal((queries, 3, size, size)).astype(np.float32)
     else:
-        from dmf_deploy.train.glyphs import GlyphSet
-
         glyphs = GlyphSet(num_classes=n_way, seed=seed, image_size=max(size, 64))
         frames = [glyphs.render(c, i) for c in range(n_way) for i in range(shots)]
         support = preprocess_frames(frames, model.config.preprocess)
@@ -94,7 +112,7 @@ def _episode_images(source: str, n_way: int, shots: int, queries: int, model: DM
 def check_bundle(
     model: DMFNet,
     bundle: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     solver: str,
     steps: int,
     tol: float = RELATIVE_TOLERANCE,
@@ -102,9 +120,7 @@ def check_bundle(
     class_counts: tuple[int, ...] = CLASS_COUNTS,
 ) -> dict[str, Any]:
     """Run every graph and the whole pipeline on ORT and PyTorch; return a JSON-able report."""
-    from dmf_deploy.runtime.backends import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(bundle, manifest)
+    backend = OrtGraphs(bundle, manifest)
     comparisons: list[Comparison] = []
     agreement: list[float] = []
     solver_distance: dict[str, float] = {}
@@ -145,7 +161,7 @@ def check_bundle(
 
 
 def _ort_episode(
-    backend, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int
+    backend: OrtGraphs, support: np.ndarray, labels: np.ndarray, query: np.ndarray, n_way: int
 ) -> np.ndarray:
     feats = backend.run(BACKBONE, {"images": np.concatenate([support, query])})["features"]
     s_feats, q_feats = feats[: len(support)], feats[len(support) :]

@@ -27,6 +27,7 @@ from typing import Any
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import ModelConfig
+from dmf_deploy.export.engine_names import trt_version_tag
 from dmf_deploy.export.triton_recognizer import MODEL_NAME as RECOGNIZER_MODEL
 from dmf_deploy.export.triton_recognizer import write_recognizer_model
 from dmf_deploy.manifest import (
@@ -35,9 +36,11 @@ from dmf_deploy.manifest import (
     GRAPH_NAMES,
     HEAD,
     SUPPORT,
+    BundleError,
     EngineSpec,
     Manifest,
     bundle_graph_io,
+    sha256_file,
     verify_graph,
 )
 
@@ -96,6 +99,26 @@ def _plan_entry(bundle: Path, manifest: Manifest, graph: str) -> EngineSpec | No
     return None
 
 
+def checked_plans(bundle: Path, manifest: Manifest) -> dict[str, EngineSpec]:
+    """The plans the repository will serve, checked: each file is the one its manifest entry records
+    (sha256), and all were built by one TensorRT x.y.z for one GPU model, since one Triton loads them."""
+    plans = {g: e for g in GRAPH_NAMES if (e := _plan_entry(bundle, manifest, g)) is not None}
+    for graph, plan in plans.items():
+        if sha256_file(bundle / plan.file) != plan.sha256:
+            raise BundleError(
+                f"the {graph} plan {plan.file} does not match the sha256 its manifest records; "
+                "rebuild the engines with dmf-export --trt"
+            )
+    builds = {(trt_version_tag(p.tensorrt_version), p.gpu, p.compute_capability) for p in plans.values()}
+    if len(builds) > 1:
+        listed = ", ".join(f"{g}: TensorRT {p.tensorrt_version} on {p.gpu}" for g, p in plans.items())
+        raise BundleError(
+            f"the bundle's plans were built by different TensorRT versions or GPUs ({listed}); one Triton "
+            "loads only one; rebuild them together with dmf-export --trt"
+        )
+    return plans
+
+
 def write_triton_repository(
     bundle_dir: str | os.PathLike[str],
     manifest: Manifest,
@@ -115,9 +138,10 @@ def write_triton_repository(
     io = bundle_graph_io(manifest)
     platforms: dict[str, str] = {}
     backbone_batch = max_batch
+    plans = checked_plans(bundle, manifest) if use_plans else {}
     for graph in GRAPH_NAMES:
         model = MODEL_NAMES[graph]
-        plan = _plan_entry(bundle, manifest, graph) if use_plans else None
+        plan = plans.get(graph)
         if use_plans and plan is None:
             log.info("no TensorRT plan for %s in %s; %s serves the ONNX graph", graph, bundle, model)
         version_dir = out / model / "1"
@@ -153,9 +177,56 @@ def write_triton_repository(
         platforms[model] = platform
     write_recognizer_model(bundle, manifest, out)
     bank_shapes = io[SUPPORT]["outputs"]
-    readme = repository_readme(config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH, bank_shapes)
+    readme = repository_readme(
+        config, out, platforms, backbone_batch or DEFAULT_MAX_BATCH, bank_shapes, plans=plans, io=io
+    )
     atomic_write_bytes(out / "README.md", readme.encode("utf-8"))
     return platforms
+
+
+def _axis_max(plan: EngineSpec, inputs: Mapping[str, list[Any]], axis: str) -> int | None:
+    """The profile max of dynamic axis `axis` ("B", "Q", "N") in a plan, from the graph's input axes."""
+    for name, dims in inputs.items():
+        if axis in dims and name in plan.profiles:
+            return int(plan.profiles[name]["max"][list(dims).index(axis)])
+    return None
+
+
+def plan_requirements(plans: Mapping[str, EngineSpec], io: Mapping[str, Any]) -> str:
+    """README section: where the `tensorrt_plan` models load, and the shape limits their profiles set."""
+    first = next(iter(plans.values()))
+    lines = [
+        "",
+        "## TensorRT plans",
+        "",
+        f"The `tensorrt_plan` models load only in a Triton whose TensorRT is exactly "
+        f"**{trt_version_tag(first.tensorrt_version)}** (the release that built them; recorded "
+        f"{first.tensorrt_version}), on the GPU model they were built for: **{first.gpu}** (compute "
+        "capability "
+        f"{first.compute_capability}). For another Triton release or GPU, rebuild the engines there "
+        "(`dmf-export --trt`) or write the repository without plans.",
+        "",
+    ]
+    limits = {
+        BACKBONE: [("B", "images per request", "--max-batch")],
+        HEAD: [("Q", "queries per request", "--max-batch"), ("N", "classes", "--max-classes")],
+        SUPPORT: [("N", "classes per request", "--max-classes")],
+    }
+    for graph, plan in plans.items():
+        inputs = io[graph]["inputs"]
+        parts = [
+            f"{axis} <= {top} {words} (`{flag}`)"
+            for axis, words, flag in limits[graph]
+            if (top := _axis_max(plan, inputs, axis)) is not None
+        ]
+        if parts:
+            lines.append(f"- `{MODEL_NAMES[graph]}`: " + ", ".join(parts) + ".")
+    lines += [
+        "",
+        "A request beyond these limits fails; rebuild with larger flags or serve the ONNX graphs.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _human(size: int) -> str:
@@ -173,8 +244,14 @@ def repository_readme(
     platforms: Mapping[str, str],
     max_batch: int,
     bank_shapes: Mapping[str, list[Any]],
+    *,
+    plans: Mapping[str, EngineSpec] | None = None,
+    io: Mapping[str, Any] | None = None,
 ) -> str:
-    """The repository's README; `bank_shapes`: the support graph's outputs as the bundle records them."""
+    """The repository's README; `bank_shapes`: the support graph's outputs as the bundle records them.
+
+    With `plans` (the TensorRT plans served, and the bundle's `io`), a section says what they need.
+    """
     per_class = class_bank_bytes_per_class(config)
     bank = ", ".join(f"`{name}` {_shape_text(shape)}" for name, shape in bank_shapes.items())
     s, c, size = config.feature_size, config.channels, config.preprocess.image_size
@@ -186,7 +263,7 @@ def repository_readme(
 |---|---|
 | `{RECOGNIZER_MODEL}` | `python` (dmf_deploy's Recognizer) |
 {models}
-
+{plan_requirements(plans, io) if plans and io else ""}
 ## Which to use when
 
 - `{RECOGNIZER_MODEL}`: many cameras, one shared gallery. The server holds the gallery

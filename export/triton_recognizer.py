@@ -9,6 +9,7 @@ REPO/dmf_recognizer/
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -26,10 +27,15 @@ QUEUE_DELAY_US = 500
 
 
 def _model_source() -> Path:
-    """dmf_deploy/runtime/triton_model.py, wherever the package is installed."""
-    import dmf_deploy.runtime
+    """dmf_deploy/runtime/triton_model.py, wherever the package is installed.
 
-    return Path(dmf_deploy.runtime.__file__).resolve().parent / "triton_model.py"
+    Found through the import system's spec of dmf_deploy.runtime, which locates the folder without
+    importing the runtime: export does not import runtime code.
+    """
+    spec = importlib.util.find_spec("dmf_deploy.runtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the dmf_deploy.runtime package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "triton_model.py"
 
 
 def recognizer_config_text(max_batch: int = RECOGNIZER_MAX_BATCH) -> str:

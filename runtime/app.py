@@ -8,13 +8,17 @@ the output is the window (OpenCV highgui, runtime/overlay.py) or JSON lines. A S
 (runtime/commands.py) applies enrolments, removals and saves to the Recognizer. The gallery is loaded
 at start and saved at exit.
 
-Headless and deterministic: with a file or folder source and stdin that is not a terminal, all of
-stdin is read (to EOF) before the first frame, and the commands then run in order, each before the
-next frame: `enroll NAME K` takes the next K frames (they are enrolled, not predicted) and `wait N`
-lets N frames be predicted before the next command. The same input therefore always gives the same
-output. With a camera or stream (or a terminal on stdin), commands apply as they arrive. When the
-source ends, an `end_of_source` event says so; the commands still waiting run (`enroll` and `wait`
-answer with an error), then the run stops. The window instead holds the last frame until q.
+Headless and deterministic: with a file or folder source and stdin that is not a terminal, the
+commands run in order, each before the next frame, and the next line of stdin is read only when it is
+due: the loop waits for it (or the end of stdin) before reading another frame. `enroll NAME K` takes
+the next K frames (they are enrolled, not predicted) and `wait N` lets N frames be predicted before the
+next command. The same input therefore always gives the same output. With a camera or stream (or a
+terminal on stdin), commands apply as they arrive (a reader holds at most 1,000 waiting lines, then
+stops reading stdin). Lines over 4 KB are refused with an error event. When the source ends, an
+`end_of_source` event says so; the commands still waiting run (`enroll` and `wait` answer with an
+error), then the run stops. The window instead holds the last frame until q. SIGTERM and SIGINT stop
+the run within a second; the gallery is saved. A network stream that is lost (more than --retries
+reconnects within a minute) ends the run with exit status 1.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -52,6 +57,12 @@ def default_gallery_path(fingerprint: str) -> Path:
     else:
         root = Path(user_data_dir("dmf-deploy"))
     return root / "galleries" / f"{fingerprint[:16]}.dmfg"
+
+
+def no_display() -> bool:
+    """True where a window cannot open: Linux without X11 or Wayland (Qt would abort the process)."""
+    display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    return sys.platform.startswith("linux") and not display
 
 
 class AppError(click.ClickException):
@@ -159,7 +170,8 @@ def open_recognizer(
     type=click.IntRange(min=0),
     default=5,
     show_default=True,
-    help="Reconnect attempts when a network stream ends or stalls.",
+    help="Reconnects allowed within a minute when a network stream ends or stalls; beyond, the "
+    "stream is lost and dmf-run exits with status 1.",
 )
 @click.option(
     "--screenshot",
@@ -196,9 +208,10 @@ def main(
     \b
     Headless (--headless): one JSON line per frame on stdout (frame, label, score, top, latency_ms)
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,
-    wait N, quit. With a file or folder source and piped stdin, all of stdin is read first and the
-    commands run in order between frames, so runs are reproducible. The end of the source is the
-    event end_of_source.
+    wait N, quit. With a file or folder source and piped stdin, the commands run in order between
+    frames, each line read when it is due (the loop waits for it), so runs are reproducible. Lines over
+    4 KB are refused. The end of the source is the event end_of_source. SIGTERM or SIGINT: stop, save
+    the gallery, exit.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="dmf-run: %(message)s")
     if not verbose:
@@ -206,12 +219,7 @@ def main(
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera N or --source PATH|URI")
     names = parse_names(names_text)
-    if (
-        not headless
-        and sys.platform.startswith("linux")
-        and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    ):
-        # Without this check Qt aborts the process (SIGABRT) when the window is created.
+    if not headless and no_display():
         raise AppError(
             "no display to open the window on (DISPLAY is not set): use --headless, "
             "or run from a desktop session (over ssh: ssh -X, or DISPLAY=:0)"
@@ -227,22 +235,37 @@ def main(
     rec = open_recognizer(
         bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default
     )
+    stopping = threading.Event()  # set by a signal: a stream's reconnect wait ends at once
     try:
         frames = open_source(
-            camera, source, width=input_width, height=input_height, loop=loop, retries=retries
+            camera,
+            source,
+            width=input_width,
+            height=input_height,
+            loop=loop,
+            retries=retries,
+            sleep=stopping.wait,
         )
     except SourceError as exc:
         raise AppError(str(exc)) from None
 
     output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description)
     commands = None
-    if headless:
-        # File sources with piped stdin: every command known before the first frame (reproducible).
-        read_all = frames.kind in ("file", "folder") and sys.stdin is not None and not sys.stdin.isatty()
-        commands = CommandFeed(sys.stdin, read_all=read_all)
+    if headless and sys.stdin is not None:
+        # File sources with piped stdin: each line read when it is due (reproducible runs).
+        on_demand = frames.kind in ("file", "folder") and not sys.stdin.isatty()
+        commands = CommandFeed(sys.stdin, on_demand=on_demand)
     session = Session(rec, gallery_path, output.emit, shots, commands)
-    # SIGTERM (systemd, docker stop) ends the loop like `quit`, so the gallery is still saved.
-    signal.signal(signal.SIGTERM, lambda *_: setattr(session, "stopped", True))
+    signals: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        # SIGTERM (systemd, docker stop) and SIGINT end the loop like `quit`: the gallery is saved.
+        signals.append(signum)
+        session.stop()
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     if headless:
         output.emit(
             {
@@ -255,11 +278,8 @@ def main(
             }
         )
     result = RunResult(Stats(), frames.description)
-    code = 0
     try:
         result = run_loop(rec, frames, session, output, max_frames)
-    except KeyboardInterrupt:
-        code = 130
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`): stop quietly, still save the gallery.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -268,10 +288,12 @@ def main(
         frames.close()
         saved_ok = finish(session, output, result, screenshot)
         click.echo(result.stats.summary(rec.backend.name), err=True)
-    if not saved_ok:
+    if frames.lost and not signals:
+        click.echo(f"dmf-run: {frames.lost}", err=True)
+    if not saved_ok or (frames.lost and not signals):
         sys.exit(1)
-    if code:
-        sys.exit(code)
+    if signal.SIGINT in signals:
+        sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
 
 
 def finish(session: Session, output: Output, result: RunResult, screenshot: Path | None) -> bool:

@@ -23,16 +23,18 @@ import queue
 import shlex
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
-from dmf_deploy.runtime.recognizer import Recognizer
+from dmf_deploy.runtime.lines import MAX_LINE_BYTES, LineReader, RefusedLine
+from dmf_deploy.runtime.recognizer import Enrollment, Recognizer
 
 MAX_SHOTS = 1000  # per enroll command: a typo like "enroll mug 50000" must not swallow a whole video
+QUEUE_LINES = 1000  # command lines a live source's reader holds before it stops reading stdin
 Event = dict[str, Any]
 
 
@@ -68,6 +70,8 @@ ALIASES = {
 
 def parse_command(line: str, default_shots: int) -> Command | None:
     """Parse one line; None for a blank line or a comment; CommandError for anything malformed."""
+    if len(line) > MAX_LINE_BYTES or len(line.encode("utf-8", "surrogatepass")) > MAX_LINE_BYTES:
+        raise CommandError(f"line longer than {MAX_LINE_BYTES} bytes; refused")
     try:
         words = shlex.split(line, comments=True)
     except ValueError as exc:  # an unbalanced quote
@@ -121,42 +125,47 @@ def _name(text: str) -> str:
 
 
 class CommandFeed:
-    """Lines of commands from a text stream, fetched without blocking the frame loop.
+    """Command lines from a file descriptor (stdin), never read further ahead than a bounded amount.
 
-    `read_all=True` reads the stream to EOF up front (used for file sources when stdin is not a
-    terminal): every command is then known before the first frame, so a run is reproducible.
-    Otherwise a daemon thread reads lines as they arrive (live sources, or a person typing).
+    `on_demand=True` (file sources with piped stdin): `poll` reads the next line only when the loop is
+    ready to run it, and waits for it (or the end of input), so commands run at the same frames on
+    every run. Otherwise (live sources, a person typing) a thread reads lines as they arrive into a
+    queue of QUEUE_LINES, and blocks (so the writer blocks) while the queue is full; `poll` never waits.
+    Either way `stop` ends any wait within `lines.POLL_S`.
     """
 
-    def __init__(self, stream: TextIO | None, read_all: bool) -> None:
-        self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
-        if stream is None:
-            return
-        if read_all:
-            for line in stream.read().splitlines():
-                self._lines.put(line)
-        else:
-            threading.Thread(target=self._pump, args=(stream,), name="dmf-run-stdin", daemon=True).start()
+    def __init__(self, stream: IO[Any] | int, on_demand: bool) -> None:
+        self._stream = stream  # held: a file object that is collected closes its descriptor
+        self._reader = LineReader(stream if isinstance(stream, int) else stream.fileno())
+        self._stop = threading.Event()
+        self.on_demand = on_demand
+        self._lines: queue.Queue[str | RefusedLine] = queue.Queue(maxsize=QUEUE_LINES)
+        if not on_demand:
+            threading.Thread(target=self._pump, name="dmf-run-stdin", daemon=True).start()
 
-    def _pump(self, stream: TextIO) -> None:
-        try:
-            for line in stream:
-                self._lines.put(line.rstrip("\r\n"))
-        except (OSError, ValueError):
-            pass  # stdin closed under us: no more commands
+    def _pump(self) -> None:
+        while (line := self._reader.next(self._stop)) is not None:
+            self._lines.put(line)  # blocks while the queue is full
 
-    def poll(self) -> str | None:
+    def poll(self) -> str | RefusedLine | None:
+        """The next line, or None: the input ended, `stop` was called, or (live) no line is waiting."""
+        if self.on_demand:
+            return self._reader.next(self._stop)
         try:
             return self._lines.get_nowait()
         except queue.Empty:
             return None
 
+    def stop(self) -> None:
+        self._stop.set()
+
 
 @dataclass
 class PendingEnrollment:
-    name: str
+    """An `enroll NAME K` collecting frames: their features are summed as they come (no frame is kept)."""
+
+    enrollment: Enrollment
     wanted: int
-    frames: list[np.ndarray] = field(default_factory=list)
 
 
 class Session:
@@ -180,6 +189,12 @@ class Session:
         self.stopped = False
         self.frames_over = False  # the source ended (or --max-frames was reached): no more frames
 
+    def stop(self) -> None:
+        """End the run (quit, a signal): the loop stops before the next frame; a command wait ends."""
+        self.stopped = True
+        if self.commands is not None:
+            self.commands.stop()
+
     @property
     def busy(self) -> bool:
         """True while an enrolment collects frames or a `wait` runs: later commands must wait."""
@@ -195,7 +210,10 @@ class Session:
                 return
             self.run_line(line)
 
-    def run_line(self, line: str) -> None:
+    def run_line(self, line: str | RefusedLine) -> None:
+        if isinstance(line, RefusedLine):
+            self.emit({"event": "error", "command": f"{line.start}...", "message": line.reason})
+            return
         try:
             command = parse_command(line, self.default_shots)
         except CommandError as exc:
@@ -209,7 +227,7 @@ class Session:
         if verb in ("enroll", "wait") and self.frames_over:
             self.emit({"event": "error", "command": command.line, "message": "the source has ended"})
         elif verb == "enroll":
-            self.pending = PendingEnrollment(args[0], args[1])
+            self.pending = PendingEnrollment(self.rec.enrollment(args[0]), args[1])
         elif verb == "wait":
             self.waiting = args[0]
         elif verb == "remove":
@@ -229,8 +247,13 @@ class Session:
             if self.waiting:
                 self.waiting -= 1
             return False
-        self.pending.frames.append(frame)
-        if len(self.pending.frames) >= self.pending.wanted:
+        try:
+            self.pending.enrollment.add(frame)
+        except ValueError as exc:  # InvalidFrame: the enrolment is dropped, as `enroll` with it would be
+            pending, self.pending = self.pending, None
+            self._error(f"enroll {pending.enrollment.name}", exc)
+            return True
+        if self.pending.enrollment.shots >= self.pending.wanted:
             self.finish_enrollment()
         return True
 
@@ -250,32 +273,41 @@ class Session:
         pending, self.pending = self.pending, None
         if pending is None:
             return
-        if not pending.frames:
+        enrollment = pending.enrollment
+        if not enrollment.shots:
             self.emit(
                 {
                     "event": "error",
-                    "command": f"enroll {pending.name}",
+                    "command": f"enroll {enrollment.name}",
                     "message": "the source ended before any frame could be enrolled",
                 }
             )
             return
-        self.enroll(pending.name, pending.frames, requested=pending.wanted)
+        try:
+            enrollment.commit()
+        except ValueError as exc:
+            self._error(f"enroll {enrollment.name}", exc)
+            return
+        self._enrolled(enrollment.name, enrollment.shots, pending.wanted)
 
     # ----- operations (also used by the window's keys) ----------------------------------------------
-    def enroll(self, name: str, frames: list[np.ndarray], requested: int | None = None) -> Event:
+    def enroll(self, name: str, frames: list[np.ndarray]) -> Event:
         try:
             self.rec.enroll(name, frames)
         except ValueError as exc:  # InvalidClassName, InvalidFrame, GalleryError are all ValueErrors
             return self._error(f"enroll {name}", exc)
+        return self._enrolled(name, len(frames), len(frames))
+
+    def _enrolled(self, name: str, shots: int, requested: int) -> Event:
         self._changed()
         event: Event = {
             "event": "enrolled",
             "name": name,
-            "shots": len(frames),
+            "shots": shots,
             "total_shots": self.shots(name),
             "classes": self.rec.classes,
         }
-        if requested is not None and requested != len(frames):
+        if requested != shots:
             event["requested"] = requested
         self.emit(event)
         return event

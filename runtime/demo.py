@@ -12,12 +12,8 @@ which look like other symbols), not from cv2.putText: OpenCV 5 replaced the Hers
 built-in outline font, so putText draws different letters on different OpenCV versions, while
 polylines draw the same everywhere.
 
-Why letters: measured through the demo bundle (5-way episodes over 32-33 symbols, 10 drawings
-each, queries = the other drawings, on a plain white card), this stroke font gives 97.3% 1-shot and
-99.0% 3-shot (96.6% / 98.6% with the card effects of render_symbol); GlyphSet's random-stroke glyphs
-96.0% / 98.8% (2-4 strokes) down to 86.2% / 93.7% (3-5 strokes); OpenCV 5's putText fonts 88-98%
-1-shot depending on font and stroke width, but different letters on OpenCV 4. Letters separate as
-well as the best glyphs and mean something to a viewer.
+Why letters: through the demo bundle they separate as well as the best random-stroke glyphs, and
+they mean something to a viewer (benchmarks/README.md, "The demo's symbols", has the accuracies).
 
 The video is written with cv2.VideoWriter (mp4v, or MJPG for .avi) and read back through the same
 frame source `dmf-run --source` uses, so compression and decoding are part of the run. Its first
@@ -165,9 +161,8 @@ def render_symbol(
         cv2.polylines(ink, [fixed], False, 255, width, cv2.LINE_AA, shift_bits)
 
     # The card: white (a well-exposed camera saturates paper, as Omniglot's scans are white) with a
-    # slight vignette; dark-grey ink; camera blur and sensor noise. Measured: paper that varies in
-    # brightness from frame to frame (220..250) drops 5-way 1-shot accuracy from ~97% to ~66%, as
-    # the demo model only ever saw white backgrounds.
+    # slight vignette; dark-grey ink; camera blur and sensor noise. The paper stays white: the demo
+    # model only ever saw white backgrounds (benchmarks/README.md, "The demo's symbols").
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     paper = 255 - rng.uniform(0, 24) * (xx * xx + yy * yy)
     ink_level = rng.uniform(10, 60)
@@ -426,6 +421,15 @@ def main(
         elif not demo_bundle_installed():
             raise click.ClickException(f"the demo bundle is not installed ({bundle}); try --export")
         if camera is not None:
+            from dmf_deploy.runtime.app import no_display
+
+            if no_display():
+                raise click.ClickException(
+                    "dmf-demo --camera opens a window, and there is no display to open it on (DISPLAY "
+                    "is not set). Without --camera, dmf-demo needs no window (it recognises a generated "
+                    f"video); for a camera without a window, run `dmf-run --camera {camera} --headless` "
+                    "(commands on stdin, JSON lines out); over ssh: ssh -X, or DISPLAY=:0"
+                )
             explicit = ctx.get_parameter_source("shots") != click.core.ParameterSource.DEFAULT
             live(camera, bundle if reexport else None, shots if explicit else None)
             return

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, EXPLAIN, HEAD, SUPPORT, Manifest, verify_graph
@@ -21,7 +22,13 @@ from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
 from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backend
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, UnknownClassError
-from dmf_deploy.runtime.gallery import Gallery, GalleryError, GalleryNotFoundError, decode_thumbnail
+from dmf_deploy.runtime.gallery import (
+    THUMBNAIL_SIZE,
+    Gallery,
+    GalleryError,
+    GalleryNotFoundError,
+    decode_thumbnail,
+)
 from dmf_deploy.runtime.rwlock import ReadWriteLock
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -197,20 +204,27 @@ class Recognizer:
         if len(frames) == 0:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
         feats = self.features(frames)  # validates every frame before anything changes
-        thumbnail = check_frame(frames[0])
-        delta = feats.astype(np.float64).sum(axis=0)
+        self._add_shots(name, feats.astype(np.float64).sum(axis=0), len(feats), check_frame(frames[0]))
+
+    def enrollment(self, name: str) -> Enrollment:
+        """Enrol `name` frame by frame: `e.add(frame)` computes each frame's features as it comes,
+        `e.commit()` adds them as shots, as `enroll(name, frames)` would, without holding the frames."""
+        return Enrollment(self, validate_class_name(name))
+
+    def _add_shots(self, name: str, delta: np.ndarray, shots: int, thumbnail: np.ndarray) -> None:
+        """Add `shots` shots whose features sum to `delta` (float64) to `name`; its bank, self-score."""
         with self._lock.write():
             g = self.gallery
             if name in g:
                 row = g.index(name)
-                total, count = g.feature_sums[row] + delta, int(g.counts[row]) + len(feats)
+                total, count = g.feature_sums[row] + delta, int(g.counts[row]) + shots
             else:
-                total, count = delta, len(feats)
+                total, count = delta, shots
             prototype = (total / count).astype(np.float32)[None]
             bank = self.backend.run(SUPPORT, {"prototypes": prototype})
             self_score = self._head(prototype, bank)[0, 0]
             # Only now, with every result in hand, does the gallery change.
-            row = g.add_shots(name, delta, len(feats), thumbnail)
+            row = g.add_shots(name, delta, shots, thumbnail)
             g.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
             self._self_scores = _set_row(self._self_scores, row, len(g), self_score)
             self._smoothed = None
@@ -363,6 +377,41 @@ class Recognizer:
             proto = g.prototype(row).astype(np.float32)[None]
             scores[row] = self._head(proto, {k: bank[k][row : row + 1] for k in CLASS_BANK})[0, 0]
         self._self_scores = scores
+
+
+class Enrollment:
+    """Shots of one class gathered frame by frame (`Recognizer.enrollment`). It keeps the running sum of
+    the frames' features and a thumbnail-sized copy of the first frame, never the frames themselves."""
+
+    def __init__(self, rec: Recognizer, name: str) -> None:
+        self.rec, self.name = rec, name
+        self.shots = 0
+        self._sum: np.ndarray | None = None
+        self._thumbnail: np.ndarray | None = None
+
+    def add(self, frame: np.ndarray) -> None:
+        """Compute one frame's features and add them (InvalidFrame for a frame that is not one)."""
+        features = self.rec.features([frame])[0].astype(np.float64)
+        self._sum = features if self._sum is None else self._sum + features
+        if self._thumbnail is None:
+            self._thumbnail = _shrink(check_frame(frame), THUMBNAIL_SIZE)
+        self.shots += 1
+
+    def commit(self) -> None:
+        """Add the gathered shots to the gallery (InvalidFrame if there are none)."""
+        if self._sum is None or self._thumbnail is None:
+            raise InvalidFrame(f"no frames given to enrol {self.name!r}")
+        self.rec._add_shots(self.name, self._sum, self.shots, self._thumbnail)
+
+
+def _shrink(frame: np.ndarray, side: int) -> np.ndarray:
+    """The frame with its longest side at most `side` pixels (INTER_AREA, as the gallery's thumbnails)."""
+    h, w = frame.shape[:2]
+    scale = side / max(h, w)
+    if scale >= 1:
+        return frame.copy()
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
 
 def coarse_scores(feats: np.ndarray, class_weight: np.ndarray) -> np.ndarray:

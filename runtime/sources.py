@@ -8,7 +8,8 @@ the source has ended for good; transient trouble (a stream that drops) is handle
 - ``--source PATH``: a video file (anything FFmpeg reads), one image, or a folder of images read in
   natural order (``frame2.png`` before ``frame10.png``); ``--loop`` restarts at the end.
 - ``--source URI``: rtsp://, rtmp://, http(s)://, udp://, tcp://. A stream that ends or stalls is
-  reopened with bounded retries and exponential backoff; when the retries are spent the source ends.
+  reopened with exponential backoff, at most ``retries`` times a minute; beyond, the stream is lost
+  (``lost`` says why) and the source ends.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +34,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 STREAM_TIMEOUT_MS = 5000  # open and read timeouts: a stalled stream must not block the loop forever
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 8.0
+RECONNECT_WINDOW_S = 60.0  # a stream may reconnect `retries` times within any such window
 
 
 class SourceError(RuntimeError):
@@ -41,6 +44,7 @@ class SourceError(RuntimeError):
 class FrameSource(Protocol):
     kind: str  # "camera" | "file" | "folder" | "stream"
     description: str
+    lost: str | None  # why the source was lost (a stream out of reconnects); None: it ended or runs
 
     def read(self) -> np.ndarray | None:
         """The next HxWx3 BGR uint8 frame, or None once the source has ended."""
@@ -62,7 +66,7 @@ def open_source(
     height: int | None = None,
     loop: bool = False,
     retries: int = 5,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], bool | None] = time.sleep,
 ) -> FrameSource:
     """Open exactly one of a camera index or a path/URI; raise SourceError with advice if it fails."""
     if (camera is None) == (source is None):
@@ -100,6 +104,7 @@ def _as_bgr(frame: np.ndarray) -> np.ndarray:
 
 class CameraSource:
     kind = "camera"
+    lost = None
 
     def __init__(self, index: int, width: int | None = None, height: int | None = None) -> None:
         self.description = f"camera {index}"
@@ -156,6 +161,7 @@ def camera_advice(index: int, problem: str) -> str:
 
 class VideoFileSource:
     kind = "file"
+    lost = None
 
     def __init__(self, path: Path, loop: bool = False) -> None:
         self.path, self.loop = path, loop
@@ -195,6 +201,7 @@ class FolderSource:
     """The images of a folder in natural name order (or one image); unreadable files are skipped."""
 
     kind = "folder"
+    lost = None
 
     def __init__(self, path: Path, loop: bool = False) -> None:
         if path.is_dir():
@@ -229,15 +236,21 @@ class FolderSource:
 
 
 class StreamSource:
-    """A network stream; when it ends or stalls it is reopened up to `retries` times with backoff."""
+    """A network stream; when it ends or stalls it is reopened with backoff, at most `retries` times
+    within any RECONNECT_WINDOW_S. The budget is over time, not per outage: a source that sends a few
+    frames and closes, again and again, is lost once it has used it. A lost stream sets `lost`."""
 
     kind = "stream"
 
-    def __init__(self, uri: str, retries: int = 5, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, uri: str, retries: int = 5, sleep: Callable[[float], bool | None] = time.sleep
+    ) -> None:
         self.uri, self.retries, self._sleep = uri, retries, sleep
         self.description = f"stream {_redact(uri)}"
         self.reconnects = 0
+        self.lost: str | None = None
         self._ended = False
+        self._attempts: deque[float] = deque()  # monotonic times of reconnect attempts in the window
         self._cap = self._open()
         if self._cap is None:
             raise SourceError(
@@ -267,18 +280,21 @@ class StreamSource:
                 return _as_bgr(frame)
         # The stream ended, stalled past the read timeout, or dropped: reconnect with backoff.
         delay = BACKOFF_START_S
-        for attempt in range(1, self.retries + 1):
+        while self._may_reconnect():
             if self._cap is not None:
                 self._cap.release()
                 self._cap = None
             log.warning(
-                "stream %s interrupted; reconnecting in %.1f s (try %d of %d)",
+                "stream %s interrupted; reconnecting in %.1f s (reconnect %d of %d allowed per %.0f s)",
                 _redact(self.uri),
                 delay,
-                attempt,
+                len(self._attempts),
                 self.retries,
+                RECONNECT_WINDOW_S,
             )
-            self._sleep(delay)
+            if self._sleep(delay):  # a sleep that returns True was interrupted: the run is stopping
+                self._ended = True
+                return None
             delay = min(2 * delay, BACKOFF_MAX_S)
             self._cap = self._open()
             if self._cap is None:
@@ -287,9 +303,23 @@ class StreamSource:
             if ok and frame is not None:
                 self.reconnects += 1
                 return _as_bgr(frame)
-        log.warning("stream %s: giving up after %d reconnect attempts", _redact(self.uri), self.retries)
+        self.lost = (
+            f"lost the stream {_redact(self.uri)}: it ended or stalled more than {self.retries} times "
+            f"within {RECONNECT_WINDOW_S:.0f} s (--retries {self.retries})"
+        )
+        log.warning("%s", self.lost)
         self._ended = True
         return None
+
+    def _may_reconnect(self) -> bool:
+        """Count one reconnect attempt if the budget of the last RECONNECT_WINDOW_S allows it."""
+        now = time.monotonic()
+        while self._attempts and now - self._attempts[0] > RECONNECT_WINDOW_S:
+            self._attempts.popleft()
+        if len(self._attempts) >= self.retries:
+            return False
+        self._attempts.append(now)
+        return True
 
     def close(self) -> None:
         if self._cap is not None:

@@ -2,8 +2,8 @@
 
 The only runtime module that imports `tensorrt`, always lazily, so that `open_backend` can ask
 `unavailable_reason` on any machine and fall back to onnxruntime. Device memory goes through one light
-dependency, cuda-python (cudaMalloc / cudaMemcpyAsync / streams), with grow-only buffers reused across
-calls.
+dependency, cuda-python (cudaMalloc / cudaMallocHost / cudaMemcpyAsync / streams), with grow-only
+device buffers and pinned host staging buffers reused across calls.
 
 The pure parts (staleness of an engine, profile limits, dtype mapping) are plain functions so that
 they are tested on machines without TensorRT.
@@ -12,10 +12,10 @@ they are tested on machines without TensorRT.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,15 @@ from typing import Any
 import numpy as np
 
 from dmf_deploy.manifest import GRAPH_NAMES, BundleError, EngineSpec, Manifest, bundle_graph_io, sha256_file
-
-TRT_MISSING = (
-    "the tensorrt Python package is not installed; install dmf-deploy[tensorrt] on a machine with "
-    "NVIDIA TensorRT 10+"
+from dmf_deploy.tensorrt_support import (
+    cuda_check,
+    gpu_identity,
+    import_cudart,
+    tensorrt_import_reason,
+    tensorrt_logger,
+    version_parts,
 )
+
 # Which input's leading axis is a batch of independent rows: larger batches run in chunks of the
 # profile's max, which is exact because rows never interact (BatchNorm is folded, eval mode).
 BATCH_INPUTS = {"backbone": "images", "head": "query_features"}
@@ -39,68 +43,27 @@ class ProfileLimitError(ValueError):
     """An input shape the engine's optimization profile does not cover."""
 
 
-# ----- imports and device identity (shared with export.tensorrt_build) -------------------------------
+class EngineLoadError(BundleError):
+    """An engine that matches this machine (version, GPU, sha256) that TensorRT still cannot load:
+    deserialization failed (e.g. a plan built on another OS) or no execution context (GPU memory short).
+    `open_backend(..., "auto")` falls back to onnxruntime on it; `"tensorrt"` raises it."""
 
 
-def version_parts(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(version).split("."):
-        match = re.match(r"\d+", piece)
-        if not match:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts) or (0,)
+class EngineRunError(RuntimeError):
+    """TensorRT refused a step of running an engine (a shape, a tensor address, the launch)."""
 
 
-def tensorrt_import_reason() -> str | None:
-    """None when `import tensorrt` works and it is TensorRT 10 or later; else why not."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return TRT_MISSING
-    except Exception as exc:  # a broken install raises OSError etc. from its shared libraries
-        return f"the tensorrt Python package failed to import: {exc}"
-    version = getattr(trt, "__version__", "0")
-    if version_parts(version)[0] < 10:
-        return f"TensorRT {version} is too old: dmf-deploy needs TensorRT 10 or later"
-    return None
+def require_loaded(value: Any, message: str) -> Any:
+    """`value`, unless TensorRT signalled failure by returning None: then EngineLoadError(message)."""
+    if value is None:
+        raise EngineLoadError(message)
+    return value
 
 
-def import_cudart() -> Any:
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+) or the older `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError as exc:
-            raise ImportError(
-                "cuda-python is not installed; install dmf-deploy[tensorrt] (it brings cuda-python)"
-            ) from exc
-    return cudart
-
-
-def cuda_check(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise RuntimeError naming a CUDA error."""
-    cudart = import_cudart()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"{what} failed: {getattr(err, 'name', err)}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def gpu_identity(device: int | None = None) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of the current CUDA device."""
-    cudart = import_cudart()
-    if device is None:
-        device = cuda_check(cudart.cudaGetDevice(), "cudaGetDevice")
-    props = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-    name = props.name
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-    return str(name).strip(), f"{props.major}.{props.minor}"
+def require_accepted(ok: bool, message: str) -> None:
+    """TensorRT's boolean results (set_input_shape, set_tensor_address, execute_async_v3)."""
+    if not ok:
+        raise EngineRunError(message)
 
 
 # ----- pure logic: staleness and profile limits --------------------------------------------------------
@@ -252,50 +215,111 @@ def unavailable_reason(bundle_path: str | os.PathLike[str], manifest: Manifest) 
 # ----- CUDA memory -------------------------------------------------------------------------------------
 
 
-class CudaBuffers:
-    """One CUDA stream and grow-only device buffers keyed by tensor, via cuda-python.
+class GrowOnlyPool:
+    """Buffers keyed by tensor that only grow: a call that fits the buffer it has allocates nothing.
 
-    A buffer is reallocated only when a call needs more bytes than it holds, so steady-state frames
-    allocate nothing. Host arrays are staged with cudaMemcpyAsync on the stream; `synchronize` must
-    run before the host arrays are read or freed.
+    `allocate(nbytes) -> pointer` and `free(pointer)` are the memory's own calls (cudaMalloc/cudaFree,
+    cudaMallocHost/cudaFreeHost). Growing frees the old buffer first; callers grow only between
+    synchronized calls, so no copy or kernel still uses it.
+    """
+
+    MIN_BYTES = 256
+
+    def __init__(self, allocate: Callable[[int], int], free: Callable[[int], None]) -> None:
+        self._allocate, self._free = allocate, free
+        self._buffers: dict[Hashable, tuple[int, int]] = {}
+
+    def get(self, key: Hashable, nbytes: int) -> int:
+        """A pointer to at least `nbytes` bytes for `key`."""
+        pointer, capacity = self._buffers.get(key, (0, 0))
+        if nbytes > capacity or not pointer:
+            if pointer:
+                del self._buffers[key]
+                self._free(pointer)
+            capacity = max(int(nbytes), self.MIN_BYTES)
+            pointer = int(self._allocate(capacity))
+            self._buffers[key] = (pointer, capacity)
+        return pointer
+
+    def capacity(self, key: Hashable) -> int:
+        return self._buffers.get(key, (0, 0))[1]
+
+    def free_all(self) -> None:
+        buffers, self._buffers = self._buffers, {}
+        for pointer, _ in buffers.values():
+            with contextlib.suppress(Exception):  # free what can be freed; CUDA may be shutting down
+                self._free(pointer)
+
+
+def host_array(pointer: int, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A numpy view of host memory at `pointer` (it must hold at least the array's bytes)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.empty(shape, dtype)
+    raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(int(pointer))
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class CudaBuffers:
+    """One CUDA stream, grow-only device buffers and pinned host staging buffers, via cuda-python.
+
+    Copies go through page-locked (pinned) host memory: from pageable memory `cudaMemcpyAsync` is
+    synchronous, from pinned memory it runs on the stream. `synchronize` must run before a downloaded
+    array is read; the staging buffers are reused by the next call, so callers copy results out.
     """
 
     def __init__(self) -> None:
-        self._cudart = import_cudart()
-        self.stream = cuda_check(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._buffers: dict[Any, tuple[int, int]] = {}
+        cudart = self._cudart = import_cudart()
+        self.stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        # cudaFree synchronizes the device, so a grown buffer's old memory is no longer in use.
+        self._device = GrowOnlyPool(
+            lambda n: cuda_check(cudart.cudaMalloc(n), f"cudaMalloc({n} bytes)"),
+            lambda p: cuda_check(cudart.cudaFree(p), "cudaFree"),
+        )
+        self._pinned = GrowOnlyPool(
+            lambda n: cuda_check(cudart.cudaMallocHost(n), f"cudaMallocHost({n} bytes)"),
+            lambda p: cuda_check(cudart.cudaFreeHost(p), "cudaFreeHost"),
+        )
 
     @property
     def handle(self) -> int:
         return int(self.stream)
 
-    def buffer(self, key: Any, nbytes: int) -> int:
+    def buffer(self, key: Hashable, nbytes: int) -> int:
         """A device pointer with at least `nbytes` bytes for `key` (grow-only)."""
-        pointer, capacity = self._buffers.get(key, (0, 0))
-        if nbytes > capacity or not pointer:
-            if pointer:
-                # cudaFree synchronizes the device, so no kernel still reads the old buffer.
-                cuda_check(self._cudart.cudaFree(pointer), "cudaFree")
-                del self._buffers[key]
-            capacity = max(int(nbytes), 256)
-            pointer = int(cuda_check(self._cudart.cudaMalloc(capacity), f"cudaMalloc({capacity} bytes)"))
-            self._buffers[key] = (pointer, capacity)
+        return self._device.get(key, nbytes)
+
+    def capacity(self, key: Hashable) -> int:
+        return self._device.capacity(key)
+
+    def pinned(self, key: Hashable, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A pinned host array for `key` (grow-only memory, reused by the next call with `key`)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return host_array(self._pinned.get(key, nbytes), shape, dtype)
+
+    def upload(self, key: Hashable, array: np.ndarray) -> int:
+        """Queue a copy of `array` to `key`'s device buffer (through its pinned buffer); its pointer."""
+        pointer = self.buffer(key, array.nbytes)
+        if array.nbytes:
+            staged = self.pinned(key, array.shape, array.dtype)
+            staged[...] = array
+            kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            call = self._cudart.cudaMemcpyAsync(pointer, staged.ctypes.data, array.nbytes, kind, self.stream)
+            cuda_check(call, "cudaMemcpyAsync (host to device)")
         return pointer
 
-    def capacity(self, key: Any) -> int:
-        return self._buffers.get(key, (0, 0))[1]
-
-    def upload(self, pointer: int, array: np.ndarray) -> None:
-        if array.nbytes:
-            kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            call = self._cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, self.stream)
-            cuda_check(call, "cudaMemcpyAsync (host to device)")
-
-    def download(self, array: np.ndarray, pointer: int) -> None:
-        if array.nbytes:
+    def download(
+        self, key: Hashable, pointer: int, shape: tuple[int, ...], dtype: np.dtype | type
+    ) -> np.ndarray:
+        """Queue a copy from device `pointer` into `key`'s pinned array; valid after `synchronize`."""
+        host = self.pinned(key, shape, dtype)
+        if host.nbytes:
             kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            call = self._cudart.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes, kind, self.stream)
+            call = self._cudart.cudaMemcpyAsync(host.ctypes.data, pointer, host.nbytes, kind, self.stream)
             cuda_check(call, "cudaMemcpyAsync (device to host)")
+        return host
 
     def synchronize(self) -> None:
         cuda_check(self._cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -304,9 +328,8 @@ class CudaBuffers:
         if self.stream is None:
             return
         self.synchronize()
-        for pointer, _ in self._buffers.values():
-            self._cudart.cudaFree(pointer)
-        self._buffers.clear()
+        self._device.free_all()
+        self._pinned.free_all()
         self._cudart.cudaStreamDestroy(self.stream)
         self.stream = None
 
@@ -344,10 +367,12 @@ class TensorRTBackend:
         gpu_name, cc = gpu_identity()
         self._trt = trt
         self._lock = threading.Lock()
-        self._cuda = CudaBuffers()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
         self._graphs: dict[str, _EngineGraph] = {}
+        self._runtime = trt.Runtime(tensorrt_logger())
+        try:
+            self._cuda = CudaBuffers()
+        except RuntimeError as exc:  # no stream: the GPU is out of memory or unusable
+            raise EngineLoadError(f"cannot set up CUDA for the TensorRT engines: {exc}") from exc
         try:
             for graph in GRAPH_NAMES:
                 entry = manifest.engines[graph]
@@ -364,16 +389,21 @@ class TensorRTBackend:
 
     def _load(self, path: Path, graph: str, axes: dict[str, list[Any]]) -> _EngineGraph:
         trt = self._trt
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise BundleError(
-                f"TensorRT could not deserialize {path} (see its log above); rebuild with `dmf-export --trt`"
+        try:
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = require_loaded(
+                engine,
+                f"TensorRT could not deserialize {path} (see its log above; a plan built on another OS "
+                "or TensorRT build does not load); rebuild it here with `dmf-export --trt`",
             )
-        context = engine.create_execution_context()
-        if context is None:
-            raise RuntimeError(
-                f"TensorRT could not create an execution context for {path} (out of GPU memory?)"
+            context = require_loaded(
+                engine.create_execution_context(),
+                f"TensorRT could not create an execution context for {path} (out of GPU memory?)",
             )
+        except EngineLoadError:
+            raise
+        except Exception as exc:  # TensorRT's bindings raise their own types for the same failures
+            raise EngineLoadError(f"TensorRT could not load {path}: {exc}") from exc
         inputs: dict[str, np.dtype] = {}
         outputs: dict[str, np.dtype] = {}
         for index in range(engine.num_io_tensors):
@@ -393,9 +423,6 @@ class TensorRTBackend:
             low, _opt, high = engine.get_tensor_profile_shape(name, 0)
             limits[name] = (tuple(int(d) for d in low), tuple(int(d) for d in high))
         return _EngineGraph(engine, context, inputs, outputs, limits, dict(axes))
-
-    def profile_max(self, graph: str, name: str) -> tuple[int, ...]:
-        return self._graphs[graph].limits[name][1]
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph on host arrays; same names, shapes and float32 outputs as onnxruntime."""
@@ -431,27 +458,39 @@ class TensorRTBackend:
         check_input_shapes(graph, {n: a.shape for n, a in arrays.items()}, state.limits, state.axes)
         context, cuda = state.context, self._cuda
         for name, array in arrays.items():
-            if not context.set_input_shape(name, array.shape):
-                raise RuntimeError(f"TensorRT rejected the shape {array.shape} for {graph}.{name}")
-            pointer = cuda.buffer((graph, name), array.nbytes)
-            cuda.upload(pointer, array)
-            context.set_tensor_address(name, pointer)
-        results: dict[str, tuple[np.ndarray, int]] = {}
+            require_accepted(
+                context.set_input_shape(name, array.shape),
+                f"TensorRT rejected the shape {array.shape} for {graph}.{name}",
+            )
+            self._bind(context, graph, name, cuda.upload((graph, name), array))
+        outputs: dict[str, tuple[tuple[int, ...], np.dtype, int]] = {}
         for name, dtype in state.outputs.items():
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeError(f"TensorRT could not infer the shape of {graph}.{name}: {shape}")
-            host = np.empty(shape, dtype=dtype)
-            pointer = cuda.buffer((graph, name), host.nbytes)
-            context.set_tensor_address(name, pointer)
-            results[name] = (host, pointer)
-        if not context.execute_async_v3(cuda.handle):
-            raise RuntimeError(f"TensorRT failed to run the {graph} engine (see its log above)")
-        for host, pointer in results.values():
-            cuda.download(host, pointer)
+                raise EngineRunError(f"TensorRT could not infer the shape of {graph}.{name}: {shape}")
+            pointer = cuda.buffer((graph, name), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            self._bind(context, graph, name, pointer)
+            outputs[name] = (shape, dtype, pointer)
+        require_accepted(
+            context.execute_async_v3(cuda.handle),
+            f"TensorRT failed to run the {graph} engine (see its log above)",
+        )
+        hosts = {
+            name: cuda.download((graph, name), pointer, shape, dtype)
+            for name, (shape, dtype, pointer) in outputs.items()
+        }
         cuda.synchronize()
-        # The bundle contract is float32 out; fp16 engines keep float32 I/O, but be strict anyway.
-        return {name: host.astype(np.float32, copy=False) for name, (host, _) in results.items()}
+        # Copied out of the pinned buffers, which the next call reuses. The bundle contract is float32
+        # out; fp16 engines keep float32 I/O, but be strict anyway.
+        return {name: np.array(host, dtype=np.float32) for name, host in hosts.items()}
+
+    @staticmethod
+    def _bind(context: Any, graph: str, name: str, pointer: int) -> None:
+        require_accepted(
+            context.set_tensor_address(name, pointer),
+            f"TensorRT rejected the device address of {graph}.{name} (a tensor name the engine "
+            "does not have, or a misaligned buffer)",
+        )
 
     def close(self) -> None:
         """Free the GPU: contexts before engines, then buffers and the stream."""

@@ -1,9 +1,10 @@
-"""A child process that opens gallery files under a memory limit and times each one.
+"""A child process that opens gallery files (or bundle manifests) under a memory limit and times each.
 
-Run as a script (`BoundedReader` below starts it): it imports only numpy and the gallery module, then
-caps its address space at what those imports took plus `--memory-mb`, so a reader that allocates what a
-lying file claims fails here with MemoryError instead of paging the test machine to death. It reads one
-file path per stdin line and answers one JSON line: {"outcome": "ok" | "GalleryError" | other exception
+Run as a script (`BoundedReader` below starts it): it imports only numpy and the gallery module (or the
+manifest module, `kind="manifest"`), then caps its address space at what those imports took plus
+`--memory-mb`, so a reader that allocates what a lying file claims fails here with MemoryError instead
+of paging the test machine to death. It reads one path per stdin line (a gallery file, or a bundle
+folder) and answers one JSON line: {"outcome": "ok" | "GalleryError" | "BundleError" | other exception
 type, "message": ..., "cpu_s": CPU seconds the load took}.
 """
 
@@ -29,22 +30,32 @@ def _vm_size_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def _serve(memory_mb: int) -> None:
+def _reader(kind: str):
+    """(read(path), the named error it may raise) for a gallery file or a bundle's manifest."""
+    if kind == "manifest":
+        from dmf_deploy.manifest import BundleError, Manifest
+
+        return Manifest.read, BundleError  # the path is the bundle folder holding manifest.json
+    from dmf_deploy.runtime.gallery import Gallery, GalleryError
+
+    return (lambda path: Gallery.load(path, FINGERPRINT)), GalleryError
+
+
+def _serve(memory_mb: int, kind: str) -> None:
     import resource
     import traceback
 
-    from dmf_deploy.runtime.gallery import Gallery, GalleryError
-
+    read, named = _reader(kind)
     limit = _vm_size_bytes() + (memory_mb << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         start = time.process_time()
         try:
-            Gallery.load(line.rstrip("\n"), FINGERPRINT)
+            read(line.rstrip("\n"))
             outcome, message = "ok", ""
-        except GalleryError as exc:
-            outcome, message = "GalleryError", str(exc)[:500]
+        except named as exc:
+            outcome, message = named.__name__, str(exc)[:500]
         except BaseException as exc:  # reported, not raised: the parent fails the test with it
             outcome, message = type(exc).__name__, traceback.format_exc()[-2000:]
         answer = {"outcome": outcome, "message": message, "cpu_s": time.process_time() - start}
@@ -54,11 +65,11 @@ def _serve(memory_mb: int) -> None:
 class BoundedReader:
     """The parent's side: `load(path)` -> the child's answer for that file."""
 
-    def __init__(self, memory_mb: int = 256) -> None:
+    def __init__(self, memory_mb: int = 256, kind: str = "gallery") -> None:
         # One BLAS thread: each extra thread reserves address space that would eat into the limit.
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(memory_mb)],
+            [sys.executable, __file__, str(memory_mb), kind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -93,4 +104,4 @@ class BoundedReader:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), sys.argv[2])

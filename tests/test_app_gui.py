@@ -19,10 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bundles import export_small_bundle  # tests/bundles.py
-from test_app import GLYPHS, dmf_run_command, write_video
+from bundles import dmf_run_command, export_small_bundle, write_video  # tests/bundles.py
 
+from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.runtime import Recognizer
+
+GLYPHS = GlyphSet(3, seed=11, image_size=96, jitter=0.3)  # three classes, as test_app.py's clip
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("Xvfb") and shutil.which("xdotool")),

@@ -1,18 +1,14 @@
-"""`dmf-bench` (runtime/bench.py) and the exactness claim of benchmarks/head_formulations.py: the
-head that bundles export (dmf_deploy/bundle_head.py, a Gather sampler) computes what grid_sample (the
-reference) and torchvision's deformable conv compute."""
+"""`dmf-bench` (runtime/bench.py): figures side by side, in one JSON and one PNG, with or without torch."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -140,147 +136,3 @@ def test_bundle_labels_tell_bundles_apart():
     assert bench.bundle_labels([Path("a/fp32"), Path("a/fp16")]) == ["fp32", "fp16"]
     assert bench.bundle_labels([Path("/x/a/b"), Path("/x/c/b")]) == ["a/b", "c/b"]
     assert bench.bundle_labels([Path("/x/b"), Path("/x/b")]) == ["1: b", "2: b"]
-
-
-# ----- the bundle's head (dmf_deploy/bundle_head.py, head formulations) ----------------------------------
-def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
-    import torch
-
-    from dmf_deploy.head import DMFHead
-
-    gen = torch.Generator().manual_seed(seed)
-    head = DMFHead(channels, groups, kernel).double().eval()
-    with torch.no_grad():
-        w = torch.randn(head.off_conv.weight.shape, generator=gen, dtype=torch.float64)
-        head.off_conv.weight.copy_(w * offset_px / math.sqrt(2 * channels * 25))
-        w = torch.randn(head.kernel_conv.weight.shape, generator=gen, dtype=torch.float64)
-        head.kernel_conv.weight.copy_(w * 2.0 / math.sqrt(9 * channels))
-    return head, gen
-
-
-@pytest.mark.parametrize(
-    ("kernel", "groups", "size", "offset_px"),
-    [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5), (1, 4, (4, 1), 1.5)],
-    ids=["k1-square", "k1-nonsquare", "k3", "one-row", "one-column"],
-)
-def test_bundle_head_equals_the_grid_sample_reference(kernel, groups, size, offset_px):
-    """float64, offsets of pixels so that samples fall inside, across the border and outside the map:
-    the gather sampler on the bundle's bank layout gives grid_sample's filters and scores."""
-    torch = pytest.importorskip("torch")
-    from dmf_deploy import bundle_head
-
-    h, w = size
-    head, gen = _head(8, groups, kernel, offset_px, seed=h * 10 + w)
-    query = torch.randn(3, 8, h, w, generator=gen, dtype=torch.float64)
-    protos = torch.randn(4, 8, h, w, generator=gen, dtype=torch.float64)
-    with torch.inference_mode():
-        bank = head.class_bank(protos)
-        py, px = head.sampling_positions(query, bank)
-        outside = (py <= -1) | (py >= h) | (px <= -1) | (px >= w)
-        straddle = ~outside & ((py < 0) | (py > h - 1) | (px < 0) | (px > w - 1))
-        assert outside.any() and straddle.any()
-        assert min(h, w) == 1 or (~outside & ~straddle).any()
-        stored = bundle_head.bundle_bank(bank)
-        positions = bundle_head.sampling_positions(head, query, stored)  # [Q, N, 2, hw, 9]
-        for axis, ref in enumerate((py, px)):  # the same sums in another order: rounding apart
-            assert (positions[:, :, axis] - ref.flatten(3).transpose(2, 3)).abs().max() < 1e-12
-        filters = bundle_head.filters(head, query, stored)
-        scores = bundle_head.head_scores(head, query, stored, "dopri5", 3)
-        # grid_sample's align_corners=True divides by (h - 1): the reference needs h, w >= 2
-        if min(h, w) > 1:
-            assert (filters - head.filters(query, bank)).abs().max() < 1e-12
-            ref = head.score_map(query, bank, "dopri5", 3).mean(dim=(2, 3))
-            assert scores.shape == ref.shape == (3, 4)
-            assert (scores - ref).abs().max() < 1e-12 * ref.abs().max()
-    if kernel == 1:
-        _check_against_deform_conv(head, query, protos, filters)
-
-
-def _check_against_deform_conv(head, query, protos, filters):
-    import torch
-    from torchvision.ops import deform_conv2d
-
-    q, n = len(query), len(protos)
-    qs, ss = query.repeat_interleave(n, dim=0), protos.repeat(q, 1, 1, 1)
-    with torch.inference_mode():
-        offset = head.off_conv(torch.cat([qs, ss], dim=1))
-        ref = torch.sigmoid(deform_conv2d(ss, offset, head.kernel_conv.weight, padding=(1, 1)))
-    assert (filters - ref.reshape(filters.shape)).abs().max() < 1e-12
-
-
-def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
-    """A bundle's head has no GridSample, passes the TensorRT-readiness lint, and on ONNX Runtime equals
-    the PyTorch grid_sample reference (N = 1, 3, 7: the class axis stays dynamic). The bundle is the
-    small one the Recognizer tests share (tests/bundles.py)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
-    import onnx
-    import onnxruntime as ort
-    from bundles import checkpoint_of, export_small_bundle  # tests/bundles.py
-
-    from dmf_deploy.bundle_head import bundle_bank
-    from dmf_deploy.checkpoint import load_checkpoint
-    from dmf_deploy.export.lint import lint_file
-    from dmf_deploy.manifest import HEAD, graph_io
-
-    bundle = export_small_bundle(tmp_path_factory, seed=1)
-    path = bundle / "head.onnx"
-    model = load_checkpoint(checkpoint_of(bundle))
-    config = model.config
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "GridSample" not in ops and {"Gather", "Floor"} <= ops
-    report = lint_file(path, HEAD, graph_io(config)[HEAD])
-    assert report.ok, report.errors
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    manifest = read_manifest(bundle)
-    gen = torch.Generator().manual_seed(1)
-    s = config.feature_size
-    # Offsets are linear in the features: large features move samples across the border and out.
-    scale = 25.0
-    query = scale * torch.randn(2, config.channels, s, s, generator=gen)
-    for n in (1, 3, 7):
-        protos = scale * torch.randn(n, config.channels, s, s, generator=gen)
-        with torch.inference_mode():
-            bank = model.class_bank(protos)
-            ref = model.head_scores(query, bank, manifest.solver, manifest.steps).numpy()
-            py, px = model.head.sampling_positions(query, bank)
-        assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
-        stored = bundle_bank(bank)  # the bundle's layout
-        feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in stored._asdict().items()}}
-        got = session.run(["scores"], feeds)[0]
-        assert got.shape == (2, n)
-        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
-
-
-def test_fp16_head_gathers_the_right_rows_on_a_large_map(tmp_path_factory, tmp_path):
-    """A 21x21 map has 9 * 21 * 21 = 3969 table rows per class, more than the integers float16 holds
-    exactly (2048). The FP16 cast of head.onnx (what `dmf-export --trt --fp16` builds) must still
-    compute its Gather rows exactly: then its scores stay within float16's rounding of float32's (5e-3
-    relative, the bound test_tensorrt.py derives for FP16 casts; measured 5e-4). With the row
-    arithmetic in float16, half the rows are off by one and the error is 3e-2."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
-    import onnxruntime as ort
-    from bundles import export_small_bundle  # tests/bundles.py
-
-    from dmf_deploy.export.tensorrt_build import cast_onnx_to_fp16
-
-    bundle = export_small_bundle(tmp_path_factory, image_size=168, width=8, groups=4)
-    manifest = read_manifest(bundle)
-    assert manifest.feature_shape[1:] == (21, 21)
-    half_path = tmp_path / "head.fp16.onnx"
-    cast_onnx_to_fp16(bundle / "head.onnx", half_path)
-    rng = np.random.default_rng(0)
-    sizes = {"Q": 3, "N": 5}
-    feeds = {
-        name: rng.normal(0.0, 1.0, [sizes.get(d, d) for d in shape]).astype(np.float32)
-        for name, shape in manifest.graphs["head"].inputs.items()
-    }
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # float16 nodes without CPU kernels log warnings
-    ref, half = (
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(["scores"], feeds)[0]
-        for path in (bundle / "head.onnx", half_path)
-    )
-    assert np.abs(half - ref).max() / np.abs(ref).max() < 5e-3

@@ -1,20 +1,27 @@
 """Checkpoints: official chmxu/Dynamic-Meta-filter files, our own format, and files we must refuse.
 
-The official forward is reimplemented here from DESIGN.md ("The model, exactly" and "Facts that differ
-between the paper and the official code") with plain functional ops on the state dict, so that it
-shares no code with `dmf_deploy.head` or `dmf_deploy.backbones`.
+The official forward is reimplemented here from the paper and the official code (chmxu/Dynamic-Meta-filter:
+rk4 means one 3/8-rule step, the padded 1x1 meta-classifier scales scores) with plain functional ops on
+the state dict, so that it shares no code with `dmf_deploy.head` or `dmf_deploy.backbones`.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bundles import (  # tests/bundles.py
+    OFFICIAL_CLASSES,
+    OFFICIAL_WIDTHS,
+    add_official_head,
+    official_base_state,
+    relative_error,
+    save_official,
+)
 from torch import nn
 
 import dmf_deploy
@@ -29,10 +36,10 @@ torchvision = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests/conftest.py)
 
 
-WIDTHS = (64, 160, 320, 640)  # the official ResNet-12
+WIDTHS = OFFICIAL_WIDTHS
 C = WIDTHS[-1]
 IMAGE = 32  # 32x32 input -> 4x4 feature maps: small enough for CPU, big enough for offsets to matter
-NUM_CLASSES = 64
+NUM_CLASSES = OFFICIAL_CLASSES
 N_WAY, SHOTS, QUERIES = 3, 2, 3
 
 # Our float32 model (the product dtype) against a float64 reference: what remains is the float32
@@ -40,64 +47,6 @@ N_WAY, SHOTS, QUERIES = 3, 2, 3
 # score on these inputs. 1e-5 leaves >20x headroom, while the modelling differences checked below move
 # the scores by far more (tap-major k = 3 filter: 2e-2; the score scale 16/36: >1).
 REL_TOL = 1e-5
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """DESIGN.md: max|got - ref| / max|ref| over the whole [Q, N] score matrix."""
-    got, ref = got.double(), ref.double()
-    return float((got - ref).abs().max() / ref.abs().max())
-
-
-# ----- an official checkpoint, built from random weights ------------------------------------------
-def _bn(sd: dict[str, torch.Tensor], prefix: str, ch: int, gen: torch.Generator) -> None:
-    """Randomised BatchNorm statistics: identity stats (mean 0, var 1) would hide a BN mix-up."""
-    sd[prefix + "weight"] = 0.5 + torch.rand(ch, generator=gen)
-    sd[prefix + "bias"] = 0.1 * torch.randn(ch, generator=gen)
-    sd[prefix + "running_mean"] = 0.1 * torch.randn(ch, generator=gen)
-    sd[prefix + "running_var"] = 0.5 + 1.5 * torch.rand(ch, generator=gen)
-    sd[prefix + "num_batches_tracked"] = torch.tensor(int(torch.randint(1, 10**5, (1,), generator=gen)))
-
-
-def official_base_state(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    chans = (3, *WIDTHS)
-    for i in range(4):
-        pre, cin, cout = f"base.layer{i + 1}.0.", chans[i], chans[i + 1]
-        for j, fan_in in ((1, cin), (2, cout), (3, cout)):
-            sd[f"{pre}conv{j}.weight"] = torch.randn(cout, fan_in, 3, 3, generator=gen) * math.sqrt(
-                2.0 / (9 * fan_in)
-            )
-            _bn(sd, f"{pre}bn{j}.", cout, gen)
-        sd[f"{pre}downsample.0.weight"] = torch.randn(cout, cin, 1, 1, generator=gen) / math.sqrt(cin)
-        _bn(sd, f"{pre}downsample.1.", cout, gen)
-        # The official BasicBlock registers its own counter (DropBlock warm-up) at block level.
-        sd[f"{pre}num_batches_tracked"] = torch.tensor(40000 + i)
-    sd["global_clasifier.weight"] = torch.randn(NUM_CLASSES, C, 1, 1, generator=gen) / math.sqrt(C)  # sic
-    sd["global_clasifier.bias"] = 0.1 * torch.randn(NUM_CLASSES, generator=gen)
-    return sd
-
-
-def add_official_head(
-    sd: dict[str, torch.Tensor], groups: int, kernel: int, feature_rms: float, seed: int
-) -> dict[str, torch.Tensor]:
-    """dw_gen weights scaled to the features: offsets of about 1.5 px (many past the 4x4 map's edge)
-    and pre-sigmoid filters of about 2 (sigmoid neither flat nor saturated)."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = dict(sd)
-    sd["dw_gen.off_conv.weight"] = torch.randn(18, 2 * C, 5, 5, generator=gen) * (
-        1.5 / (feature_rms * math.sqrt(2 * C * 25))
-    )
-    sd["dw_gen.kernel_conv.weight"] = torch.randn(groups * kernel * kernel, C, 3, 3, generator=gen) * (
-        2.0 / (feature_rms * math.sqrt(9 * C))
-    )
-    return sd
-
-
-def save_official(path: Path, state: dict[str, torch.Tensor], prefix: str = "") -> Path:
-    payload = {"state_dict": {prefix + k: v for k, v in state.items()}, "acc": 0.6789, "epoch": 87}
-    torch.save(payload, path, _use_new_zipfile_serialization=False)  # torch 1.4 wrote the legacy format
-    return path
 
 
 # ----- the official forward, independently ---------------------------------------------------------
@@ -193,7 +142,7 @@ def ref_episode(
     return ref_head_scores(sd64, fq, protos, groups, kernel, **kw)
 
 
-# ----- the episode: classes that really differ (DESIGN.md, testing notes) ------------------------------
+# ----- the episode: classes that really differ (on random images all scores look alike) ---------------
 @pytest.fixture(scope="module")
 def episode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)

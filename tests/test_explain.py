@@ -18,6 +18,7 @@ import pytest
 from bundles import checkpoint_of, export_small_bundle, make_model, relative_error  # tests/bundles.py
 from click.testing import CliRunner
 
+from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.manifest import EXPLAIN, BundleError, Manifest
 from dmf_deploy.packaged import DEMO_BUNDLE, DEMO_CHECKPOINT
 from dmf_deploy.preprocess import InvalidFrame
@@ -32,7 +33,6 @@ from dmf_deploy.runtime.explain import (
     UnknownClassError,
 )
 from dmf_deploy.runtime.explain_cli import main as explain_main
-from dmf_deploy.train.glyphs import GlyphSet
 
 GLYPHS = GlyphSet(7, seed=21, image_size=64, jitter=0.3)
 # Contract (DESIGN): the contributions' mean is the score to 1e-5 relative. Both come from float32

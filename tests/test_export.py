@@ -1,6 +1,6 @@
 """dmf-export: parity against PyTorch with the same solver, TensorRT-readiness, and clean failures.
 
-Parity tolerance 1e-4 relative (DESIGN.md: max|got - ref| / max|ref| over the score matrix): ORT and
+Parity tolerance 1e-4 relative (max|got - ref| / max|ref| over the score matrix): ORT and
 PyTorch pick different float32 conv kernels (~1e-6 relative per layer); a real export error (wrong tap,
 solver weight or scale) moves scores by 1e-2 or more.
 """
@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bundles import make_checkpoint
+from bundles import add_official_head, make_checkpoint, official_base_state, save_official
+from click.testing import CliRunner
 from onnx import TensorProto, helper
-from test_checkpoint import add_official_head, official_base_state, save_official
 
-from dmf_deploy.export.bundle import ExportError, export_bundle
+from dmf_deploy.export.bundle import ExportError, export_bundle, validate_export_args
+from dmf_deploy.export.cli import main as export_cli
 from dmf_deploy.export.lint import lint_model
 from dmf_deploy.manifest import EXPLAIN, GRAPH_NAMES, read_manifest
 
@@ -38,11 +39,14 @@ def _check_parity(bundle: Path, solver: str, steps: int) -> dict:
     return report
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 @pytest.mark.parametrize(("solver", "steps"), [("dopri5", 8), ("rk4-38", 1), ("exact", 1)])
 def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -> None:
     ckpt = make_checkpoint(tmp_path / "conv4.pt", "conv4", image_size=32, width=16, groups=8, seed=1)
-    bundle = export_bundle(ckpt, tmp_path / "bundle", solver=solver, steps=steps)
+    handed: list[dict] = []
+    bundle = export_bundle(ckpt, tmp_path / "bundle", solver=solver, steps=steps, on_parity=handed.append)
     report = _check_parity(bundle, solver, steps)
+    assert handed == [report]  # the CLI prints the report it is handed, the same one parity.json holds
     if solver == "dopri5":  # 8 fixed steps sit within float32 rounding of the exact solution
         assert report["solver_distance"]["vs exact (exact/1)"] < 1e-5
     manifest = read_manifest(bundle)
@@ -54,11 +58,13 @@ def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -
         assert not [n for n in graph.graph.node if n.op_type in ("Loop", "If", "Scan")]
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_resnet12_bundle_matches_pytorch(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "r12.pt", "resnet12", image_size=32, groups=64, seed=2)
     _check_parity(export_bundle(ckpt, tmp_path / "bundle", solver="dopri5", steps=8), "dopri5", 8)
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_official_checkpoint_bundle_matches_pytorch(tmp_path: Path) -> None:
     state = add_official_head(official_base_state(seed=5), groups=64, kernel=1, feature_rms=1.0, seed=6)
     ckpt = save_official(tmp_path / "official.pth.tar", state)
@@ -90,19 +96,40 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("solver", "steps", "opset", "kernel", "message"),
     [
-        (["--steps", "0"], "--steps must be a positive integer"),
-        (["--solver", "heun"], "unknown solver 'heun'"),
-        (["--solver", "dopri5-adaptive"], "dopri5-adaptive cannot be exported"),
-        (["--opset", "20"], "opset 20 is refused"),
-        (["--opset", "16"], "opset 16 is too old"),
+        ("dopri5", 0, 18, 1, "steps must be a positive integer"),
+        ("heun", 8, 18, 1, "unknown solver 'heun'"),
+        ("dopri5-adaptive", 8, 18, 1, "dopri5-adaptive cannot be exported"),
+        ("exact", 1, 18, 3, "exists only for kernel 1; this model has k = 3"),
+        ("dopri5", 8, 20, 1, "opset 20 is refused"),
+        ("dopri5", 8, 16, 1, "opset 16 is too old"),
     ],
 )
-def test_bad_arguments_fail_cleanly(tmp_path: Path, small_ckpt: Path, extra: list[str], message: str) -> None:
-    result = _run_export("--ckpt", str(small_ckpt), "--out", "bundle", *extra, cwd=tmp_path)
+def test_bad_export_arguments_are_named(
+    solver: str, steps: int, opset: int, kernel: int, message: str
+) -> None:
+    with pytest.raises(ExportError, match=message):
+        validate_export_args(solver, steps, opset, kernel)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "'--steps': 0 is not in the range x>=1"),
+        (["--solver", "heun"], "'heun' is not one of"),
+    ],
+)
+def test_cli_refuses_values_outside_its_choices(small_ckpt: Path, extra: list[str], message: str) -> None:
+    result = CliRunner().invoke(export_cli, ["--ckpt", str(small_ckpt), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_bad_arguments_exit_2_and_leave_nothing(tmp_path: Path, small_ckpt: Path) -> None:
+    """The one subprocess run: the exit code and stderr a shell script sees."""
+    result = _run_export("--ckpt", str(small_ckpt), "--out", "bundle", "--opset", "20", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert message in " ".join(result.stderr.split())
+    assert "opset 20 is refused" in " ".join(result.stderr.split())
     assert not (tmp_path / "bundle").exists() and not _leftovers(tmp_path)
 
 
@@ -129,6 +156,7 @@ def test_unwritable_output_folder_fails_cleanly(tmp_path: Path, small_ckpt: Path
             export_bundle(small_ckpt, locked / "bundle", check=False)
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_existing_bundle_needs_force_and_failed_export_keeps_it(tmp_path: Path, small_ckpt: Path) -> None:
     bundle = export_bundle(small_ckpt, tmp_path / "bundle", check=False)
     before = (bundle / "manifest.json").read_bytes()
@@ -199,6 +227,7 @@ def test_shipped_demo_bundle_passes_the_lint() -> None:
         assert report.ok, report.errors
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_scores_are_finite_on_real_frames(tmp_path: Path, small_ckpt: Path) -> None:
     """A smoke check on the runtime side of an exported bundle (full parity lives in test_recognizer)."""
     from dmf_deploy.runtime import Recognizer

@@ -19,6 +19,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from bundles import (  # tests/bundles.py
+    BANK_SHAPES,
+    FEATURE_SHAPE,
+    FP,
+    assert_same,
+    enroll,
+    fake_bank,
+    filled,
+    new_gallery,
+    npz_members,
+    read_header,
+    rewrite,
+    savez,
+    snapshot,
+)
 
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.runtime.gallery import (
@@ -28,87 +43,6 @@ from dmf_deploy.runtime.gallery import (
     GalleryError,
     GalleryNotFoundError,
 )
-
-FP = "a1b2c3d4e5f6" + "0" * 52
-FEATURE_SHAPE = (8, 3, 3)
-BANK_SHAPES = {"support_offset": (18, 3, 3), "tap_projections": (9, 4, 3, 3), "class_weight": (8,)}
-
-
-def fake_bank(prototype: np.ndarray) -> dict[str, np.ndarray]:
-    """A deterministic stand-in for support.onnx: any function of the prototype will do here."""
-    p = prototype.astype(np.float32)
-    return {
-        "support_offset": np.concatenate([p, p, p[:2]]),
-        "tap_projections": np.stack([p[:4] * (t + 1) for t in range(9)]),
-        "class_weight": p.mean(axis=(1, 2)),
-    }
-
-
-def enroll(g: Gallery, name: str, feats: np.ndarray, frame: np.ndarray | None = None) -> int:
-    """What the Recognizer does: add the shots, then set the bank computed from the new prototype."""
-    row = g.add_shots(name, feats.sum(axis=0), len(feats), frame)
-    g.set_bank(row, fake_bank(g.prototype(row)))
-    return row
-
-
-def new_gallery(description: str = "conv4 test model") -> Gallery:
-    return Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, description)
-
-
-def filled(n: int, seed: int = 0, thumbs: bool = True) -> Gallery:
-    rng = np.random.default_rng(seed)
-    g = new_gallery()
-    for i in range(n):
-        frame = rng.integers(0, 256, (48 + i, 80, 3), dtype=np.uint8) if thumbs and i % 2 == 0 else None
-        enroll(g, f"class {i}", rng.standard_normal((1 + i % 3, *FEATURE_SHAPE)).astype(np.float32), frame)
-    return g
-
-
-def snapshot(g: Gallery) -> dict:
-    return {
-        "names": g.names,
-        "counts": g.counts.copy(),
-        "sums": g.feature_sums.copy(),
-        "banks": {k: v.copy() for k, v in g.bank_arrays().items()},
-        "thumbs": [g.thumbnail(n) for n in g.names],
-        "stamps": [g.timestamps(n) for n in g.names],
-    }
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a["names"] == b["names"]
-    assert a["thumbs"] == b["thumbs"]
-    assert a["stamps"] == b["stamps"]
-    for key in ("counts", "sums"):
-        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key])
-    assert a["banks"].keys() == b["banks"].keys()
-    for key in a["banks"]:
-        assert a["banks"][key].dtype == b["banks"][key].dtype
-        assert np.array_equal(a["banks"][key], b["banks"][key])
-
-
-def npz_members(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def read_header(path: Path) -> dict:
-    return json.loads(npz_members(path)["header"].tobytes())
-
-
-def savez(path: Path, **members: np.ndarray) -> None:
-    """np.savez to exactly `path` (given a name, np.savez would append ".npz")."""
-    with open(path, "wb") as handle:
-        np.savez(handle, **members)
-
-
-def rewrite(path: Path, header: dict | None = None, **arrays: np.ndarray) -> None:
-    """Re-save a gallery file with some members replaced (np.savez, as a tampering writer would)."""
-    members = npz_members(path)
-    if header is not None:
-        members["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
-    members.update(arrays)
-    savez(path, **members)
 
 
 def temp_files(folder: Path, name: str) -> list[Path]:

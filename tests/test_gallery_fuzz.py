@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bounded_reader import BoundedReader
+from bundles import filled, npz_members, savez
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gallery import filled, npz_members, savez
 
 CPU_BOUND_S = 1.0  # the bound per file; CPU time, so a busy CI machine does not inflate it
 FUZZ = settings(

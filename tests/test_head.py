@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from bundles import relative_error  # tests/bundles.py
 
 from dmf_deploy import DMFNet, ModelConfig, PreprocessConfig
 from dmf_deploy.config import conv4_config
@@ -29,12 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests
 # 1e-7..1e-6 of the largest score. 1e-5 leaves headroom; a real mismatch (a wrong tap, swapped x/y,
 # the filter in the wrong order, a sample outside the map not reading zero) costs 1e-3 or more.
 REL_TOL = 1e-5
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """DESIGN.md: max|got - ref| / max|ref| over the whole matrix."""
-    got, ref = got.double(), ref.double()
-    return float((got - ref).abs().max() / ref.abs().max())
 
 
 def undeformed_positions(h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +109,7 @@ SOLVERS = [
     ("dopri5", 1), ("dopri5", 3), ("dopri5", 8), ("exact", 1),
 ]  # fmt: skip
 # dopri5-adaptive is excluded: its step control takes a norm over the whole batched state, so its
-# result depends on the batch and on the form (group or channel space); DESIGN.md, "three cautions".
+# result depends on the batch and on the form (group or channel space); docs/solvers.md.
 FACTORS: dict[str, list[Any]] = {
     "kernel": [1, 3],
     "groups": [1, 64, 160],  # with C = 320 every G divides C (R = 320, 5, 2 channels per group)
@@ -302,3 +297,107 @@ def test_episode_scores_factored_equals_literal(config, solver, steps):
     assert factored.shape == (3, 3)
     assert outside_map(positions, 4, 4).any()
     assert relative_error(factored, literal) < REL_TOL  # float32 rounding only; see REL_TOL
+
+
+# ----- the bundle's head (bundle_head.py, a Gather sampler) against grid_sample and deform_conv -------
+def _head(channels: int, groups: int, kernel: int, offset_px: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    head = DMFHead(channels, groups, kernel).double().eval()
+    with torch.no_grad():
+        w = torch.randn(head.off_conv.weight.shape, generator=gen, dtype=torch.float64)
+        head.off_conv.weight.copy_(w * offset_px / math.sqrt(2 * channels * 25))
+        w = torch.randn(head.kernel_conv.weight.shape, generator=gen, dtype=torch.float64)
+        head.kernel_conv.weight.copy_(w * 2.0 / math.sqrt(9 * channels))
+    return head, gen
+
+
+@pytest.mark.parametrize(
+    ("kernel", "groups", "size", "offset_px"),
+    [(1, 4, (6, 6), 2.5), (1, 8, (5, 7), 1.0), (3, 2, (7, 5), 2.5), (1, 4, (1, 4), 1.5), (1, 4, (4, 1), 1.5)],
+    ids=["k1-square", "k1-nonsquare", "k3", "one-row", "one-column"],
+)
+def test_bundle_head_equals_the_grid_sample_reference(kernel, groups, size, offset_px):
+    """float64, offsets of pixels so that samples fall inside, across the border and outside the map:
+    the gather sampler on the bundle's bank layout gives grid_sample's filters and scores."""
+    from dmf_deploy import bundle_head
+
+    h, w = size
+    head, gen = _head(8, groups, kernel, offset_px, seed=h * 10 + w)
+    query = torch.randn(3, 8, h, w, generator=gen, dtype=torch.float64)
+    protos = torch.randn(4, 8, h, w, generator=gen, dtype=torch.float64)
+    with torch.inference_mode():
+        bank = head.class_bank(protos)
+        py, px = head.sampling_positions(query, bank)
+        outside = (py <= -1) | (py >= h) | (px <= -1) | (px >= w)
+        straddle = ~outside & ((py < 0) | (py > h - 1) | (px < 0) | (px > w - 1))
+        assert outside.any() and straddle.any()
+        assert min(h, w) == 1 or (~outside & ~straddle).any()
+        stored = bundle_head.bundle_bank(bank)
+        positions = bundle_head.sampling_positions(head, query, stored)  # [Q, N, 2, hw, 9]
+        for axis, ref in enumerate((py, px)):  # the same sums in another order: rounding apart
+            assert (positions[:, :, axis] - ref.flatten(3).transpose(2, 3)).abs().max() < 1e-12
+        filters = bundle_head.filters(head, query, stored)
+        scores = bundle_head.head_scores(head, query, stored, "dopri5", 3)
+        # grid_sample's align_corners=True divides by (h - 1): the reference needs h, w >= 2
+        if min(h, w) > 1:
+            assert (filters - head.filters(query, bank)).abs().max() < 1e-12
+            ref = head.score_map(query, bank, "dopri5", 3).mean(dim=(2, 3))
+            assert scores.shape == ref.shape == (3, 4)
+            assert (scores - ref).abs().max() < 1e-12 * ref.abs().max()
+    if kernel == 1:
+        _check_against_deform_conv(head, query, protos, filters)
+
+
+def _check_against_deform_conv(head, query, protos, filters):
+    from torchvision.ops import deform_conv2d
+
+    q, n = len(query), len(protos)
+    qs, ss = query.repeat_interleave(n, dim=0), protos.repeat(q, 1, 1, 1)
+    with torch.inference_mode():
+        offset = head.off_conv(torch.cat([qs, ss], dim=1))
+        ref = torch.sigmoid(deform_conv2d(ss, offset, head.kernel_conv.weight, padding=(1, 1)))
+    assert (filters - ref.reshape(filters.shape)).abs().max() < 1e-12
+
+
+def test_exported_head_uses_gather_and_passes_the_lint(tmp_path_factory):
+    """A bundle's head has no GridSample, passes the TensorRT-readiness lint, and on ONNX Runtime equals
+    the PyTorch grid_sample reference (N = 1, 3, 7: the class axis stays dynamic). The bundle is the
+    small one the Recognizer tests share (tests/bundles.py)."""
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+    from bundles import checkpoint_of, export_small_bundle  # tests/bundles.py
+
+    from dmf_deploy.bundle_head import bundle_bank
+    from dmf_deploy.checkpoint import load_checkpoint
+    from dmf_deploy.export.lint import lint_file
+    from dmf_deploy.manifest import HEAD, graph_io, read_manifest
+
+    bundle = export_small_bundle(tmp_path_factory, seed=1)
+    path = bundle / "head.onnx"
+    model = load_checkpoint(checkpoint_of(bundle))
+    config = model.config
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" not in ops and {"Gather", "Floor"} <= ops
+    report = lint_file(path, HEAD, graph_io(config)[HEAD])
+    assert report.ok, report.errors
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    manifest = read_manifest(bundle)
+    gen = torch.Generator().manual_seed(1)
+    s = config.feature_size
+    # Offsets are linear in the features: large features move samples across the border and out.
+    scale = 25.0
+    query = scale * torch.randn(2, config.channels, s, s, generator=gen)
+    for n in (1, 3, 7):
+        protos = scale * torch.randn(n, config.channels, s, s, generator=gen)
+        with torch.inference_mode():
+            bank = model.class_bank(protos)
+            ref = model.head_scores(query, bank, manifest.solver, manifest.steps).numpy()
+            py, px = model.head.sampling_positions(query, bank)
+        assert ((py <= -1) | (py >= s) | (px <= -1) | (px >= s)).any()
+        stored = bundle_bank(bank)  # the bundle's layout
+        feeds = {"query_features": query.numpy(), **{k: v.numpy() for k, v in stored._asdict().items()}}
+        got = session.run(["scores"], feeds)[0]
+        assert got.shape == (2, n)
+        assert relative_error(got, ref) < 1e-5  # float32 ORT against float32 PyTorch, as the parity check

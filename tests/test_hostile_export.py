@@ -66,6 +66,7 @@ def test_force_refuses_a_bundle_holding_files_its_manifest_does_not_name(tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
 def test_force_replaces_an_empty_folder_then_a_bundle_of_any_version(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
@@ -115,9 +116,9 @@ def test_cli_refusal_uses_cli_words_on_one_line(tmp_path: Path) -> None:
 
 
 def test_trt_without_tensorrt_fails_before_exporting(tmp_path: Path) -> None:
-    from dmf_deploy.export.tensorrt_build import tensorrt_unavailable_reason
+    from dmf_deploy.tensorrt_support import tensorrt_import_reason
 
-    if tensorrt_unavailable_reason() is None:
+    if tensorrt_import_reason() is None:
         pytest.skip("TensorRT is installed here")
     done = dmf_export("--ckpt", "demo", "--out", "b", "--trt", "--no-check", cwd=tmp_path)
     assert done.returncode == 2 and "--trt" in done.stderr, done.stderr

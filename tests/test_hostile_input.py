@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from bounded_reader import BoundedReader
-from test_gallery import FP, enroll, filled, new_gallery, read_header, rewrite
+from bundles import FP, enroll, filled, new_gallery, read_header, rewrite
 
 from dmf_deploy.atomic import NotARegularFile, atomic_write_bytes
 from dmf_deploy.preprocess import InvalidFrame

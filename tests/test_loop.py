@@ -4,50 +4,16 @@ folder, the demo bundle, and an Output that records what it is shown."""
 from __future__ import annotations
 
 import cv2
-import numpy as np
 import pytest
+from bundles import Recorder, cross, ring, session_for  # tests/bundles.py
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.commands import CommandFeed, Session
+from dmf_deploy.runtime.commands import Session
 from dmf_deploy.runtime.loop import JsonLinesOutput, run_loop
 from dmf_deploy.runtime.sources import open_source
 
 pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
-
-
-def ring() -> np.ndarray:
-    return cv2.circle(np.full((105, 105, 3), 255, np.uint8), (52, 52), 30, (0, 0, 0), 6)
-
-
-def cross() -> np.ndarray:
-    paper = np.full((105, 105, 3), 255, np.uint8)
-    return cv2.line(cv2.line(paper, (20, 20), (85, 85), 0, 6), (85, 20), (20, 85), 0, 6)
-
-
-class Recorder:
-    """An Output that keeps what it is shown; as the window does, it can hold the last frame."""
-
-    def __init__(self, holds_last_frame: bool, on_show=None, max_shows: int = 100) -> None:
-        self.holds_last_frame = holds_last_frame
-        self.events: list[dict] = []
-        self.shown: list[str | None] = []
-        self.on_show, self.max_shows = on_show, max_shows
-
-    def emit(self, event: dict) -> None:
-        self.events.append(event)
-
-    def show(self, frame, prediction, session, stats) -> bool:
-        self.shown.append(prediction.label if prediction is not None else "(enrolled)")
-        if self.on_show is not None:
-            self.on_show(len(self.shown), session)
-        return len(self.shown) < self.max_shows
-
-    def close(self) -> None:
-        pass
-
-    def report(self, result) -> None:
-        pass
 
 
 @pytest.fixture
@@ -57,16 +23,6 @@ def folder(tmp_path):
     for i, image in enumerate([ring(), ring(), cross(), cross(), ring()]):
         cv2.imwrite(str(path / f"frame{i}.png"), image)
     return path
-
-
-def session_for(rec, output, tmp_path, script: str | None) -> Session:
-    feed = None
-    if script is not None:
-        stdin = tmp_path / "commands.txt"
-        stdin.write_text(script)
-        with stdin.open() as handle:
-            feed = CommandFeed(handle, read_all=True)
-    return Session(rec, tmp_path / "g.dmfg", output.emit, 5, feed)
 
 
 def test_commands_enrol_frames_and_the_end_is_its_own_event(folder, tmp_path):

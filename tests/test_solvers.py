@@ -8,8 +8,9 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from bundles import relative_error  # tests/bundles.py
 
-from dmf_deploy.config import FIXED_SOLVERS
+from dmf_deploy.config import FIXED_SOLVERS, Solver
 from dmf_deploy.head import DMFHead, dynamic_conv, filter_per_tap, integrate_channels
 from dmf_deploy.solvers import (
     fixed_solve,
@@ -22,7 +23,7 @@ from dmf_deploy.solvers import (
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
-# torchdiffeq's names for our fixed-grid methods (DESIGN.md, "Solver names").
+# torchdiffeq's names for our fixed-grid methods (docs/solvers.md, "The names").
 TORCHDIFFEQ = {"euler": "euler", "midpoint": "midpoint", "rk4-38": "rk4"}
 STAGES = {"euler": 1, "midpoint": 2, "rk4-38": 4}
 
@@ -39,10 +40,6 @@ def dynconv_ode(groups: int = 2, channels: int = 8, size: int = 5, filter_scale:
         return F.relu(dynamic_conv(x, weights, groups, 3))
 
     return rhs, x0, filt
-
-
-def relative(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
 
 
 class Counted:
@@ -71,7 +68,7 @@ def test_fixed_solvers_match_torchdiffeq_on_the_nonlinear_ode(solver, steps):
     assert ours_f.calls == theirs_f.calls == STAGES[solver] * steps
     # float64, same tableau, operations in a different order: agreement to ~1e-15 of the state's size;
     # 1e-12 is far below the gap between any two methods (see the next test: 1e-2). Measured <= 5e-16.
-    assert relative(ours, theirs) < 1e-12
+    assert relative_error(ours, theirs) < 1e-12
 
 
 def test_classic_rk4_and_rk4_38_differ_on_the_nonlinear_ode():
@@ -80,10 +77,11 @@ def test_classic_rk4_and_rk4_38_differ_on_the_nonlinear_ode():
     kutta = fixed_solve(rhs, x0, "rk4-38", 1)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     official = torchdiffeq.odeint(lambda _t, y: rhs(y), x0, t, method="rk4")[-1]  # no step size: 1 step
-    assert relative(kutta, official) < 1e-12  # the official call is one 3/8-rule step (float64 rounding)
+    # the official call is one 3/8-rule step (float64 rounding)
+    assert relative_error(kutta, official) < 1e-12
     # Both are 4th order and agree on linear problems, but not here (measured gap 1.3e-2); the asserted
     # 1e-3 is 1e9x the tolerance above.
-    assert relative(classic, kutta) > 1e-3
+    assert relative_error(classic, kutta) > 1e-3
 
 
 @pytest.mark.parametrize("ode", ["k1-vs-exact", "k3-vs-256-steps"])
@@ -131,9 +129,9 @@ def test_exact_matches_adaptive_dopri5_at_tight_tolerance():
     adaptive = integrate_channels(x0, filt, head, "dopri5-adaptive", 1, 1e-10, 1e-10)
     # rtol = atol = 1e-10 per step controls the local error; the accumulated error stays a small
     # multiple of that (measured 3e-10); 1e-8 bounds it while any modelling error would be >= 1e-3.
-    assert relative(adaptive, exact) < 1e-8
+    assert relative_error(adaptive, exact) < 1e-8
     rate = filt.flatten()
-    assert relative(linear_growth(rate, "dopri5-adaptive", 1, 1e-10, 1e-10), torch.exp(rate)) < 1e-8
+    assert relative_error(linear_growth(rate, "dopri5-adaptive", 1, 1e-10, 1e-10), torch.exp(rate)) < 1e-8
     assert torch.equal(linear_growth(rate, "exact", 1), torch.exp(rate))
 
 
@@ -159,7 +157,7 @@ def test_linear_growth_equals_stepping_y_prime_equals_f_y(solver, steps):
     stepped = fixed_solve(lambda y: rate * y, torch.ones_like(rate), solver, steps)
     grown = linear_growth(rate, solver, steps)
     # float64: Horner plus repeated squaring against n explicit steps; a few ulps per step (~1e-15).
-    assert relative(grown, stepped) < 1e-13
+    assert relative_error(grown, stepped) < 1e-13
 
 
 @pytest.mark.parametrize(
@@ -185,12 +183,12 @@ def test_growth_is_exp_only_where_the_polynomial_is_exp_in_that_dtype(solver, st
         truth = linear_growth(rate.double(), solver, steps)
         polynomial = linear_growth(rate, solver, steps)  # no max_rate: Horner + squaring in float32
         assert truncation_error(solver, steps, 1.0) < 6e-8
-        assert relative(grown.double(), truth) < relative(polynomial.double(), truth)
-        assert relative(grown.double(), truth) < 1.2e-7
+        assert relative_error(grown.double(), truth) < relative_error(polynomial.double(), truth)
+        assert relative_error(grown.double(), truth) < 1.2e-7
 
 
 def test_positive_k1_state_is_x0_times_polynomial():
-    """DESIGN.md: on positive entries each fixed method equals X0 * R(hF)^n exactly (up to rounding)."""
+    """docs/solvers.md: on positive entries each fixed method equals X0 * R(hF)^n exactly (up to rounding)."""
     head = DMFHead(channels=6, groups=3, kernel=1).double()
     gen = torch.Generator().manual_seed(8)
     x0 = torch.randn(2, 6, 4, 4, generator=gen, dtype=torch.float64)
@@ -200,14 +198,19 @@ def test_positive_k1_state_is_x0_times_polynomial():
         x1 = integrate_channels(x0, filt, head, solver, 3, 0.0, 0.0).reshape(2, 3, 2, 16)
         grouped = x0.reshape(2, 3, 2, 16)
         expected = torch.where(grouped > 0, grouped * linear_growth(growth, solver, 3), grouped)
-        assert relative(x1, expected) < 1e-13, solver  # float64 rounding, as above
+        assert relative_error(x1, expected) < 1e-13, solver  # float64 rounding, as above
 
 
 def test_solver_argument_errors():
-    rhs, x0, _ = dynconv_ode()
     with pytest.raises(ValueError, match="unknown solver"):
-        solve(rhs, x0, "rk45", 1)
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        solve(rhs, x0, "euler", 0)
+        Solver.checked("rk45", 1, kernel=1)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            Solver.checked("euler", steps, kernel=1)
+    with pytest.raises(ValueError, match="exists only for kernel 1; this model has k = 3"):
+        Solver.checked("exact", 1, kernel=3)
+    assert Solver.checked("dopri5-adaptive", 1, kernel=3).adaptive
+    assert not Solver.checked("exact", 1, kernel=1).adaptive
+    rhs, x0, _ = dynconv_ode()
     with pytest.raises(ValueError, match="closed form"):
         solve(rhs, x0, "exact", 1)

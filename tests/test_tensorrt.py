@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bundles import cpu_session, fake_engines, relative_error, tiny_bundle  # tests/bundles.py
 from onnx import TensorProto, helper, numpy_helper
 
-from dmf_deploy.config import ModelConfig, conv4_config
+from dmf_deploy.config import ModelConfig
+from dmf_deploy.export import engine_names, profiles
 from dmf_deploy.export import tensorrt_build as tb
-from dmf_deploy.manifest import GRAPH_NAMES, EngineSpec, Manifest, graph_io, read_manifest, sha256_file
+from dmf_deploy.export.fp16 import cast_onnx_to_fp16
+from dmf_deploy.manifest import EngineSpec, graph_io, read_manifest, sha256_file
 from dmf_deploy.runtime import tensorrt_backend as rt
+from dmf_deploy.tensorrt_support import TRT_MISSING, gpu_identity, tensorrt_import_reason
 
 TRT_SKIP = (
     "tensorrt is not installed: engine build/run needs NVIDIA TensorRT 10+ "
@@ -29,123 +33,12 @@ TRT_SKIP = (
 
 
 def _tensorrt_installed() -> bool:
-    return rt.tensorrt_import_reason() is None
-
-
-# ----- a tiny real bundle ---------------------------------------------------------------------------------
-
-
-def _tiny_bundle(root: Path, config: ModelConfig | None = None, opset: int = 18) -> Path:
-    """A real (if numerically trivial) bundle: three ONNX graphs with the manifest's I/O names/shapes.
-
-    Until the exporter lands this stands in for `export_bundle`: backbone = a stride-8 conv, support =
-    1x1 convs + a spatial mean, head = <mean query feature, class weight> plus a small bank term so that
-    every class-bank input is used.
-    """
-    config = config or conv4_config(image_size=16, width=8)
-    io = graph_io(config)
-    c, s, gk = config.channels, config.feature_size, config.filter_channels
-    tap_shape, offset_shape = [-1, 9, s, s, gk], [-1, 2, s, s, 9]
-    size = config.preprocess.image_size
-    rng = np.random.default_rng(0)
-    stride = size // s
-    bundle = root / "bundle"
-    bundle.mkdir(parents=True)
-
-    def value_info(shape_spec: dict[str, list]) -> list:
-        return [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in shape_spec.items()]
-
-    def init(name: str, array: np.ndarray) -> TensorProto:
-        return numpy_helper.from_array(np.asarray(array), name)
-
-    def save(name: str, nodes: list, inits: list) -> None:
-        graph = helper.make_graph(
-            nodes, name, value_info(io[name]["inputs"]), value_info(io[name]["outputs"]), initializer=inits
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, bundle / f"{name}.onnx")
-
-    w = rng.normal(0, 0.2, (c, 3, stride, stride)).astype(np.float32)
-    save(
-        "backbone",
-        [
-            helper.make_node("Conv", ["images", "w"], ["conv"], strides=[stride, stride]),
-            helper.make_node("Relu", ["conv"], ["features"]),
-        ],
-        [init("w", w)],
-    )
-    save(
-        "support",
-        [
-            helper.make_node("Conv", ["prototypes", "w_off"], ["offsets"]),
-            helper.make_node("Reshape", ["offsets", "offset_shape"], ["support_offset"]),
-            helper.make_node("Conv", ["prototypes", "w_tap"], ["taps"]),
-            helper.make_node("Reshape", ["taps", "tap_shape"], ["tap_projections"]),
-            helper.make_node("ReduceMean", ["prototypes", "hw"], ["class_weight"], keepdims=0),
-        ],
-        [
-            init("w_off", rng.normal(0, 0.2, (18, c, 1, 1)).astype(np.float32)),
-            init("w_tap", rng.normal(0, 0.2, (9 * gk, c, 1, 1)).astype(np.float32)),
-            init("tap_shape", np.array(tap_shape, dtype=np.int64)),
-            init("offset_shape", np.array(offset_shape, dtype=np.int64)),
-            init("hw", np.array([2, 3], dtype=np.int64)),
-        ],
-    )
-    save(
-        "head",
-        [
-            helper.make_node("ReduceMean", ["query_features", "hw"], ["q"], keepdims=0),
-            helper.make_node("Transpose", ["class_weight"], ["wt"], perm=[1, 0]),
-            helper.make_node("MatMul", ["q", "wt"], ["dot"]),
-            helper.make_node("ReduceMean", ["support_offset", "chw"], ["b1"], keepdims=0),
-            helper.make_node("ReduceMean", ["tap_projections", "tchw"], ["b2"], keepdims=0),
-            helper.make_node("Add", ["b1", "b2"], ["b"]),
-            helper.make_node("Mul", ["b", "small"], ["bias"]),
-            helper.make_node("Add", ["dot", "bias"], ["scores"]),
-        ],
-        [
-            init("hw", np.array([2, 3], dtype=np.int64)),
-            init("chw", np.array(list(range(1, len(offset_shape))), dtype=np.int64)),
-            init("tchw", np.array([1, 2, 3, 4], dtype=np.int64)),
-            init("small", np.array(0.01, dtype=np.float32)),
-        ],
-    )
-    graphs = {g: bundle / f"{g}.onnx" for g in GRAPH_NAMES}
-    weights = "0" * 64  # no checkpoint: the graphs' weights are the seeded arrays above
-    Manifest.build(
-        config, graphs, solver="exact", steps=1, opset=opset, checkpoint_sha256="", weights_sha256=weights
-    ).write(bundle)
-    return bundle
-
-
-def _fake_engines(bundle: Path, **overrides: str) -> dict[str, EngineSpec]:
-    """Manifest entries for engines built elsewhere: dummy plan bytes (data only) with true sha256s."""
-    io = graph_io(read_manifest(bundle).model)
-    engines = {}
-    for graph in GRAPH_NAMES:
-        name = f"{graph}.trt10.0.0.sm80.A100.fp32.plan"
-        (bundle / name).write_bytes(b"not a real engine: " + graph.encode())
-        shapes = tb.profile_shapes(io, graph, 4, 16)
-        fields = {
-            "file": name,
-            "sha256": sha256_file(bundle / name),
-            "tensorrt_version": "10.0.0.6",
-            "gpu": "NVIDIA A100-SXM4-40GB",
-            "compute_capability": "8.0",
-            "precision": "fp32",
-            "profiles": {
-                n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in shapes.items()
-            },
-        }
-        engines[graph] = EngineSpec(**{**fields, **overrides})
-    return engines
+    return tensorrt_import_reason() is None
 
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    return _tiny_bundle(tmp_path)
+    return tiny_bundle(tmp_path)
 
 
 # ----- profiles and names ---------------------------------------------------------------------------------
@@ -153,50 +46,50 @@ def bundle(tmp_path: Path) -> Path:
 
 def test_profile_shapes_follow_the_flags() -> None:
     io = graph_io(ModelConfig())  # ResNet-12, 84x84 -> 640x11x11, G=64, k=1
-    backbone = tb.profile_shapes(io, "backbone", max_batch=8, max_classes=256)
+    backbone = profiles.profile_shapes(io, "backbone", max_batch=8, max_classes=256)
     assert backbone == {"images": ((1, 3, 84, 84), (1, 3, 84, 84), (8, 3, 84, 84))}
 
-    support = tb.profile_shapes(io, "support", max_batch=8, max_classes=256)
+    support = profiles.profile_shapes(io, "support", max_batch=8, max_classes=256)
     assert support["prototypes"] == ((1, 640, 11, 11), (32, 640, 11, 11), (256, 640, 11, 11))
 
-    head = tb.profile_shapes(io, "head", max_batch=8, max_classes=512, max_queries=16)
+    head = profiles.profile_shapes(io, "head", max_batch=8, max_classes=512, max_queries=16)
     assert set(head) == {"query_features", "support_offset", "tap_projections", "class_weight"}
     assert head["query_features"] == ((1, 640, 11, 11), (1, 640, 11, 11), (16, 640, 11, 11))
     assert head["tap_projections"][2] == (512, 9, 11, 11, 64)  # channel-last bank
     assert head["class_weight"] == ((1, 640), (32, 640), (512, 640))
     # max_queries defaults to max_batch
-    assert tb.profile_shapes(io, "head", 4, 8)["query_features"][2][0] == 4
+    assert profiles.profile_shapes(io, "head", 4, 8)["query_features"][2][0] == 4
     # opt never exceeds max
-    assert tb.profile_shapes(io, "support", 8, 4)["prototypes"][1][0] == 4
+    assert profiles.profile_shapes(io, "support", 8, 4)["prototypes"][1][0] == 4
     with pytest.raises(ValueError, match="max_classes"):
-        tb.profile_shapes(io, "support", 8, 0)
+        profiles.profile_shapes(io, "support", 8, 0)
     with pytest.raises(ValueError, match="unknown graph"):
-        tb.profile_shapes(io, "tail", 8, 8)
+        profiles.profile_shapes(io, "tail", 8, 8)
 
 
 def test_engine_names_carry_version_gpu_cc_and_precision() -> None:
     assert (
-        tb.engine_file_name("head", "10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9", "fp16")
+        engine_names.engine_file_name("head", "10.8.0.43", "NVIDIA GeForce RTX 4090", "8.9", "fp16")
         == "head.trt10.8.0.sm89.RTX4090.fp16.plan"
     )
-    assert tb.engine_key("backbone", "11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "fp32") == (
+    assert engine_names.engine_key("backbone", "11.4.0.106", "NVIDIA H100 80GB HBM3", "9.0", "fp32") == (
         "backbone.trt11.4.0.sm90.H10080GBHBM3.fp32"
     )
-    assert tb.sanitize_gpu_name("Orin (nvgpu)") == "Orinnvgpu"
-    assert tb.sanitize_gpu_name("../../etc") == "etc"  # never a path
-    assert tb.trt_version_tag("10") == "10.0.0"
+    assert engine_names.sanitize_gpu_name("Orin (nvgpu)") == "Orinnvgpu"
+    assert engine_names.sanitize_gpu_name("../../etc") == "etc"  # never a path
+    assert engine_names.trt_version_tag("10") == "10.0.0"
     keys = {
-        tb.engine_key("head", v, g, cc, p)
+        engine_names.engine_key("head", v, g, cc, p)
         for v in ("10.8.0", "10.9.0")
         for g in ("NVIDIA A100", "NVIDIA L4")
         for cc in ("8.0", "8.9")
-        for p in tb.PRECISIONS
+        for p in engine_names.PRECISIONS
     }
     assert len(keys) == 16
     with pytest.raises(ValueError, match="precision"):
-        tb.engine_key("head", "10.8.0", "A100", "8.0", "int8")
+        engine_names.engine_key("head", "10.8.0", "A100", "8.0", "int8")
     with pytest.raises(ValueError, match="graph"):
-        tb.engine_key("neck", "10.8.0", "A100", "8.0", "fp16")
+        engine_names.engine_key("neck", "10.8.0", "A100", "8.0", "fp16")
 
 
 # ----- staleness and profile limits -----------------------------------------------------------------------
@@ -243,7 +136,7 @@ def test_engine_staleness_names_the_field_that_differs(tmp_path: Path) -> None:
 
 def test_profile_limits_give_a_clear_error() -> None:
     io = graph_io(ModelConfig())
-    shapes = tb.profile_shapes(io, "head", 8, 256)
+    shapes = profiles.profile_shapes(io, "head", 8, 256)
     limits = {n: (lo, hi) for n, (lo, _, hi) in shapes.items()}
     axes = io["head"]["inputs"]
     ok = {n: (3,) + hi[1:] if n == "query_features" else (300,) + hi[1:] for n, (lo, hi) in limits.items()}
@@ -263,7 +156,7 @@ def test_profile_limits_give_a_clear_error() -> None:
         )
     with pytest.raises(rt.ProfileLimitError, match="takes inputs"):
         rt.check_input_shapes("head", {"query_features": fits["query_features"]}, limits, axes)
-    backbone = {n: (lo, hi) for n, (lo, _, hi) in tb.profile_shapes(io, "backbone", 8, 256).items()}
+    backbone = {n: (lo, hi) for n, (lo, _, hi) in profiles.profile_shapes(io, "backbone", 8, 256).items()}
     with pytest.raises(
         rt.ProfileLimitError, match="B=9 exceeds .* 8 images; rebuild with dmf-export --trt --max-batch 16"
     ):
@@ -284,13 +177,13 @@ def test_numpy_dtypes_of_tensorrt_types() -> None:
 def test_auto_backend_falls_back_to_onnxruntime_with_the_reason(bundle: Path, caplog) -> None:
     from dmf_deploy.runtime.backends import OnnxRuntimeBackend, open_backend
 
-    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
+    read_manifest(bundle).with_engines(fake_engines(bundle)).write(bundle)
     manifest = read_manifest(bundle)
     assert rt.has_engines(manifest)
     reason = rt.unavailable_reason(bundle, manifest)
     assert reason  # no tensorrt here; with tensorrt, the fake engines are stale (version/GPU)
     if not _tensorrt_installed():
-        assert reason == rt.TRT_MISSING
+        assert reason == TRT_MISSING
 
     with caplog.at_level(logging.WARNING, logger="dmf_deploy.runtime"):
         backend = open_backend(bundle, manifest, "auto")
@@ -319,25 +212,24 @@ def test_auto_backend_without_engines_does_not_warn(bundle: Path, caplog) -> Non
 def test_tensorrt_backend_names_the_missing_package(bundle: Path) -> None:
     from dmf_deploy.runtime.backends import open_backend
 
-    read_manifest(bundle).with_engines(_fake_engines(bundle)).write(bundle)
+    read_manifest(bundle).with_engines(fake_engines(bundle)).write(bundle)
     with pytest.raises(
         RuntimeError, match="tensorrt Python package is not installed.*dmf-deploy\\[tensorrt\\]"
     ):
         open_backend(bundle, read_manifest(bundle), "tensorrt")
     with pytest.raises(RuntimeError, match="tensorrt Python package is not installed"):
         rt.TensorRTBackend(bundle, read_manifest(bundle))
-    assert tb.tensorrt_unavailable_reason() == tb.TRT_MISSING
     with pytest.raises(RuntimeError, match="cannot build TensorRT engines: the tensorrt Python package"):
         tb.build_trt_for_bundle(bundle)
 
 
 def test_engines_are_recorded_in_the_manifest_atomically(bundle: Path) -> None:
-    old = _fake_engines(bundle)
+    old = fake_engines(bundle)
     tb.write_engines_to_manifest(bundle, old)
     assert read_manifest(bundle).engines == old
     (bundle / "notes.plan.txt").write_text("not ours")
     new = {}
-    for graph, entry in _fake_engines(bundle, precision="fp16").items():
+    for graph, entry in fake_engines(bundle, precision="fp16").items():
         file = entry.file.replace(".fp32.", ".fp16.")
         (bundle / file).write_bytes(b"new")
         new[graph] = dataclasses.replace(entry, file=file, sha256=sha256_file(bundle / file))
@@ -407,14 +299,6 @@ def _dmf_like_onnx(path: Path) -> None:
     )
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # fp16 nodes without CPU kernels are reported at warning level
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
@@ -436,12 +320,13 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
         "Where",
     } <= ops
 
-    stats = tb.cast_onnx_to_fp16(src, dst)
+    stats = cast_onnx_to_fp16(src, dst)
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
     floats = [i for i in model.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
-    assert floats and all(i.data_type == TensorProto.FLOAT16 for i in floats)
-    assert stats["initializers_converted"] == len(floats)
+    # `classes` feeds only F.normalize, which stays float32 whole (its epsilon guard and division too)
+    assert {i.name for i in floats if i.data_type == TensorProto.FLOAT} == {"classes"}
+    assert stats["initializers_converted"] == len(floats) - 1
     # float32 at the boundary, float16 inside (GridSample's input and grid included)
     assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [
         TensorProto.FLOAT
@@ -458,17 +343,42 @@ def test_fp16_cast_keeps_top1_and_bounded_error(tmp_path: Path) -> None:
     assert types[reduce_l2.output[0]] == TensorProto.FLOAT
 
     x = np.random.default_rng(1).normal(size=(1000, 3, 12, 12)).astype(np.float32)
-    ref = _session(src).run(None, {"x": x})[0]
-    got = _session(dst).run(None, {"x": x})[0]
+    ref = cpu_session(src).run(None, {"x": x})[0]
+    got = cpu_session(dst).run(None, {"x": x})[0]
     assert got.dtype == np.float32
     agreement = float(np.mean(ref.argmax(1) == got.argmax(1)))
-    relative = float(np.abs(got - ref).max() / np.abs(ref).max())
+    relative = relative_error(got, ref)
     # float16 rounds to 11 significant bits: u = 2^-11 = 4.9e-4 relative per rounding. About ten
     # rounded stages lie between the input and the logits (input cast, weights, conv/BN outputs,
     # offsets, grid, samples, sigmoid, growth, pooled features, normalised weights); even if all their
     # errors added up that is 10u = 4.9e-3. Measured: about 6e-4.
     assert relative < 5e-3, relative
     assert agreement >= 0.99, agreement
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_onnxconverter_common_breaks_the_dmf_graphs(tmp_path: Path) -> None:
+    """Why export/fp16.py is our own converter, not onnxconverter-common's (the one Polygraphy uses).
+
+    On the GridSample grid arithmetic (x * 2 / (w - 1) - 1 with w read from the tensor's shape, as the
+    TensorRT head form computes it) `convert_float_to_float16` retypes the Cast of w to float16 but
+    leaves the Constant 2.0 float32, so the Mul mixes float16 and float32 and the graph is not valid
+    ONNX. (On the Gather head form its graph passes the checker but crashes ONNX Runtime with SIGSEGV
+    at session creation, which a test cannot show without crashing too.) If this test starts failing,
+    the converter is fixed: switch export/fp16.py to it.
+    """
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    src = tmp_path / "fp32.onnx"
+    _dmf_like_onnx(src)
+    half = float16.convert_float_to_float16(
+        onnx.load(str(src)),
+        keep_io_types=True,
+        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "ReduceL2"],
+    )
+    with pytest.raises(onnx.shape_inference.InferenceError, match="inconsistent type tensor"):
+        onnx.shape_inference.infer_shapes(half, check_type=True, strict_mode=True)
 
 
 def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) -> None:
@@ -518,7 +428,7 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
     model.ir_version = 8
     src, dst = tmp_path / "edge.onnx", tmp_path / "edge16.onnx"
     onnx.save(model, src)
-    tb.cast_onnx_to_fp16(src, dst)
+    cast_onnx_to_fp16(src, dst)
     cast = onnx.load(str(dst))
     inits = {i.name: i.data_type for i in cast.graph.initializer}
     assert inits == {
@@ -530,23 +440,48 @@ def test_fp16_cast_handles_constants_casts_and_fp32_only_inputs(tmp_path: Path) 
     assert TensorProto.FLOAT16 in casts_to  # the in-graph Cast to float now casts to float16
     x = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32)
     feeds = {"x": x, "count": np.array(3, dtype=np.int64)}
-    ref, got = _session(src).run(None, feeds), _session(dst).run(None, feeds)
+    ref, got = cpu_session(src).run(None, feeds), cpu_session(dst).run(None, feeds)
     for a, b in zip(ref, got):
         assert b.dtype == np.float32 and a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3)
     assert not np.isnan(got[2]).any() and not got[2].any()  # the epsilon guard survived the cast
     # keep_fp32_ops=() converts everything that has a float16 variant
-    tb.cast_onnx_to_fp16(src, dst, keep_fp32_ops=())
+    cast_onnx_to_fp16(src, dst, keep_fp32_ops=())
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
 
 
-def test_fp16_parity_report_on_a_bundle(bundle: Path) -> None:
-    report = tb.fp16_parity_report(bundle, classes=4, queries_per_class=3)
-    assert set(report["graphs"]) == set(GRAPH_NAMES)
-    assert report["graphs"]["head"]["scores"]["relative_error"] < 5e-3
-    assert report["graphs"]["support"]["tap_projections"]["relative_error"] < 5e-3
-    assert 0.0 <= report["top1_agreement"] <= 1.0
-    assert "skipped" in report["tensorrt"]  # no engines in this bundle
+@pytest.mark.slow  # an export: 20 to 75 s on two cores
+def test_fp16_head_gathers_the_right_rows_on_a_large_map(tmp_path_factory, tmp_path):
+    """A 21x21 map has 9 * 21 * 21 = 3969 table rows per class, more than the integers float16 holds
+    exactly (2048). The FP16 cast of head.onnx (what `dmf-export --trt --fp16` builds) must still
+    compute its Gather rows exactly: then its scores stay within float16's rounding of float32's (5e-3
+    relative, the bound derived above for FP16 casts). With the row
+    arithmetic in float16, half the rows are off by one and the error is 3e-2."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+    from bundles import export_small_bundle  # tests/bundles.py
+
+    from dmf_deploy.export.fp16 import cast_onnx_to_fp16
+
+    bundle = export_small_bundle(tmp_path_factory, image_size=168, width=8, groups=4)
+    manifest = read_manifest(bundle)
+    assert manifest.feature_shape[1:] == (21, 21)
+    half_path = tmp_path / "head.fp16.onnx"
+    cast_onnx_to_fp16(bundle / "head.onnx", half_path)
+    rng = np.random.default_rng(0)
+    sizes = {"Q": 3, "N": 5}
+    feeds = {
+        name: rng.normal(0.0, 1.0, [sizes.get(d, d) for d in shape]).astype(np.float32)
+        for name, shape in manifest.graphs["head"].inputs.items()
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # float16 nodes without CPU kernels log warnings
+    ref, half = (
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(["scores"], feeds)[0]
+        for path in (bundle / "head.onnx", half_path)
+    )
+    assert relative_error(half, ref) < 5e-3
 
 
 # ----- with a GPU (cuda-python) / with TensorRT -----------------------------------------------------------
@@ -554,7 +489,7 @@ def test_fp16_parity_report_on_a_bundle(bundle: Path) -> None:
 
 def _gpu_or_skip() -> tuple[str, str]:
     try:
-        return rt.gpu_identity()
+        return gpu_identity()
     except (ImportError, RuntimeError) as exc:
         pytest.skip(f"no usable CUDA GPU through cuda-python: {exc}")
 
@@ -566,19 +501,15 @@ def test_cuda_buffers_round_trip_and_grow_only() -> None:
     try:
         assert isinstance(cuda.handle, int) and cuda.handle != 0
         data = np.arange(1000, dtype=np.float32)
-        ptr = cuda.buffer("x", data.nbytes)
-        cuda.upload(ptr, data)
-        back = np.empty_like(data)
-        cuda.download(back, ptr)
+        ptr = cuda.upload("x", data)
+        back = cuda.download("y", ptr, data.shape, data.dtype)  # a pinned staging array
         cuda.synchronize()
         np.testing.assert_array_equal(back, data)
         assert cuda.buffer("x", 100) == ptr  # smaller: reused
         assert cuda.capacity("x") == data.nbytes
-        bigger = cuda.buffer("x", data.nbytes * 4)
+        bigger = cuda.upload("x", np.tile(data, 4))
         assert cuda.capacity("x") == data.nbytes * 4
-        cuda.upload(bigger, np.tile(data, 4))
-        out = np.empty(4000, np.float32)
-        cuda.download(out, bigger)
+        out = cuda.download("y", bigger, (4000,), np.float32)
         cuda.synchronize()
         np.testing.assert_array_equal(out, np.tile(data, 4))
     finally:

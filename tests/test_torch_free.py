@@ -22,6 +22,7 @@ TORCH_FREE = [
     "dmf_deploy.manifest",
     "dmf_deploy.preprocess",
     "dmf_deploy.packaged",
+    "dmf_deploy.tensorrt_support",
     "dmf_deploy.runtime",
     "dmf_deploy.runtime.backends",
     "dmf_deploy.runtime.loop",

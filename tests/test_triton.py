@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from bundles import fake_engines, tiny_bundle  # tests/bundles.py
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from dmf_deploy.config import ModelConfig
@@ -18,20 +18,6 @@ from dmf_deploy.export.triton import (
     write_triton_repository,
 )
 from dmf_deploy.manifest import GRAPH_NAMES, graph_io, read_manifest, sha256_file
-
-
-def _load_helpers():
-    # The tiny-bundle helper lives in test_tensorrt.py; load it by path so this works in any
-    # pytest import mode.
-    spec = importlib.util.spec_from_file_location(
-        "_dmf_tiny_bundle_helpers", Path(__file__).with_name("test_tensorrt.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _load_helpers()
 
 
 def _model_config_class():
@@ -139,7 +125,7 @@ def _onnx_dims(value_info) -> list[int]:
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
-    return _helpers._tiny_bundle(tmp_path)
+    return tiny_bundle(tmp_path)
 
 
 def test_onnx_repository_configs_match_the_graphs(bundle: Path, tmp_path: Path) -> None:
@@ -175,7 +161,7 @@ def test_onnx_repository_configs_match_the_graphs(bundle: Path, tmp_path: Path) 
 
 
 def test_plans_are_used_where_they_exist(bundle: Path, tmp_path: Path) -> None:
-    engines = _helpers._fake_engines(bundle)
+    engines = fake_engines(bundle)
     manifest = read_manifest(bundle).with_engines({"backbone": engines["backbone"]})  # only its plan
     manifest.write(bundle)
     out = tmp_path / "repo"

@@ -19,7 +19,7 @@ import numpy as np
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.preprocess import check_frame, normalize, resize_frame
 
-from .datasets import FewShotDataset
+from .fewshot import FewShotDataset
 
 CROPS = ("pad", "resized", "none")
 _BORDERS = {

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import click
 
-from dmf_deploy.config import PreprocessConfig
+from dmf_deploy.config import BACKBONES, SOLVERS, PreprocessConfig
 
+from .datasets import KINDS
+from .fewshot import SPLITS
 from .presets import OFFICIAL_EVAL_SIZES, PRESETS, resolved_settings
 
 
@@ -49,13 +51,18 @@ def main() -> None:
     help="Folder for best.pt, last.pt, metrics.jsonl and curves.png.",
 )
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
-@click.option("--dataset", default=None, help="Dataset kind: mini-pickle, tiered, folder, omniglot, glyphs.")
+@click.option("--dataset", type=click.Choice(KINDS), default=None, help="Dataset kind.")
 @click.option("--epochs", type=int, default=None, help="Epochs in all, warm-up included.")
 @click.option("--episodes-per-epoch", type=int, default=None, help="Training episodes per epoch.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (after warm-up, before the decay).")
-@click.option("--solver", default=None, help="Training solver, e.g. dopri5-adaptive (the paper) or rk4-38.")
-@click.option("--steps", type=int, default=None, help="Steps of a fixed-step solver.")
-@click.option("--backbone", default=None, help="resnet12 or conv4.")
+@click.option(
+    "--solver",
+    type=click.Choice(SOLVERS),
+    default=None,
+    help="Training solver, e.g. dopri5-adaptive (the paper) or rk4-38.",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of a fixed-step solver.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default=None, help="Feature extractor.")
 @click.option("--image-size", type=int, default=None, help="Network input side in pixels.")
 @click.option("--groups", type=int, default=None, help="Channel groups of the meta-filter.")
 @click.option("--width", type=int, default=None, help="conv4 channel width.")
@@ -146,9 +153,9 @@ def fit(
 
 @main.command("eval")
 @click.option("--ckpt", required=True, help='Checkpoint (ours or official), or "demo".')
-@click.option("--dataset", required=True, help="omniglot, folder, tiered, mini-pickle or glyphs.")
+@click.option("--dataset", type=click.Choice(KINDS), required=True, help="Dataset kind.")
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
-@click.option("--split", default="test", show_default=True, help="train, val or test.")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True, help="Dataset split.")
 @click.option("--way", type=int, default=5, show_default=True, help="Classes per episode.")
 @click.option("--shot", type=int, default=1, show_default=True, help="Support images per class.")
 @click.option("--queries", type=int, default=15, show_default=True, help="Query images per class.")
@@ -159,8 +166,13 @@ def fit(
 @click.option(
     "--within-alphabet", is_flag=True, help="Omniglot: all classes of an episode from one alphabet."
 )
-@click.option("--solver", default=None, help="Solver to evaluate with (default: the checkpoint's).")
-@click.option("--steps", type=int, default=None, help="Steps of a fixed-step solver.")
+@click.option(
+    "--solver",
+    type=click.Choice(SOLVERS),
+    default=None,
+    help="Solver to evaluate with (default: the checkpoint's).",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of a fixed-step solver.")
 @click.option(
     "--crop-from",
     type=int,
@@ -194,7 +206,7 @@ def evaluate_cmd(
 
     try:
         model = load_checkpoint(ckpt)
-        model.resolve_solver(solver, steps)  # an unknown solver fails here, not after loading data
+        model.resolve_solver(solver, steps)  # exact on a k = 3 model fails here, not after loading data
         preprocess = evaluation_preprocess(model.config.preprocess, dataset, crop_from)
         data = open_dataset(dataset, data_root, split)
         EpisodeSampler(data, way, shot, queries, episodes, seed)  # enough classes, images, episodes?

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .datasets import DatasetError, FewShotDataset
+from .fewshot import DatasetError, FewShotDataset
 
 # The official DMF evaluation protocol (chmxu/Dynamic-Meta-filter).
 OFFICIAL_TEST_EPISODES = 2000

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from dmf_deploy.config import PreprocessConfig
 
 from .augment import AugmentConfig, make_example
-from .datasets import FewShotDataset
 from .episodes import EpisodeSampler
+from .fewshot import FewShotDataset
 
 
 @dataclass

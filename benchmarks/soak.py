@@ -1,0 +1,145 @@
+"""Soak: a long classify loop with the gallery churning under it; reports RSS growth and latency drift.
+
+Not a CI test: it runs for minutes. The loop classifies one frame at a time with the demo bundle
+(ONNX Runtime); every `--churn-every` frames it does the next gallery operation of a fixed cycle:
+enrol a new class (alternately with `rec.enroll` and frame by frame through `rec.enrollment`), add shots
+to an existing class, rename one, remove the oldest once more than `--classes` are enrolled, and save
+the gallery atomically to a temporary file. The frames are drawn with OpenCV (random strokes on white
+paper, a fixed seed), so no data set is needed.
+
+Reported: resident memory (VmRSS) after the warm-up and at the end, and its largest value; classify
+latency p50/p99 in the first and the last window of `--window` seconds; how many of each operation ran;
+and that the saved gallery reopens with the classes the loop holds. A leak shows as RSS growing with
+time; a slowdown (a gallery that fragments, caches that grow) as p99 drifting between the windows.
+
+    python benchmarks/soak.py [--minutes 10] [--threads 1] [--classes 40] [--churn-every 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dmf_deploy.runtime import Recognizer
+
+WARMUP_S = 10.0  # allocator and ONNX Runtime arenas settle first; RSS growth is counted after this
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def strokes(rng: np.random.Generator, seed: int, size: int = 160) -> np.ndarray:
+    """A 'symbol' of a few strokes (fixed per seed) drawn with jitter from `rng`: one class per seed."""
+    shape = np.random.default_rng(seed)
+    paper = np.full((size, size, 3), 255, np.uint8)
+    points = shape.integers(20, size - 20, (5, 2))
+    jitter = rng.integers(-4, 5, points.shape)
+    pts = (points + jitter).astype(np.int32)
+    cv2.polylines(paper, [pts], False, (30, 30, 30), int(shape.integers(4, 9)))
+    return paper
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--classes", type=int, default=40, help="classes kept enrolled (older ones removed)")
+    parser.add_argument("--churn-every", type=int, default=10, help="frames between gallery operations")
+    parser.add_argument("--shots", type=int, default=3)
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of the first and last window")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    rec = Recognizer.open("demo", backend="onnxruntime", threads=args.threads)
+    ops = {"enroll": 0, "enrollment": 0, "more shots": 0, "rename": 0, "remove": 0, "save": 0}
+    latencies: list[tuple[float, float]] = []  # (seconds since start, classify ms)
+    live: list[str] = []  # enrolled classes, oldest first
+    next_seed = 0
+    with tempfile.TemporaryDirectory(prefix="dmf-soak-") as tmp:
+        gallery = Path(tmp) / "soak.dmfg"
+        start = time.perf_counter()
+        end = start + 60 * args.minutes
+        base_rss = peak_rss = None
+        frame_index = 0
+        cycle = ["enroll", "more shots", "enrollment", "rename", "save"]
+        while (now := time.perf_counter()) < end:
+            if base_rss is None and now - start >= WARMUP_S:
+                base_rss = peak_rss = rss_mb()
+            elif base_rss is not None and frame_index % 50 == 0:
+                peak_rss = max(peak_rss, rss_mb())
+            seed = live[int(rng.integers(len(live)))] if live else "0"
+            frame = strokes(rng, int(seed.split("-")[0]))
+            t0 = time.perf_counter()
+            rec.classify(frame)
+            latencies.append((t0 - start, 1000 * (time.perf_counter() - t0)))
+            frame_index += 1
+            if frame_index % args.churn_every:
+                continue
+            op = cycle[(frame_index // args.churn_every) % len(cycle)]
+            if op in ("enroll", "enrollment") or not live:
+                name = f"{next_seed}-s"
+                frames = [strokes(rng, next_seed) for _ in range(args.shots)]
+                if op == "enrollment":
+                    enrollment = rec.enrollment(name)
+                    for f in frames:
+                        enrollment.add(f)
+                    enrollment.commit()
+                else:
+                    rec.enroll(name, frames)
+                    op = "enroll"
+                live.append(name)
+                next_seed += 1
+            elif op == "more shots":
+                rec.enroll(live[-1], [strokes(rng, int(live[-1].split("-")[0]))])
+            elif op == "rename":
+                old = live[int(rng.integers(len(live)))]
+                new = old.split("-")[0] + ("-r" if old.endswith("-s") else "-s")
+                rec.rename(old, new)
+                live[live.index(old)] = new
+            elif op == "save":
+                rec.save(gallery)
+            ops[op] += 1
+            while len(live) > args.classes:
+                rec.remove(live.pop(0))
+                ops["remove"] += 1
+        final_rss = rss_mb()
+        seconds = time.perf_counter() - start
+        rec.save(gallery)
+        reopened = Recognizer.open("demo", backend="onnxruntime", gallery=gallery, threads=args.threads)
+        assert reopened.classes == rec.classes == live, "the saved gallery is not what the loop holds"
+
+    first = [ms for t, ms in latencies if t < args.window]
+    last = [ms for t, ms in latencies if t >= seconds - args.window]
+    base_rss = final_rss if base_rss is None else base_rss
+    peak_rss = final_rss if peak_rss is None else max(peak_rss, final_rss)
+    print(f"soak: {seconds / 60:.1f} min, {len(latencies)} frames classified, {args.threads} thread(s)")
+    counts = ", ".join(f"{k} {v}" for k, v in ops.items())
+    print(f"operations: {counts}; {len(live)} classes at the end")
+    print(
+        f"RSS: {base_rss:.1f} MB after {WARMUP_S:.0f} s warm-up, {final_rss:.1f} MB at the end "
+        f"(growth {final_rss - base_rss:+.1f} MB), peak {peak_rss:.1f} MB"
+    )
+    p50, p99 = (percentile(first, 50), percentile(last, 50)), (percentile(first, 99), percentile(last, 99))
+    print(
+        f"classify ms, first {args.window:.0f} s: p50 {p50[0]:.2f}, p99 {p99[0]:.2f}; "
+        f"last {args.window:.0f} s: p50 {p50[1]:.2f}, p99 {p99[1]:.2f} (p99 drift {p99[1] - p99[0]:+.2f} ms)"
+    )
+    print("the saved gallery reopens with the classes the loop holds")
+
+
+if __name__ == "__main__":
+    main()
