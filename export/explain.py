@@ -42,6 +42,7 @@ from dmf_deploy.manifest import (
     BundleError,
     Manifest,
     explain_io,
+    graph_io,
     graph_spec,
 )
 from dmf_deploy.model import DMFNet
@@ -67,7 +68,8 @@ def export_explain(model: DMFNet, solver: str, steps: int, out_dir: Path, opset:
     """Write explain.onnx into out_dir (checked by onnx.checker and strict shape inference)."""
     path = Path(out_dir) / f"{EXPLAIN}.onnx"
     module = ExplainGraph(model, solver, steps).eval()
-    export_graph(module, example_inputs(model)[HEAD], explain_io(model.config), path, opset)
+    examples = example_inputs(model, graph_io(model.config))[HEAD]  # explain.onnx takes the head's inputs
+    export_graph(module, examples, explain_io(model.config), path, opset)
     onnx.checker.check_model(str(path), full_check=True)
     onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
     return path
