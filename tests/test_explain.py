@@ -141,6 +141,7 @@ def undeformed(query_points: np.ndarray, size: int, h: int, w: int) -> np.ndarra
     return query_points.astype(np.float64)[:, None, :] + shifts[None]
 
 
+@pytest.mark.slow  # exports a bundle
 def test_zero_offset_weights_sample_the_undeformed_neighbourhood(tmp_path, one_torch_thread):
     import torch
 
@@ -316,6 +317,7 @@ def test_frame_affine_inverts_the_preprocessing_resize(rule):
         np.testing.assert_allclose(resized[inner, inner], expected[inner, inner], atol=0.05)
 
 
+@pytest.mark.slow  # exports a bundle
 def test_add_explain_graph_leaves_the_other_graphs_alone(
     tmp_path, old_bundle, random_bundle, one_torch_thread
 ):
