@@ -27,6 +27,13 @@ float32 (dopri5 x 8 does), one op where the stability polynomial takes about fif
 
 At 1000 classes (ResNet-12, one query, 2 CPU threads) the Gather and the MatMul take about 70% of the
 head: they write and read back 1.1 GB of corner rows, close to the memory bus's speed.
+
+Two head forms, one per export target (`HEAD_FORMS`): "gather" (above, for ONNX Runtime, whose CPU
+GridSample is several times slower) and "gridsample" (`gridsample_head_scores`: the reference's
+`F.grid_sample`, bilinear, zeros padding, align_corners=True, for TensorRT's native GridSample layer),
+which reads the bank in the reference layout. Either may store tap_projections in float16
+(`stored_bank`); the head widens it to float32 once, before sampling: a float16 Gather followed by a
+Cast measured slower than the float32 Gather, so the half bank saves memory, not time.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from dmf_deploy.model import DMFNet
 from dmf_deploy.solvers import linear_growth
 
 CORNERS = 4  # of the bilinear window: (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1)
+HEAD_FORMS = {"onnxruntime": "gather", "tensorrt": "gridsample"}  # export target -> head form
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def bundle_bank(bank: ClassBank) -> ClassBank:
@@ -47,6 +56,30 @@ def bundle_bank(bank: ClassBank) -> ClassBank:
     offset = bank.support_offset.reshape(n, TAPS, 2, h, w).permute(0, 2, 3, 4, 1)
     taps = bank.tap_projections.permute(0, 1, 3, 4, 2)
     return ClassBank(offset.contiguous(), taps.contiguous(), bank.class_weight)
+
+
+def stored_bank(bank: ClassBank, form: str = "gather", bank_dtype: str = "float32") -> ClassBank:
+    """A reference `ClassBank` as a bundle of this head form stores it: its layout, and tap_projections
+    in `bank_dtype` (what support.onnx outputs and galleries hold)."""
+    laid = bundle_bank(bank) if form == "gather" else bank
+    return laid._replace(tap_projections=laid.tap_projections.to(BANK_DTYPES[bank_dtype]))
+
+
+def form_head_scores(
+    model: DMFNet, query: torch.Tensor, bank: ClassBank, form: str, solver: str, steps: int
+) -> torch.Tensor:
+    """[Q, N] scores from a bank as `stored_bank` stores it for `form` (head.onnx of either form)."""
+    bank = ClassBank(*(t.float() for t in bank))  # a float16 bank is widened once, before sampling
+    if form == "gridsample":
+        return gridsample_head_scores(model, query, bank, solver, steps)
+    return bundle_head_scores(model, query, bank, solver, steps)
+
+
+def gridsample_head_scores(
+    model: DMFNet, query: torch.Tensor, bank: ClassBank, solver: str | None = None, steps: int | None = None
+) -> torch.Tensor:
+    """[Q, N] scores from a bank in the reference layout, sampled by `F.grid_sample` (GridSample)."""
+    return model.head_scores(query, bank, solver, steps)
 
 
 def bundle_head_scores(

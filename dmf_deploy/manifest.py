@@ -80,18 +80,32 @@ def model_fingerprint(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def graph_io(config: ModelConfig) -> dict[str, dict[str, dict[str, list]]]:
-    """Input/output names and shapes of each graph; strings are the dynamic axes."""
+def graph_io(
+    config: ModelConfig, target: str = "gather", bank_dtype: str = DEFAULT_DTYPE
+) -> dict[str, dict[str, Any]]:
+    """Input/output names and shapes of each graph; strings are the dynamic axes.
+
+    `target` is the head form: "gather" banks are channel-last (`dmf_deploy.bundle_head.bundle_bank`),
+    "gridsample" banks keep the reference layout that GridSample reads (`dmf_deploy.head.ClassBank`).
+    A float16 `bank_dtype` stores tap_projections, 96% of the bank, in half precision ("dtypes").
+    """
     c, s, size = config.channels, config.feature_size, config.preprocess.image_size
+    gk = config.filter_channels
+    gridsample = target == "gridsample"
     bank = {
-        "support_offset": ["N", 2, s, s, 9],
-        "tap_projections": ["N", 9, s, s, config.filter_channels],
+        "support_offset": ["N", 18, s, s] if gridsample else ["N", 2, s, s, 9],
+        "tap_projections": ["N", 9, gk, s, s] if gridsample else ["N", 9, s, s, gk],
         "class_weight": ["N", c],
     }
+    half = {"tap_projections": bank_dtype} if bank_dtype != DEFAULT_DTYPE else {}
     return {
         BACKBONE: {"inputs": {"images": ["B", 3, size, size]}, "outputs": {"features": ["B", c, s, s]}},
-        SUPPORT: {"inputs": {"prototypes": ["N", c, s, s]}, "outputs": bank},
-        HEAD: {"inputs": {"query_features": ["Q", c, s, s], **bank}, "outputs": {"scores": ["Q", "N"]}},
+        SUPPORT: {"inputs": {"prototypes": ["N", c, s, s]}, "outputs": bank, "dtypes": dict(half)},
+        HEAD: {
+            "inputs": {"query_features": ["Q", c, s, s], **bank},
+            "outputs": {"scores": ["Q", "N"]},
+            "dtypes": dict(half),
+        },
     }
 
 
@@ -143,13 +157,15 @@ class GraphSpec:
 
 def graph_spec(path: str | os.PathLike[str], io: Mapping[str, Mapping[str, list]]) -> GraphSpec:
     """The manifest entry of a freshly exported graph file with the I/O `io` (`graph_io`'s form)."""
-    axes = {d for sec in io.values() for s in sec.values() for d in s if isinstance(d, str)}
+    sections = (io["inputs"], io["outputs"])
+    axes = {d for sec in sections for s in sec.values() for d in s if isinstance(d, str)}
     return GraphSpec(
         file=Path(path).name,
         sha256=sha256_file(path),
         inputs={k: tuple(v) for k, v in io["inputs"].items()},
         outputs={k: tuple(v) for k, v in io["outputs"].items()},
         dynamic_axes=tuple(sorted(axes)),
+        dtypes=dict(io.get("dtypes", {})),
     )
 
 

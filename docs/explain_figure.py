@@ -1,6 +1,6 @@
 """Make docs/explain_demo.png: two `dmf-explain` figures of the demo model, one right and one confused.
 
-The characters are the demo's hand-drawn stroke-font letters (`dmf_deploy.runtime.demo`), which the
+The characters are the demo's hand-drawn stroke-font letters (`dmf_deploy.symbols`), which the
 demo model never saw (it was trained on Omniglot with the Latin alphabet held out), so no Omniglot image
 is involved. Every symbol of the font is enrolled from one drawing; other drawings are classified until
 one is recognised and one is confused, and each is explained by the `dmf-explain` command line against
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.demo import STROKE_FONT, render_symbol
+from dmf_deploy.symbols import STROKE_FONT, render_symbol
 
 CAPTION_HEIGHT = 28
 

@@ -15,15 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
+from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
-from dmf_deploy.config import DEFAULT_STEPS, Solver
+from dmf_deploy.config import DEFAULT_STEPS, PreprocessConfig, Solver
 from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
+    BACKBONE,
     DEFAULT_OPSET,
     EXPLAIN,
     FORMAT,
@@ -31,11 +34,15 @@ from dmf_deploy.manifest import (
     MAX_MANIFEST_BYTES,
     MAX_OPSET,
     MIN_OPSET,
+    PRECISIONS,
+    Calibration,
     Manifest,
     explain_io,
     graph_io,
     sha256_file,
 )
+from dmf_deploy.packaged import is_demo_name
+from dmf_deploy.preprocess import preprocess_frames
 
 # A killed export leaves its staging (.partial) or swapped-out (.old) folder; one untouched this long is
 # stale. Longer than a gallery's temp files: a large export can write nothing for minutes while it checks.
@@ -81,6 +88,39 @@ def validate_export_args(solver: str, steps: int, opset: int, kernel: int) -> So
     return checked
 
 
+def validate_precision_args(precision: str, target: str, bank_dtype: str) -> None:
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if target not in HEAD_FORMS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(HEAD_FORMS)}")
+    if bank_dtype not in BANK_DTYPES:
+        raise ExportError(f"unknown bank dtype {bank_dtype!r}; choose one of {', '.join(BANK_DTYPES)}")
+
+
+def require_calibration(ckpt: str | os.PathLike[str], calibration: str | os.PathLike[str] | None) -> None:
+    if calibration is None and not is_demo_name(ckpt):
+        raise ExportError(
+            "--precision int8 needs calibration images: pass --calib DIR (calibration=DIR), a folder of a "
+            "few hundred images like those the model will see"
+        )
+
+
+def load_calibration(
+    calibration: str | os.PathLike[str] | None, preprocess: PreprocessConfig
+) -> tuple[np.ndarray, Calibration]:
+    """The preprocessed calibration images of an INT8 export and their record: the folder's, or
+    without one (the demo model) the package's own rendered set."""
+    from dmf_deploy.export.quantize import CalibrationError, demo_calibration_frames, read_calibration_folder
+
+    if calibration is None:
+        frames, record = demo_calibration_frames()
+        return preprocess_frames(frames, preprocess), record
+    try:
+        return read_calibration_folder(calibration, preprocess)
+    except CalibrationError as exc:
+        raise ExportError(str(exc)) from exc
+
+
 def _check_destination(out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
@@ -105,48 +145,66 @@ def export_bundle(
     check: bool = True,
     progress: Progress | None = None,
     on_parity: Callable[[dict[str, Any]], None] | None = None,
+    precision: str = "fp32",
+    calibration: str | os.PathLike[str] | None = None,
+    target: str = "onnxruntime",
+    bank_dtype: str = "float32",
     explain: bool = True,
 ) -> Path:
     """Export a checkpoint (path or "demo") to a bundle folder and return its path.
 
+    `precision="int8"` quantizes the backbone for `target` ("onnxruntime" or "tensorrt"), calibrated
+    on the images in the `calibration` folder (the demo model has a default set); `target` also picks
+    the head form (`dmf_deploy.bundle_head.HEAD_FORMS`); `bank_dtype="float16"` halves the class bank.
     With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
     `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs).
     """
     say = progress or (lambda _msg: None)
+    validate_precision_args(precision, target, bank_dtype)
     out = Path(out_dir).absolute()
     _check_destination(out, force)
+    if precision == "int8":
+        require_calibration(ckpt, calibration)
     ckpt_path = resolve_checkpoint(ckpt)
     model, metadata = load_checkpoint_with_metadata(ckpt_path)
     validate_export_args(solver, steps, opset, model.config.kernel)
+    calib_images, calib = None, None
+    if precision == "int8":
+        calib_images, calib = load_calibration(calibration, model.config.preprocess)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask
     try:
-        io_spec = graph_io(model.config)
+        form = HEAD_FORMS[target]
+        io_spec = graph_io(model.config, form, bank_dtype)
         paths = export_all(
-            model, solver, steps, staging, opset, lambda g: say(f"exported {g}.onnx"), io_spec=io_spec
+            model,
+            solver,
+            steps,
+            staging,
+            opset,
+            on_graph=lambda g: say(f"exported {g}.onnx"),
+            form=form,
+            bank_dtype=bank_dtype,
+            io_spec=io_spec,
         )
         for name, path in paths.items():
-            onnx.checker.check_model(str(path), full_check=True)
-            onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
-            report = lint_file(path, name, io_spec[name])
-            if not report.ok:
-                raise ExportError(f"{name}.onnx is not TensorRT-ready: " + "; ".join(report.errors))
+            _check_graph(path, name, io_spec[name], target)
         say("checked graphs (onnx.checker full check, shape inference, TensorRT-readiness lint)")
         if explain:
             paths[EXPLAIN] = export_explain(model, solver, steps, staging, opset)
             io_spec = {**io_spec, EXPLAIN: explain_io(model.config)}
             say("exported explain.onnx")
-        manifest = Manifest.build(
-            model.config,
-            paths,
-            solver=solver,
-            steps=steps,
-            opset=opset,
-            checkpoint_sha256=sha256_file(ckpt_path),
-            weights_sha256=metadata["weights_sha256"],
-            io=io_spec,
-        )
+        build = {
+            "solver": solver,
+            "steps": steps,
+            "opset": opset,
+            "checkpoint_sha256": sha256_file(ckpt_path),
+            "weights_sha256": metadata["weights_sha256"],
+            "target": form,
+            "io": io_spec,
+        }
+        manifest = Manifest.build(model.config, paths, **build)
         manifest.write(staging)
         parity = None
         if check:
@@ -156,6 +214,11 @@ def export_bundle(
             parity = check_bundle(model, staging, manifest, solver, steps)
             if explain:
                 parity = with_explain_parity(parity, check_explain(model, staging, manifest, solver, steps))
+        if precision == "int8":
+            quantized = (calib_images, calib, target)
+            parity = _quantize(model, staging, paths, io_spec[BACKBONE], quantized, build, parity)
+            say(f"quantized the backbone to INT8 for {target} ({calib.images} calibration images)")
+        if parity is not None:
             atomic_write_bytes(staging / "parity.json", json.dumps(parity, indent=2).encode())
         _install(staging, out)
     except BaseException:
@@ -166,6 +229,35 @@ def export_bundle(
     if parity is not None and not parity["passed"]:
         raise ParityError(f"bundle written to {out}, but parity failed; see {out / 'parity.json'}", parity)
     return out
+
+
+def _check_graph(path: Path, name: str, io: dict, target: str) -> None:
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+    report = lint_file(path, name, io, target=target)
+    if not report.ok:
+        raise ExportError(f"{name}.onnx is not ready for {target}: " + "; ".join(report.errors))
+
+
+def _quantize(model, staging: Path, paths, io, quantized: tuple, build: dict, parity):
+    """Replace the staged float32 backbone by its INT8 form and write the INT8 manifest; with a parity
+    report, add the INT8 agreement against the float32 backbone (`export.int8_parity`) to it."""
+    from dmf_deploy.export.quantize import quantize_backbone
+
+    images, calib, target = quantized
+    with tempfile.TemporaryDirectory(prefix=".fp32-backbone.", dir=staging.parent) as scratch:
+        fp32_backbone = Path(scratch) / "backbone.onnx"
+        os.replace(paths[BACKBONE], fp32_backbone)
+        quantize_backbone(fp32_backbone, paths[BACKBONE], images, target)
+        _check_graph(paths[BACKBONE], BACKBONE, io, target)
+        manifest = Manifest.build(model.config, paths, precision="int8", calibration=calib, **build)
+        manifest.write(staging)
+        if parity is None:
+            return None
+        from dmf_deploy.export.int8_parity import check_int8
+
+        int8 = check_int8(model, fp32_backbone, staging, manifest)
+    return {**parity, "passed": parity["passed"] and int8["passed"], "int8": int8}
 
 
 def _bundle_files(folder: Path) -> set[str] | None:

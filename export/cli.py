@@ -36,6 +36,34 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option(
     "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Backbone precision: int8 quantizes it (QDQ), calibrated on --calib images.",
+)
+@click.option(
+    "--calib",
+    "calibration",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default=None,
+    help="Engine the graphs are made for: head form and INT8 form. [default: tensorrt with --trt, "
+    "else onnxruntime]",
+)
+@click.option(
+    "--bank-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Class-bank storage: float16 halves galleries (scores within 1e-3).",
+)
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
 @click.option(
     "--explain/--no-explain",
@@ -72,6 +100,10 @@ def main(
     steps: int,
     opset: int,
     force: bool,
+    precision: str,
+    calibration: Path | None,
+    target: str | None,
+    bank_dtype: str,
     check: bool,
     explain: bool,
     trt: bool,
@@ -123,16 +155,20 @@ def main(
                 check=check,
                 progress=progress,
                 on_parity=reports.append,
+                precision=precision,
+                calibration=calibration,
+                target=target or ("tensorrt" if trt else "onnxruntime"),  # --trt implies --target tensorrt
+                bank_dtype=bank_dtype,
                 explain=explain,
             )
     except (ExportError, CheckpointError) as exc:
         fail(str(exc))
     except ParityError as exc:
-        click.echo(format_report(exc.report))
+        print_parity(exc.report, format_report)
         console.print(f"[red]parity failed:[/red] {exc}")
         sys.exit(1)
     for report in reports:
-        click.echo(format_report(report))
+        print_parity(report, format_report)
     if trt:
         from dmf_deploy.export.profiles import choose_opt_batch
         from dmf_deploy.export.tensorrt_build import EngineBuildError, build_trt_for_bundle
@@ -156,6 +192,14 @@ def main(
         write_triton_repository(path, read_manifest(path), triton_dir, use_plans=trt)
         progress(f"wrote Triton model repository {triton_dir}")
     progress(f"bundle ready: {path}")
+
+
+def print_parity(report: dict, format_report) -> None:
+    click.echo(format_report(report))
+    if "int8" in report:
+        from dmf_deploy.export.int8_parity import format_int8_report
+
+        click.echo(format_int8_report(report["int8"]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmf_deploy.bundle_head import bundle_bank, bundle_head_scores
+from dmf_deploy.bundle_head import form_head_scores, stored_bank
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, graph_io
 from dmf_deploy.model import DMFNet
@@ -32,18 +32,18 @@ class BackboneGraph(nn.Module):
 
 
 class SupportGraph(nn.Module):
-    def __init__(self, model: DMFNet) -> None:
+    def __init__(self, model: DMFNet, form: str = "gather", bank_dtype: str = "float32") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.form, self.bank_dtype = model, form, bank_dtype
 
     def forward(self, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(bundle_bank(self.model.class_bank(prototypes)))
+        return tuple(stored_bank(self.model.class_bank(prototypes), self.form, self.bank_dtype))
 
 
 class HeadGraph(nn.Module):
-    def __init__(self, model: DMFNet, solver: str, steps: int) -> None:
+    def __init__(self, model: DMFNet, solver: str, steps: int, form: str = "gather") -> None:
         super().__init__()
-        self.model, self.solver, self.steps = model, solver, steps
+        self.model, self.solver, self.steps, self.form = model, solver, steps, form
 
     def forward(
         self,
@@ -53,18 +53,22 @@ class HeadGraph(nn.Module):
         class_weight: torch.Tensor,
     ) -> torch.Tensor:
         bank = ClassBank(support_offset, tap_projections, class_weight)
-        return bundle_head_scores(self.model, query_features, bank, self.solver, self.steps)
+        return form_head_scores(self.model, query_features, bank, self.form, self.solver, self.steps)
 
 
-def graph_modules(model: DMFNet, solver: str, steps: int) -> dict[str, nn.Module]:
+def graph_modules(
+    model: DMFNet, solver: str, steps: int, form: str = "gather", bank_dtype: str = "float32"
+) -> dict[str, nn.Module]:
     return {
         BACKBONE: BackboneGraph(model).eval(),
-        SUPPORT: SupportGraph(model).eval(),
-        HEAD: HeadGraph(model, solver, steps).eval(),
+        SUPPORT: SupportGraph(model, form, bank_dtype).eval(),
+        HEAD: HeadGraph(model, solver, steps, form).eval(),
     }
 
 
-def example_inputs(model: DMFNet, io_spec: dict) -> dict[str, tuple[torch.Tensor, ...]]:
+def example_inputs(
+    model: DMFNet, io_spec: dict, form: str = "gather", bank_dtype: str = "float32"
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """Random example tensors with the shapes of `io_spec` (`graph_io`), dynamic axes at example sizes."""
     gen = torch.Generator().manual_seed(0)
 
@@ -75,7 +79,7 @@ def example_inputs(model: DMFNet, io_spec: dict) -> dict[str, tuple[torch.Tensor
     with torch.no_grad():
         images = make(io_spec[BACKBONE]["inputs"]["images"])
         prototypes = make(io_spec[SUPPORT]["inputs"]["prototypes"])
-        bank = bundle_bank(model.class_bank(prototypes))
+        bank = stored_bank(model.class_bank(prototypes), form, bank_dtype)
         query = make(io_spec[HEAD]["inputs"]["query_features"])
     return {BACKBONE: (images,), SUPPORT: (prototypes,), HEAD: (query, *bank)}
 
@@ -111,15 +115,23 @@ def export_graph(
 
 
 def export_all(
-    model: DMFNet, solver: str, steps: int, out_dir: Path, opset: int, on_graph=None, io_spec=None
+    model: DMFNet,
+    solver: str,
+    steps: int,
+    out_dir: Path,
+    opset: int,
+    on_graph=None,
+    form: str = "gather",
+    bank_dtype: str = "float32",
+    io_spec: dict | None = None,
 ) -> dict[str, Path]:
-    """Write backbone.onnx, support.onnx and head.onnx into out_dir; returns their paths.
+    """Write backbone.onnx, support.onnx and head.onnx (of head form `form`) into out_dir; their paths.
 
-    `io_spec` is the graphs' I/O (`graph_io(model.config)` when not given).
+    `io_spec` is the graphs' I/O (`graph_io(model.config, form, bank_dtype)` when not given).
     """
-    io_spec = graph_io(model.config) if io_spec is None else io_spec
-    modules = graph_modules(model, solver, steps)
-    examples = example_inputs(model, io_spec)
+    io_spec = graph_io(model.config, form, bank_dtype) if io_spec is None else io_spec
+    modules = graph_modules(model, solver, steps, form, bank_dtype)
+    examples = example_inputs(model, io_spec, form, bank_dtype)
     paths = {}
     for name in (BACKBONE, SUPPORT, HEAD):
         path = out_dir / f"{name}.onnx"

@@ -1,13 +1,22 @@
-"""TensorRT-readiness lint, runnable without TensorRT: what its ONNX parser needs from our graphs."""
+"""TensorRT-readiness lint, runnable without TensorRT: what its ONNX parser needs from our graphs.
+
+Per export target: the head's sampling form (GridSample for ``tensorrt``, Gather for ``onnxruntime``,
+whose CPU GridSample is several times slower), and for INT8 graphs TensorRT's explicit quantization
+form (symmetric int8, zero points 0, weights per output channel) for ``tensorrt``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from dmf_deploy.manifest import MAX_OPSET, MIN_OPSET
+from dmf_deploy.manifest import HEAD, MAX_OPSET, MIN_OPSET
+
+TARGETS = ("onnxruntime", "tensorrt")
 
 # Standard ONNX ops our graphs may use, all supported by TensorRT 10's ONNX parser.
 ALLOWED_OPS = frozenset(
@@ -67,6 +76,8 @@ ALLOWED_OPS = frozenset(
         "Range",
         "GridSample",
         "Softmax",
+        "QuantizeLinear",  # INT8 backbones (QDQ; dmf_deploy/export/quantize.py)
+        "DequantizeLinear",
     }
 )
 FORBIDDEN_OPS = frozenset({"Loop", "If", "Scan", "SequenceConstruct", "SequenceAt"})
@@ -84,9 +95,14 @@ class LintReport:
         return not self.errors
 
 
-def lint_model(model: onnx.ModelProto, name: str, declared_axes: dict[str, dict[int, str]]) -> LintReport:
+def lint_model(
+    model: onnx.ModelProto, name: str, declared_axes: dict[str, dict[int, str]], target: str = "onnxruntime"
+) -> LintReport:
     """Check one graph. `declared_axes` maps each input/output name to its {axis: dim name}."""
     report = LintReport(name)
+    if name == HEAD:
+        report.errors += _check_head_form(model.graph, target)
+    report.errors += _check_quantization(model.graph, target)
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     opset = opsets.get("ai.onnx")
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -128,6 +144,40 @@ def lint_model(model: onnx.ModelProto, name: str, declared_axes: dict[str, dict[
     return report
 
 
+def _check_head_form(graph: onnx.GraphProto, target: str) -> list[str]:
+    sampled = any(n.op_type == "GridSample" for n in _all_nodes(graph))
+    if target == "tensorrt" and not sampled:
+        return ["the tensorrt target's head samples with GridSample (TensorRT's layer); this one has none"]
+    if target == "onnxruntime" and sampled:
+        return ["the onnxruntime target's head samples with Gather: ONNX Runtime's CPU GridSample is slower"]
+    return []
+
+
+def _check_quantization(graph: onnx.GraphProto, target: str) -> list[str]:
+    """For tensorrt: every QuantizeLinear/DequantizeLinear int8 with zero point 0 (or none), and every
+    dequantized weight per output channel (one scale per channel along the DequantizeLinear's axis)."""
+    if target != "tensorrt":
+        return []
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    errors = []
+    for node in _all_nodes(graph):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        where = f"{node.op_type} node {node.name!r}"
+        zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is not None and (zero.dtype != np.int8 or np.any(zero != 0)):
+            errors.append(f"{where}: zero point {zero.dtype} not symmetric int8 (0), as TensorRT needs")
+        weight = constants.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and weight is not None and weight.ndim > 1:
+            scale = constants.get(node.input[1])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if weight.dtype != np.int8:
+                errors.append(f"{where}: weight {weight.dtype}, TensorRT needs int8")
+            if scale is None or scale.size != weight.shape[axis]:
+                errors.append(f"{where}: weight scale is not per output channel")
+    return errors
+
+
 def _check_grid_sample(node: onnx.NodeProto, where: str) -> list[str]:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     mode = attrs.get("mode", b"bilinear")
@@ -151,10 +201,10 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(attr.g)
 
 
-def lint_file(path: Path, name: str, io_spec: dict) -> LintReport:
+def lint_file(path: Path, name: str, io_spec: dict, target: str = "onnxruntime") -> LintReport:
     declared = {
         tensor: {axis: d for axis, d in enumerate(shape) if isinstance(d, str)}
         for section in ("inputs", "outputs")
         for tensor, shape in io_spec[section].items()
     }
-    return lint_model(onnx.load(str(path)), name, declared)
+    return lint_model(onnx.load(str(path)), name, declared, target)

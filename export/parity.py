@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmf_deploy.bundle_head import bundle_bank
+from dmf_deploy.bundle_head import BANK_DTYPES, stored_bank
 from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.head import ClassBank
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, GRAPH_NAMES, HEAD, SUPPORT, Manifest, verify_graph
@@ -24,6 +24,9 @@ from dmf_deploy.preprocess import preprocess_frames
 # layer. 1e-4 leaves two orders of magnitude for depth (ResNet-12 is 12 convs deep) while still
 # catching any real discrepancy (a wrong tap, sign or solver weight moves scores by >1e-2).
 RELATIVE_TOLERANCE = 1e-4
+# A float16 bank tensor: ORT and PyTorch may round a value that sits on a float16 rounding boundary
+# to neighbouring float16 values, one unit in the last place: at most 2^-10 of max|ref|.
+FLOAT16_TOLERANCE = 1e-3
 CLASS_COUNTS = (1, 3, 7)
 
 
@@ -121,6 +124,7 @@ def check_bundle(
 ) -> dict[str, Any]:
     """Run every graph and the whole pipeline on ORT and PyTorch; return a JSON-able report."""
     backend = OrtGraphs(bundle, manifest)
+    bank_dtype = manifest.bank_dtypes["tap_projections"]
     comparisons: list[Comparison] = []
     agreement: list[float] = []
     solver_distance: dict[str, float] = {}
@@ -132,15 +136,22 @@ def check_bundle(
             with torch.no_grad():
                 feats = model.features(torch.from_numpy(np.concatenate([support, query])))
                 protos = model.prototypes(feats[: len(support)], torch.from_numpy(labels), n_way)
+                # The bank as the bundle stores it (layout, float16 tap_projections), and the reference
+                # scores computed from those very values.
                 bank = model.class_bank(protos)
+                bank = bank._replace(tap_projections=bank.tap_projections.to(BANK_DTYPES[bank_dtype]).float())
+                laid = stored_bank(bank, manifest.target, bank_dtype)
                 q_feats = feats[len(support) :]
                 ref_scores = model.head_scores(q_feats, bank, solver, steps).numpy()
-                stored = {k: v.numpy() for k, v in zip(CLASS_BANK, bundle_bank(bank))}  # the bundle's layout
+                stored = {k: v.numpy() for k, v in zip(CLASS_BANK, laid)}
             # Each graph fed the reference inputs, so errors do not compound across graphs.
             got = backend.run(BACKBONE, {"images": query})
             comparisons += _compare(case, {"features": q_feats.numpy()}, got, tol)
             got = backend.run(SUPPORT, {"prototypes": protos.numpy()})
-            comparisons += _compare(case, stored, got, tol)
+            for name in CLASS_BANK:
+                tensor_tol = FLOAT16_TOLERANCE if got[name].dtype == np.float16 else tol
+                wide = {name: stored[name].astype(np.float32)}
+                comparisons += _compare(case, wide, {name: got[name].astype(np.float32)}, tensor_tol)
             head_in = {"query_features": q_feats.numpy(), **stored}
             comparisons += _compare(case, {"scores": ref_scores}, backend.run(HEAD, head_in), tol)
             # End to end: ORT all the way, as the runtime runs it.

@@ -13,7 +13,10 @@ Beside them, ``dmf_recognizer`` (export/triton_recognizer.py): one stateful Pyth
 holds the gallery in server memory and runs the torch-free Recognizer (classify and enrol).
 
 Each of the three graph models is ONNX (onnxruntime backend) or, where the bundle has a TensorRT plan
-and `use_plans` is set, the plan. Graph I/O stays float32 in both cases (fp16 plans cast at their boundary).
+and `use_plans` is set, the plan. Graph I/O keeps the bundle's dtypes (float32; a half bank's
+tap_projections float16). The repository follows the export target: ONNX models of a
+``tensorrt``-target bundle (GridSample head, symmetric INT8) ask Triton's onnxruntime backend for its
+TensorRT execution accelerator.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ log = logging.getLogger("dmf_deploy.export")
 
 MODEL_NAMES = {BACKBONE: "dmf_backbone", SUPPORT: "dmf_support", HEAD: "dmf_head"}
 DEFAULT_MAX_BATCH = 8
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+TENSORRT_ACCELERATOR = (
+    'optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ { name : "tensorrt" } ]\n'
+    "  }\n}"
+)
 
 
 def class_bank_bytes_per_class(config: ModelConfig) -> int:
@@ -61,9 +69,9 @@ def _dims(shape: list[Any], *, drop_batch: bool) -> list[int]:
     return dims[1:] if drop_batch else dims
 
 
-def _tensor_block(name: str, dims: list[int]) -> str:
+def _tensor_block(name: str, dims: list[int], dtype: str = "float32") -> str:
     return (
-        f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n'
+        f'  {{\n    name: "{name}"\n    data_type: {TRITON_TYPES[dtype]}\n'
         f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
     )
 
@@ -77,18 +85,27 @@ def model_config_text(
     *,
     dynamic_batching: bool,
     instance_kind: str,
+    dtypes: Mapping[str, str] | None = None,
+    tensorrt_accelerator: bool = False,
 ) -> str:
     """One config.pbtxt in protobuf text format (Triton's ModelConfig), fields Triton documents."""
+    dtypes = dtypes or {}
+
+    def blocks(tensors: Mapping[str, list[int]]) -> str:
+        return ",\n".join(_tensor_block(n, d, dtypes.get(n, "float32")) for n, d in tensors.items())
+
     lines = [
         f'name: "{model_name}"',
         f'platform: "{platform}"',
         f"max_batch_size: {max_batch_size}",
-        "input [\n" + ",\n".join(_tensor_block(n, d) for n, d in inputs.items()) + "\n]",
-        "output [\n" + ",\n".join(_tensor_block(n, d) for n, d in outputs.items()) + "\n]",
+        "input [\n" + blocks(inputs) + "\n]",
+        "output [\n" + blocks(outputs) + "\n]",
         f"instance_group [\n  {{\n    count: 1\n    kind: {instance_kind}\n  }}\n]",
     ]
     if dynamic_batching:
         lines.append("dynamic_batching { }")
+    if tensorrt_accelerator:
+        lines.append(TENSORRT_ACCELERATOR)
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +189,8 @@ def write_triton_repository(
             {n: _dims(s, drop_batch=batched) for n, s in io[graph]["outputs"].items()},
             dynamic_batching=batched,
             instance_kind=kind,
+            dtypes=manifest.graphs[graph].dtypes,
+            tensorrt_accelerator=plan is None and manifest.target == "gridsample",
         )
         atomic_write_bytes(out / model / "config.pbtxt", text.encode("utf-8"))
         platforms[model] = platform
