@@ -121,18 +121,33 @@ def group_space_scores(
     head: DMFHead, query: torch.Tensor, bank: ClassBank, solver: str, steps: int
 ) -> torch.Tensor:
     """k = 1: mean_p [ <min(q,0)(p), w> + sum_g growth(F_g(p)) <relu(q)(p)_g, w_g> ], as [Q, N]."""
-    q, c, h, w = query.shape
-    weight = bank.class_weight
-    n, g, hw = weight.shape[0], head.groups, h * w
-    filt = torch.sigmoid(sample_filters(head, query, bank).transpose(1, 2))  # [Q, G, N*hw]
-    growth = linear_growth(filt, solver, steps, max_rate=MAX_FILTER).reshape(q, g, n, hw)
-    positive = F.relu(query).reshape(q, g, c // g, hw)
-    per_group = torch.matmul(weight.reshape(n, g, c // g).transpose(0, 1), positive)  # [Q, G, N, hw]
+    growth = group_growth(head, query, bank, solver, steps)
     # Sum over groups, then mean over positions, as two reductions: float32 error grows with the
     # length of each sum (one sum of G*hw = 7744 terms was 20x further from the reference).
-    aligned = (growth * per_group).sum(dim=1).mean(dim=2)
-    negative = torch.matmul(torch.clamp(query, max=0.0).mean(dim=(2, 3)), weight.t())
+    aligned = positive_terms(head, query, bank.class_weight, growth).mean(dim=2)
+    negative = torch.matmul(torch.clamp(query, max=0.0).mean(dim=(2, 3)), bank.class_weight.t())
     return aligned + negative
+
+
+def group_growth(
+    head: DMFHead, query: torch.Tensor, bank: ClassBank, solver: str, steps: int
+) -> torch.Tensor:
+    """k = 1: the factor growth(F_g(p)) by which the ODE scales a positive entry, [Q, G, N, h*w]."""
+    q, _, h, w = query.shape
+    n = bank.class_weight.shape[0]
+    filt = torch.sigmoid(sample_filters(head, query, bank).transpose(1, 2))  # [Q, G, N*hw]
+    return linear_growth(filt, solver, steps, max_rate=MAX_FILTER).reshape(q, head.groups, n, h * w)
+
+
+def positive_terms(
+    head: DMFHead, query: torch.Tensor, weight: torch.Tensor, growth: torch.Tensor
+) -> torch.Tensor:
+    """k = 1: sum_g growth(F_g(p)) <relu(q)(p)_g, w_g> at every position, [Q, N, h*w]."""
+    q, c, h, w = query.shape
+    n, g = weight.shape[0], head.groups
+    positive = F.relu(query).reshape(q, g, c // g, h * w)
+    per_group = torch.matmul(weight.reshape(n, g, c // g).transpose(0, 1), positive)  # [Q, G, N, hw]
+    return (growth * per_group).sum(dim=1)
 
 
 def sample_filters(head: DMFHead, query: torch.Tensor, bank: ClassBank) -> torch.Tensor:

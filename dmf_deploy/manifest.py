@@ -37,6 +37,7 @@ MAX_MANIFEST_DEPTH = 16  # deepest real entry: engines.<graph>.profiles.<input>.
 
 BACKBONE, SUPPORT, HEAD = "backbone", "support", "head"
 GRAPH_NAMES = (BACKBONE, SUPPORT, HEAD)
+EXPLAIN = "explain"  # optional graph: what the head aligned (`explain_io`); bundles are valid without it
 CLASS_BANK = ("support_offset", "tap_projections", "class_weight")
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 19, 18
 
@@ -108,6 +109,24 @@ def graph_io(
     }
 
 
+def explain_io(config: ModelConfig) -> dict[str, dict[str, list]]:
+    """I/O of the optional explain.onnx: the head's inputs -> what it aligned, per (query, class) pair.
+
+    ``sampling_positions`` [Q,N,h*w,9,2]: (x, y) in feature cells where each position's taps read the
+    class's maps (offsets included); ``contributions`` [Q,N,h,w]: per-position terms of the score (their
+    mean is it); ``aligned`` [Q,N,h,w]: the L2 norm over channels of the aligned query feature X(1).
+    """
+    s = config.feature_size
+    return {
+        "inputs": graph_io(config)[HEAD]["inputs"],
+        "outputs": {
+            "sampling_positions": ["Q", "N", s * s, 9, 2],
+            "contributions": ["Q", "N", s, s],
+            "aligned": ["Q", "N", s, s],
+        },
+    }
+
+
 # ----- the typed manifest ------------------------------------------------------------------------------
 
 
@@ -134,6 +153,20 @@ class GraphSpec:
             "dynamic_axes": list(self.dynamic_axes),
             "dtypes": dict(self.dtypes),
         }
+
+
+def graph_spec(path: str | os.PathLike[str], io: Mapping[str, Mapping[str, list]]) -> GraphSpec:
+    """The manifest entry of a freshly exported graph file with the I/O `io` (`graph_io`'s form)."""
+    sections = (io["inputs"], io["outputs"])
+    axes = {d for sec in sections for s in sec.values() for d in s if isinstance(d, str)}
+    return GraphSpec(
+        file=Path(path).name,
+        sha256=sha256_file(path),
+        inputs={k: tuple(v) for k, v in io["inputs"].items()},
+        outputs={k: tuple(v) for k, v in io["outputs"].items()},
+        dynamic_axes=tuple(sorted(axes)),
+        dtypes=dict(io.get("dtypes", {})),
+    )
 
 
 @dataclass(frozen=True)
@@ -231,19 +264,7 @@ class Manifest:
         from dmf_deploy import __version__
 
         io = graph_io(config) if io is None else io
-        graphs = {}
-        for name, path in graph_files.items():
-            spec = io[name]
-            sections = (spec["inputs"], spec["outputs"])
-            axes = {d for sec in sections for s in sec.values() for d in s if isinstance(d, str)}
-            graphs[name] = GraphSpec(
-                file=Path(path).name,
-                sha256=sha256_file(path),
-                inputs={k: tuple(v) for k, v in spec["inputs"].items()},
-                outputs={k: tuple(v) for k, v in spec["outputs"].items()},
-                dynamic_axes=tuple(sorted(axes)),
-                dtypes=dict(spec.get("dtypes", {})),
-            )
+        graphs = {name: graph_spec(path, io[name]) for name, path in graph_files.items()}
         calib_sha = calibration.sha256 if calibration else None
         return cls(
             format_version=FORMAT_VERSION,

@@ -47,17 +47,22 @@ def check_frame(frame: object, index: int | None = None) -> np.ndarray:
 
 def resize_frame(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     size = config.image_size
+    nw, nh, left, top = resize_box(bgr.shape, config)
+    bgr = cv2.resize(bgr, (nw, nh), interpolation=_INTERPOLATION[config.interpolation])
+    return bgr[top : top + size, left : left + size]
+
+
+def resize_box(shape: tuple[int, ...], config: PreprocessConfig) -> tuple[int, int, int, int]:
+    """(width, height) a frame of `shape` is resized to, and (left, top) of the image_size square kept."""
+    size = config.image_size
     side = config.crop_from or size
-    interp = _INTERPOLATION[config.interpolation]
     if config.resize == "center-crop":
-        h, w = bgr.shape[:2]
+        h, w = shape[:2]
         scale = side / min(h, w)
         nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-        bgr = cv2.resize(bgr, (nw, nh), interpolation=interp)
     else:
-        bgr = cv2.resize(bgr, (side, side), interpolation=interp)
-    top, left = (bgr.shape[0] - size) // 2, (bgr.shape[1] - size) // 2
-    return bgr[top : top + size, left : left + size]
+        nh = nw = side
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
 def normalize(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:

@@ -24,11 +24,13 @@ from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import DEFAULT_STEPS, PreprocessConfig, Solver
 from dmf_deploy.export.cohort import CohortError, bundle_rule, read_cohort, write_rule
+from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
 from dmf_deploy.export.graphs import export_all
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     BACKBONE,
     DEFAULT_OPSET,
+    EXPLAIN,
     FORMAT,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -37,6 +39,7 @@ from dmf_deploy.manifest import (
     PRECISIONS,
     Calibration,
     Manifest,
+    explain_io,
     graph_io,
     sha256_file,
 )
@@ -149,6 +152,7 @@ def export_bundle(
     target: str = "onnxruntime",
     bank_dtype: str = "float32",
     cohort: str | os.PathLike[str] | None = None,
+    explain: bool = True,
 ) -> Path:
     """Export a checkpoint (path or "demo") to a bundle folder and return its path.
 
@@ -158,6 +162,7 @@ def export_bundle(
     `cohort`: a folder of classes the model never trained on (one sub-folder of images per class),
     to fit the open-set rule on (dmf_deploy.export.cohort); None copies the demo model's rule.
     With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
+    `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs).
     """
     say = progress or (lambda _msg: None)
     validate_precision_args(precision, target, bank_dtype)
@@ -195,6 +200,10 @@ def export_bundle(
         for name, path in paths.items():
             _check_graph(path, name, io_spec[name], target)
         say("checked graphs (onnx.checker full check, shape inference, TensorRT-readiness lint)")
+        if explain:
+            paths[EXPLAIN] = export_explain(model, solver, steps, staging, opset)
+            io_spec = {**io_spec, EXPLAIN: explain_io(model.config)}
+            say("exported explain.onnx")
         build = {
             "solver": solver,
             "steps": steps,
@@ -212,6 +221,8 @@ def export_bundle(
 
             say("checking parity against PyTorch (same solver, N = 1, 3, 7)")
             parity = check_bundle(model, staging, manifest, solver, steps)
+            if explain:
+                parity = with_explain_parity(parity, check_explain(model, staging, manifest, solver, steps))
         if precision == "int8":
             quantized = (calib_images, calib, target)
             parity = _quantize(model, staging, paths, io_spec[BACKBONE], quantized, build, parity)

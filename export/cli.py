@@ -72,6 +72,12 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     "model never trained on (default: copy the demo model's rule).",
 )
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity-check against PyTorch.")
+@click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="Also write explain.onnx (Recognizer.explain, dmf-explain, dmf-run's e key).",
+)
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt).")
 @click.option("--fp16", is_flag=True, help="TensorRT: FP16-cast graphs built as strongly typed networks.")
 @click.option(
@@ -107,6 +113,7 @@ def main(
     bank_dtype: str,
     cohort: Path | None,
     check: bool,
+    explain: bool,
     trt: bool,
     fp16: bool,
     max_batch: int,
@@ -161,6 +168,7 @@ def main(
                 calibration=calibration,
                 target=target or ("tensorrt" if trt else "onnxruntime"),  # --trt implies --target tensorrt
                 bank_dtype=bank_dtype,
+                explain=explain,
             )
     except (ExportError, CheckpointError) as exc:
         fail(str(exc))

@@ -41,16 +41,16 @@ class Comparison:
 
 
 class OrtGraphs:
-    """The bundle's three graphs in ONNX Runtime sessions (CPU), run by graph name."""
+    """The bundle's graphs (default: the three) in ONNX Runtime sessions (CPU), run by graph name."""
 
-    def __init__(self, bundle: Path, manifest: Manifest) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, graphs: tuple[str, ...] = GRAPH_NAMES) -> None:
         import onnxruntime as ort
 
         self._sessions = {
             graph: ort.InferenceSession(
                 str(verify_graph(bundle, manifest, graph)), providers=["CPUExecutionProvider"]
             )
-            for graph in GRAPH_NAMES
+            for graph in graphs
         }
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -217,7 +217,8 @@ def main(
     \b
     Window keys: n new class (typed, Enter confirms; or the next of --names), space adds the current
     frame as a shot, p pauses and resumes, tab selects the next class, d deletes it (d again
-    confirms), u undoes the last deletion until saved, s saves, q or Esc quits (and saves).
+    confirms), u undoes the last deletion until saved, s saves, e toggles the explanation of the
+    predicted class (heat map; the mouse picks a position), q or Esc quits (and saves).
     \b
     Headless (--headless): one JSON line per frame on stdout (frame, label, score, top, latency_ms)
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,

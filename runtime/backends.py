@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +42,11 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, bundle: str | os.PathLike[str], manifest: dict[str, Any], threads: int | None = None
+        self,
+        bundle: str | os.PathLike[str],
+        manifest: dict[str, Any],
+        threads: int | None = None,
+        graphs: Sequence[str] = GRAPH_NAMES,
     ) -> None:
         import onnxruntime as ort
 
@@ -56,7 +60,7 @@ class OnnxRuntimeBackend:
         self.providers = providers
         self._sessions = {}
         self._outputs: dict[str, list[str]] = {}
-        for graph in GRAPH_NAMES:
+        for graph in graphs:
             path = verify_graph(bundle, manifest, graph)
             refuse_external_data(path)
             try:

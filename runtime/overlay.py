@@ -23,7 +23,8 @@ import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.runtime.commands import Event, Session
-from dmf_deploy.runtime.gallery import decode_thumbnail
+from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, draw_live
+from dmf_deploy.runtime.gallery import GalleryError, decode_thumbnail
 from dmf_deploy.runtime.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.recognizer import Prediction
 
@@ -85,6 +86,8 @@ class View:
     status: str = ""
     shots_target: int = 5
     source: str = ""
+    explanation: Explanation | None = None  # `e`: what the model aligned for the predicted class
+    pointer: tuple[int, int] | None = None  # the mouse over the video, window pixels
 
 
 def ascii_text(text: str) -> str:
@@ -116,6 +119,9 @@ def render(frame: np.ndarray, view: View) -> np.ndarray:
     video_h = min(MAX_VIDEO_HEIGHT, max(120, round(VIDEO_WIDTH * h / w)))
     canvas = np.full((video_h + STRIP_HEIGHT + STATUS_HEIGHT, VIDEO_WIDTH + PANEL_WIDTH, 3), BG, np.uint8)
     canvas[:video_h, :VIDEO_WIDTH] = letterbox(frame, VIDEO_WIDTH, video_h)
+    if view.explanation is not None:
+        to_video = letterbox_affine(frame.shape, VIDEO_WIDTH, video_h)
+        draw_live(canvas[:video_h, :VIDEO_WIDTH], view.explanation, frame, to_video, view.pointer)
     draw_panel(canvas[:video_h, VIDEO_WIDTH:], view)
     draw_strip(canvas[video_h : video_h + STRIP_HEIGHT], view)
     draw_status(canvas[video_h + STRIP_HEIGHT :], view)
@@ -124,14 +130,26 @@ def render(frame: np.ndarray, view: View) -> np.ndarray:
 
 def letterbox(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     """The frame scaled to fit width x height, centred on black, aspect ratio kept."""
-    h, w = frame.shape[:2]
-    scale = min(width / w, height / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    scale, nw, nh, left, top = letterbox_box(frame.shape, width, height)
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     out = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - nh) // 2, (width - nw) // 2
     out[top : top + nh, left : left + nw] = cv2.resize(frame, (nw, nh), interpolation=interp)
     return out
+
+
+def letterbox_box(shape: tuple[int, ...], width: int, height: int) -> tuple[float, int, int, int, int]:
+    """(scale, new width, new height, left, top) of a frame of `shape` letterboxed into width x height."""
+    h, w = shape[:2]
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    return scale, nw, nh, (width - nw) // 2, (height - nh) // 2
+
+
+def letterbox_affine(shape: tuple[int, ...], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per axis (x, y): letterboxed pixel = scale * frame pixel + shift."""
+    _, nw, nh, left, top = letterbox_box(shape, width, height)
+    scale = np.array([nw / shape[1], nh / shape[0]], np.float64)
+    return scale, 0.5 * scale - 0.5 + np.array([left, top], np.float64)
 
 
 def draw_panel(panel: np.ndarray, view: View) -> None:
@@ -267,6 +285,8 @@ class Window:
             # OpenCV's pip wheels bundle Qt without fonts and warn at every window; use the system's.
             os.environ["QT_QPA_FONTDIR"] = SYSTEM_FONTS
         cv2.namedWindow(WINDOW, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
+        self.explaining = False  # `e` toggles the explanation overlay
+        cv2.setMouseCallback(WINDOW, self._on_mouse)
 
     def say(self, text: str) -> None:
         self.view.status = text
@@ -305,6 +325,7 @@ class Window:
         if prediction is not None:  # a frame taken by an enrolment keeps the last prediction on screen
             self.view.prediction = prediction
         self.view.fps = stats.recent
+        self.view.explanation = self._explain(frame, session) if self.explaining else None
         self.last_canvas = render(frame, self.view)
         cv2.imshow(WINDOW, self.last_canvas)
         self.on_key(cv2.waitKeyEx(self._wait_ms(session)), frame, session)
@@ -379,6 +400,28 @@ class Window:
             self.view.paused = not self.view.paused
         elif key == ord("s"):
             session.save()
+        elif key == ord("e"):
+            self.explaining = not self.explaining
+            on = "explain: the predicted class's heat map; the mouse picks a position"
+            self.say(on if self.explaining else "explain off")
+
+    def _on_mouse(self, event: int, x: int, y: int, flags: int, param: object) -> None:
+        if event == cv2.EVENT_MOUSEMOVE:
+            self.view.pointer = (x, y) if x < VIDEO_WIDTH else None
+
+    def _explain(self, frame: np.ndarray, session: Session) -> Explanation | None:
+        """The predicted class's explanation of the frame, or None (unknown, or no explain.onnx)."""
+        prediction = self.view.prediction
+        if prediction is None or prediction.label is None:
+            return None
+        try:
+            return session.rec.explain(frame, prediction.label)
+        except ExplanationUnavailable as exc:
+            self.explaining = False
+            self.say(f"error: {exc}")
+        except GalleryError:  # the class went away since the prediction
+            pass
+        return None
 
     def _new_class(self, session: Session) -> None:
         if self.names:

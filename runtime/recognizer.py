@@ -16,13 +16,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
+from dmf_deploy.manifest import BACKBONE, CLASS_BANK, EXPLAIN, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.names import validate_class_name
 from dmf_deploy.open_set import frame_contrast, load_open_set, own_scores, refusal
 from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
-from dmf_deploy.runtime.backends import Backend, open_backend
-from dmf_deploy.runtime.gallery import THUMBNAIL_SIZE, Gallery, GalleryError, GalleryNotFoundError
+from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backend
+from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, UnknownClassError
+from dmf_deploy.runtime.gallery import (
+    THUMBNAIL_SIZE,
+    Gallery,
+    GalleryError,
+    GalleryNotFoundError,
+    decode_thumbnail,
+)
 from dmf_deploy.runtime.rwlock import ReadWriteLock
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -94,6 +101,7 @@ class Recognizer:
         self.smoothing = smoothing
         self._lock = ReadWriteLock()
         self._smoothed: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._explainer: Backend | None = None  # explain.onnx's session, made at the first `explain`
         self._complete_banks()
 
     # ----- opening ----------------------------------------------------------------------------------
@@ -122,6 +130,8 @@ class Recognizer:
         root = resolve_bundle_path(bundle)
         manifest = Manifest.read(root)
         runner = open_backend(root, manifest, backend, threads)
+        if EXPLAIN in manifest.graphs:  # its session waits for the first `explain`; its sha256 does not
+            verify_graph(root, manifest, EXPLAIN)
         gallery_path = None
         if isinstance(gallery, Gallery):
             store = gallery
@@ -271,6 +281,29 @@ class Recognizer:
         if self.gallery_path is None:
             self.gallery_path = target
         return saved
+
+    def explain(self, frame: np.ndarray, name: str) -> Explanation:
+        """What the head aligned for one frame against the enrolled class `name` (runtime/explain.py):
+        where each query position read the class, each position's share of the score, and the aligned
+        feature's norm. ExplanationUnavailable if the bundle was exported without explain.onnx."""
+        if self._explainer is None:
+            if EXPLAIN not in self.manifest.graphs:
+                raise ExplanationUnavailable(
+                    f"the bundle {self.bundle} was exported without explanation support (it has no "
+                    f"{EXPLAIN}.onnx); re-export it with dmf-export to explain its scores"
+                )
+            self._explainer = OnnxRuntimeBackend(self.bundle, self.manifest, graphs=(EXPLAIN,))
+        feats = self.features([frame])
+        with self._lock.read():
+            if not isinstance(name, str) or name not in self.gallery:
+                known = ", ".join(repr(n) for n in self.gallery.names) or "none"
+                raise UnknownClassError(f"no class named {name!r} is enrolled (enrolled: {known})")
+            row = self.gallery.index(name)
+            # explain.onnx is float32 whatever precision the bundle's own graphs and banks use.
+            bank = {k: v[row : row + 1].astype(np.float32) for k, v in self.gallery.bank_arrays().items()}
+            jpeg = self.gallery.thumbnail(name)
+        outputs = self._explainer.run(EXPLAIN, {"query_features": feats.astype(np.float32), **bank})
+        return Explanation.from_outputs(name, self.config.preprocess, outputs, decode_thumbnail(jpeg))
 
     def head_scores(self, feats: np.ndarray, bank: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The exact head alone: [B, N] scores of backbone features against a class bank (default:

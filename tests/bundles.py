@@ -152,24 +152,28 @@ def export_small_bundle(
     solver: str = "dopri5",
     steps: int = 8,
     train_steps: int = 0,
+    explain: bool = False,
     **config: Any,
 ) -> Path:
     """Export (once per process and argument set) a small bundle; returns the bundle folder.
 
     `tmp_path_factory` is pytest's session fixture. Export runs with check=False: the tests that use
-    the bundle do their own comparisons against PyTorch. The checkpoint lies beside the bundle
-    (`checkpoint_of`). An export takes about 10 s (the ONNX exporter), so share bundles where you can.
+    the bundle do their own comparisons against PyTorch. Without `explain` the optional explain.onnx is
+    left out (it adds about half the export time; tests of explanations ask for it). The checkpoint lies
+    beside the bundle (`checkpoint_of`). An export takes about 10 s (the ONNX exporter), so share
+    bundles where you can.
     """
     from dmf_deploy.export.bundle import export_bundle  # the package does not re-export it (yet)
 
-    key = (backbone, image_size, width, groups, seed, solver, steps, train_steps, *sorted(config.items()))
+    key = (backbone, image_size, width, groups, seed, solver, steps, train_steps, explain)
+    key += tuple(sorted(config.items()))
     cached = _BUNDLES.get(key)
     if cached is not None and (cached / "manifest.json").is_file():
         return cached
     root = Path(tmp_path_factory.mktemp(f"bundle-{backbone}-s{seed}"))
     ckpt = root / "model.pt"
     make_checkpoint(ckpt, backbone, image_size, width, groups, seed, train_steps, **config)
-    out = export_bundle(ckpt, root / "bundle", solver=solver, steps=steps, check=False)
+    out = export_bundle(ckpt, root / "bundle", solver=solver, steps=steps, check=False, explain=explain)
     _BUNDLES[key] = out
     return out
 

@@ -232,3 +232,77 @@ def test_window_pauses_confirms_deletes_undoes_and_greys_an_unknown_frame(
     assert colour_pixels(panel, KNOWN) == 0  # no known-green headline and no green best bar
     assert colour_pixels(bars, BAR_UNKNOWN, tolerance=4) > 100 and colour_pixels(bars, BAR, 12) == 0
     print(f"window screenshot of an unknown frame: {shot}")
+
+
+def test_explain_overlay_draws_the_markers(display, artifacts, tmp_path):
+    """`e` draws the predicted class's explanation: the heat map over the frame, the position under the
+    mouse in green, and its sampled points in red on the thumbnail inset (the demo bundle has
+    explain.onnx). The frame is one image, held after the source ends, so the test knows every pixel's
+    place: a 128x96 frame letterboxes into the 640x480 video area at exactly 5x."""
+    from dmf_deploy.runtime.explain import LIVE_THUMB
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frame = cv2.resize(GLYPHS.render(2, 3), (128, 96))
+    cv2.imwrite(str(folder / "frame.png"), frame)
+    gallery = tmp_path / "g.dmfg"
+    shot = artifacts / "dmf-run-explain.png"
+    shot.unlink(missing_ok=True)
+    env = {**os.environ, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
+    command = [*dmf_run_command(), "--source", str(folder), "--bundle", "demo", "--gallery", str(gallery)]
+    child = subprocess.Popen(
+        [*command, "--names", "mug", "--screenshot", str(shot)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Feature cell (i, j) = (1, 5) of the demo's 7x7 map: its centre in the 56x56 preprocessed image is
+    # (43.5, 11.5); in the frame ((x + 0.5) * 128 / 56 - 0.5, (y + 0.5) * 96 / 56 - 0.5); on the canvas
+    # 5x that, with centres at integers. The inset (bottom right of the video area) does not cover it.
+    size, cells, scale = 56, 7, 5
+    i, j = 1, 5
+    point = np.array([(j + 0.5) * size / cells - 0.5, (i + 0.5) * size / cells - 0.5])
+    in_frame = (point + 0.5) * np.array([128 / size, 96 / size]) - 0.5
+    pointer = np.round((in_frame + 0.5) * scale - 0.5).astype(int)
+    try:
+        window = find_window(env, child)
+        press(env, window, "n", "space", "e")  # enrol the held frame as "mug", then explain it
+        subprocess.run(
+            ["xdotool", "mousemove", "--window", window, str(pointer[0]), str(pointer[1])],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        time.sleep(1.0)  # frames keep coming while the window holds the last one
+        press(env, window, "q", closes_window=True)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+
+    image = cv2.imread(str(shot))
+    assert image is not None, f"no screenshot at {shot}"
+    rec = Recognizer.open("demo", gallery=gallery)
+    ex = rec.explain(frame, "mug")
+    assert ex.position_at(*point) == i * cells + j
+    assert ex.best_position != i * cells + j  # so the green dot there is the pointer's doing
+    b, g, r = image[pointer[1], pointer[0]].astype(int)
+    assert g > 180 and r < 60 and b < 60, (b, g, r)  # the green dot under the pointer
+    video_w, video_h = 640, 480
+    top, left = video_h - LIVE_THUMB, video_w - LIVE_THUMB
+    drawn = 0
+    for x, y in ex.sampled_points[i * cells + j]:
+        if not (2 < x < size - 3 and 2 < y < size - 3):
+            continue  # a point near the edge may be drawn half off the inset
+        u = round((x + 0.5) * LIVE_THUMB / size - 0.5)
+        v = round((y + 0.5) * LIVE_THUMB / size - 0.5)
+        b, g, r = image[top + v, left + u].astype(int)
+        assert r > 180 and g < 60 and b < 60, (x, y, b, g, r)  # a red sampled point
+        drawn += 1
+    assert drawn >= 3
+    # The heat map covers the frame: the white paper is coloured (saturated) almost everywhere.
+    video = cv2.cvtColor(image[:top, :video_w], cv2.COLOR_BGR2HSV)
+    assert np.mean(video[:, :, 1] > 80) > 0.8
+    print(f"explain overlay screenshot: {shot}")

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 from dmf_deploy.export.bundle import ExportError, export_bundle, validate_export_args
 from dmf_deploy.export.cli import main as export_cli
 from dmf_deploy.export.lint import lint_model
-from dmf_deploy.manifest import GRAPH_NAMES, read_manifest
+from dmf_deploy.manifest import EXPLAIN, GRAPH_NAMES, read_manifest
 
 
 def _check_parity(bundle: Path, solver: str, steps: int) -> dict:
@@ -34,6 +34,8 @@ def _check_parity(bundle: Path, solver: str, steps: int) -> dict:
     # N = 1, 3 and 7 all ran through the same graphs: the class axis is really dynamic.
     assert {c["case"].split()[1] for c in report["comparisons"]} == {"N=1", "N=3", "N=7"}
     assert report["top1_agreement"] == 1.0
+    outputs = {c["output"] for c in report["comparisons"]}
+    assert {"sampling_positions", "contributions", "aligned"} <= outputs  # explain.onnx is checked too
     return report
 
 
@@ -49,7 +51,7 @@ def test_conv4_bundle_matches_pytorch(tmp_path: Path, solver: str, steps: int) -
         assert report["solver_distance"]["vs exact (exact/1)"] < 1e-5
     manifest = read_manifest(bundle)
     assert manifest.solver == solver and manifest.steps == steps and manifest.opset == 18
-    for name in GRAPH_NAMES:
+    for name in (*GRAPH_NAMES, EXPLAIN):
         graph = onnx.load(str(bundle / manifest.graphs[name].file))
         dims = {d.dim_param for i in graph.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
         assert dims == set(manifest.graphs[name].dynamic_axes)  # symbolic, never specialised to 2

@@ -89,7 +89,7 @@ def test_force_replaces_an_empty_folder_then_a_bundle_of_any_version(tmp_path: P
     export_bundle(ckpt, out, force=True, check=False)
     assert json.loads((out / MANIFEST_NAME).read_text())["format_version"] == FORMAT_VERSION
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_NAME, "backbone.onnx", "support.onnx", "head.onnx", OPEN_SET_FILE]
+        [MANIFEST_NAME, "backbone.onnx", "support.onnx", "head.onnx", OPEN_SET_FILE, "explain.onnx"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "bundle"]
 

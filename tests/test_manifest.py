@@ -27,7 +27,7 @@ from dmf_deploy.runtime import GalleryError, Recognizer
 
 DEMO_BUNDLE = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
 V1_MANIFEST = Path(__file__).resolve().parent / "data" / "demo_manifest_v1.json"
-GRAPH_FILES = ("backbone.onnx", "support.onnx", "head.onnx")
+GRAPH_FILES = ("backbone.onnx", "support.onnx", "head.onnx", "explain.onnx")  # the demo bundle's
 
 
 def bundle_with(root: Path, manifest: dict | str) -> Path:
@@ -58,10 +58,14 @@ def test_version_1_bundle_reads_with_version_2_defaults(tmp_path: Path) -> None:
     assert (v1.precision, v1.calibration, v1.target, v1.open_set) == ("fp32", None, "gather", None)
     assert set(v1.bank_dtypes.values()) == {"float32"} and set(v1.graphs) == {"backbone", "support", "head"}
     # The shipped version-2 manifest is the same bundle: every field but the version and the open-set
-    # record (issue [H]'s, which 0.1.0 lacked) agrees.
+    # record (issue [H]'s, which 0.1.0 lacked) agrees, and its one more graph is the optional
+    # explain.onnx, added beside the three.
     v2 = Manifest.read(DEMO_BUNDLE)
     assert v2.format_version == 2 and v2.open_set is not None
-    assert dataclasses.replace(v1, format_version=2, open_set=v2.open_set) == v2
+    assert set(v2.graphs) - set(v1.graphs) == {"explain"}
+    three = {name: spec for name, spec in v2.graphs.items() if name != "explain"}
+    upgraded = dataclasses.replace(v1, format_version=2, open_set=v2.open_set)
+    assert upgraded == dataclasses.replace(v2, graphs=three)
 
 
 def test_fp32_fingerprint_is_the_one_0_1_0_wrote() -> None:

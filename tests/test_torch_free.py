@@ -29,6 +29,8 @@ TORCH_FREE = [
     "dmf_deploy.runtime.app",  # dmf-run
     "dmf_deploy.runtime.demo",  # dmf-demo
     "dmf_deploy.runtime.bench",  # dmf-bench
+    "dmf_deploy.runtime.explain",
+    "dmf_deploy.runtime.explain_cli",  # dmf-explain
     "dmf_deploy.runtime.remote",
     "dmf_deploy.runtime.serve",
 ]
