@@ -43,7 +43,7 @@ from dmf_deploy.train.episodes import Episode, EpisodeSampler, confidence_interv
 
 REPO = Path(__file__).resolve().parents[1]
 # The folder with images_background_small{1,2}.zip (as tests/test_datasets.py looks for it).
-DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
+DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", "omniglot"))  # the folder of the Omniglot zips
 BATCH = 64
 TOLERANCE = 1e-5  # relative, over an episode's [Q, N] scores (max|got - ref| / max|ref|)
 # Lake et al.'s floors for Omniglot 20-way within-alphabet 1-shot (error rates, on their 20 runs).

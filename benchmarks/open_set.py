@@ -56,7 +56,7 @@ from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.train.datasets import FewShotDataset, open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
+DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", "omniglot"))  # the folder of the Omniglot zips
 ENROLLED = (1, 5, 10)
 OLD_RATIO = 0.7  # the rule of earlier versions: best >= 0.7 x the best class's self-score
 

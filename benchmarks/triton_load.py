@@ -153,9 +153,9 @@ def main() -> None:
         demo = DEMO_BUNDLE
         results += run_bundle(demo, "demo", args.classes, args.clients, args.seconds, work)
         if args.resnet12:
-            from runtime_latency import build_bundle  # benchmarks/ is this script's folder
+            from pytorch_head import make_random_resnet12  # benchmarks/ is this script's folder
 
-            bundle = build_bundle(work / "resnet12")
+            bundle = make_random_resnet12(work / "resnet12")
             results += run_bundle(bundle, "resnet12", args.classes, args.clients, args.seconds, work)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     if args.json:

@@ -6,7 +6,9 @@ model's rule, converted to RGB, scaled to [0, 1] and normalised with the model's
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +16,8 @@ import numpy as np
 from dmf_deploy.config import PreprocessConfig
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+MAX_IMAGE_FILE_BYTES = 64 << 20  # an image file larger than this is refused before it is read
+MAX_IMAGE_PIXELS = 40_000_000  # a decoded image larger than this (a 7k x 5.7k photo) is refused
 
 
 class InvalidFrame(ValueError):
@@ -99,3 +103,43 @@ def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: Preproc
     for i, frame in enumerate(frames):
         out[i] = normalize(resize_frame(check_frame(frame, i), config), config)
     return out
+
+
+class ImageFileError(ValueError):
+    """An image file that is missing, unreadable, empty, too large or not decodable."""
+
+
+def read_image_bytes(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+    """A file's bytes, bounded before reading; ImageFileError naming the file and the problem."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ImageFileError(f"{what} {path} does not exist or is not a file")
+        if path.stat().st_size > max_bytes:
+            raise ImageFileError(f"{what} {path} is larger than {max_bytes >> 20} MB")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageFileError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageFileError(f"{what} {path} is empty")
+    return data
+
+
+def decode_image(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """BGR uint8 from encoded bytes (any format OpenCV reads); ImageFileError when it is not an image."""
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
+    if image is None:
+        raise ImageFileError(f"{what} is not an image OpenCV can decode")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageFileError(f"{what} has more than {max_pixels} pixels")
+    return image
+
+
+def read_image_file(
+    path: str | os.PathLike[str], what: str = "image", max_bytes: int = MAX_IMAGE_FILE_BYTES
+) -> np.ndarray:
+    """A BGR uint8 image from a file, or ImageFileError naming the file and the problem."""
+    return decode_image(read_image_bytes(path, what, max_bytes), f"{what} {path}")

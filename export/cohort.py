@@ -33,7 +33,7 @@ from dmf_deploy.open_set import (
     frame_contrast,
     own_scores,
 )
-from dmf_deploy.preprocess import check_frame, preprocess_frames
+from dmf_deploy.preprocess import ImageFileError, check_frame, preprocess_frames, read_image_file
 
 PICKED, UNKNOWN = 20, 10  # classes per draw; never-enrolled ones queried
 FIT_ENROLLED = 10  # the N the quantiles are measured at
@@ -210,12 +210,10 @@ def load_cohort_folder(root: str | os.PathLike[str]) -> tuple[list[np.ndarray], 
 
 
 def read_image(path: Path) -> np.ndarray:
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise CohortError(f"{path} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise CohortError(f"{path} is not a readable image")
-    return image
+    try:
+        return read_image_file(path, "cohort image", MAX_IMAGE_BYTES)
+    except ImageFileError as exc:
+        raise CohortError(str(exc)) from exc
 
 
 def degenerate_frames(height: int = 480, width: int = 640, seed: int = 0) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import Calibration
-from dmf_deploy.preprocess import preprocess_frames
+from dmf_deploy.preprocess import ImageFileError, decode_image, preprocess_frames, read_image_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CALIBRATION_IMAGES = 1024  # a few hundred suffice for MinMax ranges; the cap bounds time and memory
@@ -90,17 +90,15 @@ def read_calibration_folder(
 ) -> tuple[np.ndarray, Calibration]:
     """Every image of the folder preprocessed as the runtime does (one at a time, so only model-sized
     arrays are held), and the Calibration record: count and sha256 over the files' names and bytes."""
-    import cv2
 
     digest = hashlib.sha256()
     images = []
     for path in calibration_files(folder):
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise CalibrationError(f"calibration image {path} is larger than {MAX_IMAGE_BYTES >> 20} MB")
-        data = path.read_bytes()
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if frame is None:
-            raise CalibrationError(f"calibration image {path} cannot be decoded")
+        try:
+            data = read_image_bytes(path, "calibration image", MAX_IMAGE_BYTES)
+            frame = decode_image(data, f"calibration image {path}")
+        except ImageFileError as exc:
+            raise CalibrationError(str(exc)) from exc
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(data).digest())
         images.append(preprocess_frames([frame], preprocess)[0])
     return np.stack(images), Calibration(len(images), digest.hexdigest())

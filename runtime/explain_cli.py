@@ -20,31 +20,9 @@ import numpy as np
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.manifest import BundleError
-from dmf_deploy.preprocess import InvalidFrame
+from dmf_deploy.preprocess import ImageFileError, InvalidFrame, read_image_file
 from dmf_deploy.runtime.explain import Explanation
 from dmf_deploy.runtime.gallery import GalleryError
-
-MAX_IMAGE_BYTES = 64 << 20  # an image file larger than this is refused before decoding
-MAX_IMAGE_PIXELS = 40_000_000
-
-
-class ImageFileError(ValueError):
-    """An image file that is missing, too large or not decodable."""
-
-
-def read_image(path: Path, what: str) -> np.ndarray:
-    """A BGR uint8 image from a file, or ImageFileError naming the file and the problem."""
-    if not path.is_file():
-        raise ImageFileError(f"{what} {path} does not exist or is not a file")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise ImageFileError(f"{what} {path} is larger than {MAX_IMAGE_BYTES >> 20} MB")
-    data = np.fromfile(path, np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ImageFileError(f"{what} {path} is not an image OpenCV can decode")
-    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
-        raise ImageFileError(f"{what} {path} has more than {MAX_IMAGE_PIXELS} pixels")
-    return image
 
 
 def encode_png(image: np.ndarray, path: Path) -> bytes:
@@ -106,9 +84,9 @@ def main(
     try:
         if (gallery is None) == (support is None):
             raise click.UsageError("give exactly one of --gallery and --support")
-        frame = read_image(frame_path, "query image")
+        frame = read_image_file(frame_path, "query image")
         if support is not None:
-            support_image = read_image(support, "support image")
+            support_image = read_image_file(support, "support image")
             name = name or "support"
             rec = Recognizer.open(bundle)
             rec.enroll(name, [support_image])
@@ -130,7 +108,7 @@ def main(
         click.echo(f"dmf-explain: error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:
-        click.echo(f"dmf-explain: error: cannot write the output: {exc}", err=True)
+        click.echo(f"dmf-explain: error: {exc}", err=True)  # reading a file, or writing the output
         sys.exit(2)
     written = f"{out} and {json_path}" if json_path else f"{out}"
     click.echo(f"dmf-explain: '{name}' score {ex.score:.4f}; wrote {written}")

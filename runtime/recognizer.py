@@ -286,13 +286,14 @@ class Recognizer:
         """What the head aligned for one frame against the enrolled class `name` (runtime/explain.py):
         where each query position read the class, each position's share of the score, and the aligned
         feature's norm. ExplanationUnavailable if the bundle was exported without explain.onnx."""
-        if self._explainer is None:
-            if EXPLAIN not in self.manifest.graphs:
-                raise ExplanationUnavailable(
-                    f"the bundle {self.bundle} was exported without explanation support (it has no "
-                    f"{EXPLAIN}.onnx); re-export it with dmf-export to explain its scores"
-                )
-            self._explainer = OnnxRuntimeBackend(self.bundle, self.manifest, graphs=(EXPLAIN,))
+        if EXPLAIN not in self.manifest.graphs:
+            raise ExplanationUnavailable(
+                f"the bundle {self.bundle} was exported without explanation support (it has no "
+                f"{EXPLAIN}.onnx); re-export it with dmf-export to explain its scores"
+            )
+        with self._lock.write():  # one session, however many threads ask first
+            if self._explainer is None:
+                self._explainer = OnnxRuntimeBackend(self.bundle, self.manifest, graphs=(EXPLAIN,))
         feats = self.features([frame])
         with self._lock.read():
             if not isinstance(name, str) or name not in self.gallery:

@@ -35,7 +35,7 @@ from dmf_deploy.runtime.explain import (
 from dmf_deploy.runtime.explain_cli import main as explain_main
 
 GLYPHS = GlyphSet(7, seed=21, image_size=64, jitter=0.3)
-# Contract (DESIGN): the contributions' mean is the score to 1e-5 relative. Both come from float32
+# Contract (README, docs): the contributions' mean is the score to 1e-5 relative. Both come from float32
 # graphs summing the same terms in another order (<= 49 positions): measured ~1e-7.
 SCORE_TOL = 1e-5
 # Sampled points against PyTorch's positions, in pixels: the offsets are float32 convs on both sides

@@ -316,3 +316,24 @@ def test_a_frame_that_is_none_says_the_image_did_not_load(recognizer) -> None:
         with pytest.raises(InvalidFrame, match=r"is None \(did the image fail to load\?\)"):
             call()
     assert recognizer.classes == []
+
+
+def test_image_files_from_outside_give_image_file_errors(tmp_path: Path) -> None:
+    """The one reader of image files (dmf-explain's frames, --cohort, --calib): every bad file is an
+    ImageFileError naming it, never cv2.error or OSError."""
+    from dmf_deploy.preprocess import ImageFileError, read_image_file
+
+    cases = {"empty.png": b"", "junk.png": b"not an image", "big.png": b"x" * 2048}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder.png").mkdir()
+    for name, problem in [
+        ("empty.png", "is empty"),
+        ("junk.png", "not an image OpenCV can decode"),
+        ("folder.png", "not a file"),
+        ("missing.png", "does not exist"),
+    ]:
+        with pytest.raises(ImageFileError, match=problem):
+            read_image_file(tmp_path / name)
+    with pytest.raises(ImageFileError, match="larger than"):
+        read_image_file(tmp_path / "big.png", max_bytes=1024)

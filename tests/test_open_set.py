@@ -156,6 +156,9 @@ def test_cohort_folder_is_checked(tmp_path):
     (tmp_path / "c2" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(CohortError, match="broken.png"):
         load_cohort_folder(tmp_path)
+    (tmp_path / "c2" / "broken.png").write_bytes(b"")  # cv2.imdecode raises on no bytes at all
+    with pytest.raises(CohortError, match="broken.png is empty"):
+        load_cohort_folder(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ the Recognizer
