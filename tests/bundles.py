@@ -574,3 +574,44 @@ def cpu_session(path: Path) -> onnxruntime.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # fp16 nodes without CPU kernels are reported at warning level
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- fuzzing file readers
+
+
+def byte_edits():
+    """Hypothesis strategy: 1-4 edits (set, cut or insert a few bytes at a relative place) of a file."""
+    from hypothesis import strategies as st
+
+    edit = st.tuples(
+        st.sampled_from(["set", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=8)
+    )
+    return st.lists(edit, min_size=1, max_size=4)
+
+
+def apply_edits(original: bytes, edits: list[tuple[str, float, bytes]]) -> bytes:
+    data = bytearray(original)
+    for kind, where, payload in edits:
+        at = int(where * (len(data) - 1)) if data else 0
+        if kind == "set":
+            data[at : at + len(payload)] = payload[: len(data) - at]
+        elif kind == "cut":
+            del data[at:]
+        else:
+            data[at:at] = payload
+    return bytes(data)
+
+
+def json_values(allow_nan: bool = True):
+    """Hypothesis strategy: any JSON-like value (integers past int64, nested lists and mappings)."""
+    from hypothesis import strategies as st
+
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=allow_nan)
+        | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=20,
+    )

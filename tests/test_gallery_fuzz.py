@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bounded_reader import BoundedReader
-from bundles import filled, npz_members, savez
+from bundles import apply_edits, byte_edits, filled, json_values, npz_members, savez
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,37 +58,15 @@ def test_arbitrary_bytes(reader: BoundedReader, workdir: Path, data: bytes) -> N
     check(reader, workdir / "bytes.dmfg", data)
 
 
-edit = st.tuples(
-    st.sampled_from(["set", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=8)
-)
-
-
 @FUZZ
-@given(edits=st.lists(edit, min_size=1, max_size=4))
+@given(edits=byte_edits())
 def test_mutated_gallery(
     reader: BoundedReader, workdir: Path, good_file: Path, edits: list[tuple[str, float, bytes]]
 ) -> None:
-    data = bytearray(good_file.read_bytes())
-    for kind, where, payload in edits:
-        at = int(where * (len(data) - 1)) if data else 0
-        if kind == "set":
-            data[at : at + len(payload)] = payload[: len(data) - at]
-        elif kind == "cut":
-            del data[at:]
-        else:
-            data[at:at] = payload
-    check(reader, workdir / "mutated.dmfg", bytes(data))
+    check(reader, workdir / "mutated.dmfg", apply_edits(good_file.read_bytes(), edits))
 
 
-json_value = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-)
+json_value = json_values(allow_nan=False)
 header_key = st.sampled_from(["feature_shape", "bank_shapes", "classes", "feature_dtype", "format_version"])
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from bounded_reader import BoundedReader
+from bundles import apply_edits, byte_edits, json_values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -147,35 +148,13 @@ def test_any_bytes_give_a_manifest_or_a_bundle_error(reader, workdir, data: byte
     check(reader, workdir / "bytes", data)
 
 
-edit = st.tuples(
-    st.sampled_from(["set", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=8)
-)
-
-
 @FUZZ
-@given(edits=st.lists(edit, min_size=1, max_size=4))
+@given(edits=byte_edits())
 def test_a_mutated_manifest_gives_a_manifest_or_a_bundle_error(reader, workdir, edits) -> None:
-    data = bytearray(DEMO_MANIFEST)
-    for kind, where, payload in edits:
-        at = int(where * (len(data) - 1)) if data else 0
-        if kind == "set":
-            data[at : at + len(payload)] = payload[: len(data) - at]
-        elif kind == "cut":
-            del data[at:]
-        else:
-            data[at:at] = payload
-    check(reader, workdir / "mutated", bytes(data))
+    check(reader, workdir / "mutated", apply_edits(DEMO_MANIFEST, edits))
 
 
-json_value = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats()
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-)
+json_value = json_values()
 
 
 def field_paths(raw: object, prefix: tuple = ()) -> list[tuple]:
