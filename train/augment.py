@@ -48,6 +48,10 @@ class AugmentConfig:
     erase_scale: tuple[float, float] = (0.02, 0.4)
     erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     erase_value: str = "zero"  # "zero" (the mean colour after normalising) or "noise" (standard normal)
+    # Handwriting distortions of the original image, before the crop (0: off), as handwriting models use:
+    affine: float = 0.0  # strength: rotation up to 15 deg x a, shear 0.3 x a, scale 1 +- 0.2 x a per axis
+    elastic: float = 0.0  # smooth random displacement, amplitude as a fraction of the image side
+    stroke: float = 0.0  # probability of thickening or thinning dark strokes by a 2x2 or 3x3 min/max filter
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -58,6 +62,8 @@ class AugmentConfig:
             raise ValueError("pad and colour jitter strengths must be >= 0")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must lie in [0, 1], got {self.erase_prob}")
+        if min(self.affine, self.elastic) < 0 or not 0 <= self.stroke <= 1:
+            raise ValueError("affine and elastic must be >= 0 and stroke a probability in [0, 1]")
         if self.erase_value not in ("zero", "noise"):
             raise ValueError(f"erase_value must be 'zero' or 'noise', got {self.erase_value!r}")
 
@@ -69,7 +75,7 @@ class AugmentConfig:
         return cls(**overrides)
 
     def without(self, *names: str) -> AugmentConfig:
-        """A copy with the named steps off: crop, hflip, color, erase."""
+        """A copy with the named steps off: crop, hflip, color, erase, handwriting."""
         off: dict[str, Any] = {}
         for name in names:
             if name == "crop":
@@ -80,6 +86,8 @@ class AugmentConfig:
                 off.update(brightness=0.0, contrast=0.0, saturation=0.0)
             elif name == "erase":
                 off["erase_prob"] = 0.0
+            elif name == "handwriting":
+                off.update(affine=0.0, elastic=0.0, stroke=0.0)
             else:
                 raise ValueError(f"unknown augmentation step {name!r}")
         return replace(self, **off)
@@ -123,6 +131,40 @@ def random_crop(
     padded = cv2.copyMakeBorder(out, p, p, p, p, _BORDERS[cfg.pad_mode], value=(cfg.pad_value,) * 3)
     top, left = rng.integers(0, 2 * p + 1, size=2)
     return padded[top : top + pre.image_size, left : left + pre.image_size]
+
+
+def handwriting(bgr: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Stroke width, then one random affine and elastic warp of the original-size image.
+
+    Dark strokes on a light page: a min filter thickens them, a max filter thins them. Pixels pulled in
+    from outside the image repeat its border (the blank page)."""
+    if cfg.stroke and rng.uniform() < cfg.stroke:
+        size = int(rng.integers(2, 4))
+        kernel = np.ones((size, size), np.uint8)
+        bgr = cv2.erode(bgr, kernel) if rng.uniform() < 0.5 else cv2.dilate(bgr, kernel)
+    if not (cfg.affine or cfg.elastic):
+        return bgr
+    h, w = bgr.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    if cfg.affine:
+        a = cfg.affine
+        angle = math.radians(rng.uniform(-15, 15) * a)
+        shear = rng.uniform(-0.3, 0.3) * a
+        sy, sx = rng.uniform(1 - 0.2 * a, 1 + 0.2 * a, size=2)
+        cos, sin = math.cos(angle), math.sin(angle)
+        # Output pixel -> source pixel, about the centre: inverse of rotate . shear . scale.
+        forward = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1, shear], [0, 1]]) @ np.diag([sx, sy])
+        inverse = np.linalg.inv(forward).astype(np.float32)
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        dx, dy = xs - cx, ys - cy
+        xs, ys = inverse[0, 0] * dx + inverse[0, 1] * dy + cx, inverse[1, 0] * dx + inverse[1, 1] * dy + cy
+    if cfg.elastic:
+        # Displacements drawn on a coarse 8x8 grid and resized smoothly: a few bends per stroke.
+        amplitude = cfg.elastic * max(h, w)
+        field = rng.uniform(-1, 1, size=(2, 8, 8)).astype(np.float32) * amplitude
+        xs = xs + cv2.resize(field[0], (w, h), interpolation=cv2.INTER_CUBIC)
+        ys = ys + cv2.resize(field[1], (w, h), interpolation=cv2.INTER_CUBIC)
+    return cv2.remap(bgr, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def color_jitter(bgr: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -180,6 +222,8 @@ def make_example(
     if rng is None:
         raise ValueError("make_example(train=True) needs a seeded np.random.Generator")
     cfg = augment or AugmentConfig()
+    if cfg.stroke or cfg.affine or cfg.elastic:
+        bgr = handwriting(bgr, cfg, rng)
     img = random_crop(bgr, preprocess_config, cfg, rng)
     if cfg.hflip and rng.uniform() < 0.5:
         img = cv2.flip(img, 1)

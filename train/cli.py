@@ -82,7 +82,13 @@ def main() -> None:
 @click.option(
     "--amp/--no-amp",
     default=None,
-    help="bf16 autocast of the backbone on CUDA. Default: the preset's (off for the paper presets).",
+    help="bf16 autocast of the backbone (CUDA, or a CPU with bf16). Default: the preset's.",
+)
+@click.option("--affine", type=float, default=None, help="Handwriting affine strength (0: off).")
+@click.option("--elastic", type=float, default=None, help="Elastic amplitude, fraction of the side (0: off).")
+@click.option("--stroke", type=float, default=None, help="Probability of a stroke-width change (0: off).")
+@click.option(
+    "--init", default=None, help='Checkpoint whose weights training starts from ("demo": the packaged one).'
 )
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="last.pt to continue from.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")

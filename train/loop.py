@@ -22,7 +22,7 @@ from torch import nn
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.backbones import BasicBlock
-from dmf_deploy.checkpoint import load_checkpoint_with_metadata, save_checkpoint
+from dmf_deploy.checkpoint import load_checkpoint, load_checkpoint_with_metadata, save_checkpoint
 from dmf_deploy.config import ModelConfig, PreprocessConfig
 from dmf_deploy.model import DMFNet
 
@@ -55,12 +55,12 @@ VAL_QUERIES = 15  # queries per class in validation episodes (the official proto
 class EpisodeLoss(nn.Module):
     """Batch of episodes -> mean loss. The DDP-wrapped module, so gradients sync through forward()."""
 
-    def __init__(self, model: DMFNet, amp: bool) -> None:
+    def __init__(self, model: DMFNet, amp: bool, device_type: str = "cuda") -> None:
         super().__init__()
-        self.model, self.amp = model, amp
+        self.model, self.amp, self.device_type = model, amp, device_type
 
     def forward(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             feats = self.model.features(batch.images)
         feats = feats.float()  # the head (sampling, exp, polynomial) stays in float32
         results, start = [], 0
@@ -101,6 +101,9 @@ def augment_config(settings: TrainSettings, dataset: FewShotDataset) -> AugmentC
         contrast=settings.color_jitter,
         saturation=settings.color_jitter,
         erase_prob=settings.erase_prob,
+        affine=settings.affine,
+        elastic=settings.elastic,
+        stroke=settings.stroke,
     )
 
 
@@ -198,7 +201,9 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         elif self.world > 1 and self.rank == 0:
             log.warning("DDP on %s: BatchNorm statistics are per rank (SyncBatchNorm needs CUDA)", device)
-        self.loss = EpisodeLoss(self.model, amp=settings.amp and device.type == "cuda")
+        if settings.init is not None:
+            self.model.load_state_dict(initial_weights(settings.init, self.model.config).state_dict())
+        self.loss = EpisodeLoss(self.model, amp=settings.amp, device_type=device.type)
         self.step_module: nn.Module = self.loss
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
@@ -374,6 +379,20 @@ class Trainer:
         previous = path.read_bytes() if path.exists() else b""
         atomic_write_bytes(path, previous + line.encode() + b"\n")
         plot_metrics(path, self.out_dir / "curves.png")
+
+
+def initial_weights(ckpt: str, config: ModelConfig) -> DMFNet:
+    """The checkpoint `ckpt` ("demo": the packaged one) that training starts from: weights only, a fresh
+    optimizer and schedule. It must build the network `config` builds, global classifier included;
+    the solver and its steps may differ."""
+    model = load_checkpoint(ckpt)
+    if model.config.architecture_dict() != config.architecture_dict() or (
+        model.config.num_classes != config.num_classes
+    ):
+        raise ValueError(
+            f"--init {ckpt}: its network ({model.config}) is not the one these settings build ({config})"
+        )
+    return model
 
 
 def rank_batches(settings: TrainSettings, rank: int, world: int) -> list[list[int]]:

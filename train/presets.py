@@ -52,10 +52,14 @@ class TrainSettings:
     pad_mode: str = "constant"
     color_jitter: float = 0.4
     erase_prob: float = 0.5
+    affine: float = 0.0  # handwriting distortions (train.augment.AugmentConfig): affine strength,
+    elastic: float = 0.0  # elastic amplitude (fraction of the image side),
+    stroke: float = 0.0  # probability of a stroke-width change
+    init: str | None = None  # checkpoint whose weights training starts from ("demo": the packaged one)
     within_alphabet: bool = False  # Omniglot: draw each training episode from one alphabet
     seed: int = 0
     workers: int = 2
-    amp: bool = False  # bf16 autocast of the backbone, CUDA only; the official code trains in fp32
+    amp: bool = False  # bf16 autocast of the backbone (CUDA, or a CPU with bf16); the official code: fp32
 
     def replace(self, **changes: Any) -> TrainSettings:
         known = {f.name for f in fields(self)}
