@@ -53,6 +53,7 @@ def main() -> None:
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
 @click.option("--dataset", type=click.Choice(KINDS), default=None, help="Dataset kind.")
 @click.option("--epochs", type=int, default=None, help="Epochs in all, warm-up included.")
+@click.option("--warmup-epochs", type=int, default=None, help="Epochs of linear learning-rate warm-up.")
 @click.option("--episodes-per-epoch", type=int, default=None, help="Training episodes per epoch.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (after warm-up, before the decay).")
 @click.option(
