@@ -94,6 +94,9 @@ class ModelConfig:
     atol: float = 1e-2
     drop_rate: float = 0.1
     dropblock_size: int = 5
+    # False: the meta-filter reads the plain 3x3 neighbourhood (the paper's "no dynamic sampling"
+    # ablation): no offset conv, and the bank's support_offset is all zeros.
+    dynamic_sampling: bool = True
     # Official-code compatibility (chmxu/Dynamic-Meta-filter), set when importing its checkpoints.
     official_score_scale: bool = False  # scores times hw/((h+2)(w+2)) from the padded 1x1 conv
     official_filter_order: bool = False  # k=3 filter read with reshape(-1, k*k) in memory order
@@ -141,6 +144,8 @@ class ModelConfig:
         data["preprocess"]["std"] = list(self.preprocess.std)
         if self.preprocess.crop_from is None:
             del data["preprocess"]["crop_from"]  # manifests and fingerprints of models without it unchanged
+        if self.dynamic_sampling:
+            del data["dynamic_sampling"]  # likewise for every model with the paper's sampling
         return data
 
     @classmethod

@@ -37,18 +37,30 @@ class ClassBank(NamedTuple):
 
 
 class DMFHead(nn.Module):
-    def __init__(self, channels: int, groups: int, kernel: int, official_filter_order: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        groups: int,
+        kernel: int,
+        official_filter_order: bool = False,
+        dynamic_sampling: bool = True,
+    ) -> None:
         super().__init__()
         self.channels, self.groups, self.kernel = channels, groups, kernel
         self.official_filter_order = official_filter_order
-        self.off_conv = nn.Conv2d(2 * channels, 2 * TAPS, 5, padding=2, bias=False)
+        # Without dynamic sampling every offset is zero: the taps read the plain 3x3 neighbourhood.
+        self.off_conv = None
+        if dynamic_sampling:
+            self.off_conv = nn.Conv2d(2 * channels, 2 * TAPS, 5, padding=2, bias=False)
         self.kernel_conv = nn.Conv2d(channels, groups * kernel * kernel, 3, padding=1, bias=False)
 
     # ----- support side: once per class --------------------------------------------------------
     def class_bank(self, prototypes: torch.Tensor) -> ClassBank:
         n, c, h, w = prototypes.shape
-        c_ = self.channels
-        support_offset = F.conv2d(prototypes, self.off_conv.weight[:, c_:], padding=2)
+        if self.off_conv is None:
+            support_offset = prototypes.new_zeros(n, 2 * TAPS, h, w)
+        else:
+            support_offset = F.conv2d(prototypes, self.off_conv.weight[:, self.channels :], padding=2)
         # The deformable conv is linear in the support map, so project it per tap first:
         # P_t = W[:, :, t] . S, a 1x1 conv per tap; sampling P_t equals sampling S then projecting.
         per_tap = self.kernel_conv.weight.reshape(-1, c, TAPS).permute(2, 0, 1)  # [9, GK, C]
@@ -59,6 +71,9 @@ class DMFHead(nn.Module):
 
     # ----- query side ---------------------------------------------------------------------------
     def query_offset(self, query: torch.Tensor) -> torch.Tensor:
+        if self.off_conv is None:
+            q, _, h, w = query.shape
+            return query.new_zeros(q, 2 * TAPS, h, w)
         return F.conv2d(query, self.off_conv.weight[:, : self.channels], padding=2)
 
     def sampling_positions(self, query: torch.Tensor, bank: ClassBank) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +165,8 @@ class DMFHead(nn.Module):
         n = prototypes.shape[0]
         qs = query.unsqueeze(1).expand(q, n, c, h, w).reshape(q * n, c, h, w)
         ss = prototypes.unsqueeze(0).expand(q, n, c, h, w).reshape(q * n, c, h, w)
-        offset = self.off_conv(torch.cat([qs, ss], dim=1))  # the query comes first
+        pair = torch.cat([qs, ss], dim=1)  # the query comes first
+        offset = self.off_conv(pair) if self.off_conv is not None else pair.new_zeros(q * n, 2 * TAPS, h, w)
         filt = torch.sigmoid(deform_conv2d(ss, offset, self.kernel_conv.weight, padding=(1, 1)))
         x1 = integrate_channels(qs, filt, self, solver, steps, rtol, atol)
         weight = F.normalize(prototypes, p=2, dim=1, eps=1e-12).mean(dim=(2, 3))

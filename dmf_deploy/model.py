@@ -19,7 +19,13 @@ class DMFNet(nn.Module):
         self.config = config
         self.base = build_backbone(config)
         self.global_classifier = nn.Conv2d(config.channels, config.num_classes, 1)
-        self.head = DMFHead(config.channels, config.groups, config.kernel, config.official_filter_order)
+        self.head = DMFHead(
+            config.channels,
+            config.groups,
+            config.kernel,
+            config.official_filter_order,
+            dynamic_sampling=config.dynamic_sampling,
+        )
 
     # ----- building blocks, shared with export and training --------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,20 +126,36 @@ class DMFNet(nn.Module):
         The official code averages the few-shot term over its zero-padded (h+2)x(w+2) map, which only
         scales it by hw/((h+2)(w+2)); the default weight folds that factor into the paper's 0.5.
         """
-        n_way = int(support_labels.max()) + 1
-        protos = self.prototypes(support_feats, support_labels, n_way)
-        maps = self.score_map(query_feats, self.class_bank(protos), solver, steps)  # [Q, N, h, w]
-        h, w = maps.shape[-2:]
+        fewshot, accuracy = self.fewshot_loss(
+            support_feats, support_labels, query_feats, query_labels, solver, steps
+        )
+        h, w = query_feats.shape[-2:]
         if fewshot_weight is None:
             fewshot_weight = 0.5 * (h * w) / ((h + 2) * (w + 2))
-        fewshot = F.cross_entropy(maps, query_labels.long()[:, None, None].expand(-1, h, w))
         logits = self.global_classifier(query_feats)
         global_ce = F.cross_entropy(logits, query_global_labels.long()[:, None, None].expand(-1, h, w))
-        with torch.no_grad():
-            accuracy = (maps.mean(dim=(2, 3)).argmax(1) == query_labels).float().mean()
         return {
             "loss": global_ce + fewshot_weight * fewshot,
             "global_ce": global_ce.detach(),
             "fewshot_ce": fewshot.detach(),
             "accuracy": accuracy,
         }
+
+    def fewshot_loss(
+        self,
+        support_feats: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_feats: torch.Tensor,
+        query_labels: torch.Tensor,
+        solver: str | None = None,
+        steps: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The episode's few-shot term (per-position CE of the aligned scores) and its accuracy."""
+        n_way = int(support_labels.max()) + 1
+        protos = self.prototypes(support_feats, support_labels, n_way)
+        maps = self.score_map(query_feats, self.class_bank(protos), solver, steps)  # [Q, N, h, w]
+        h, w = maps.shape[-2:]
+        fewshot = F.cross_entropy(maps, query_labels.long()[:, None, None].expand(-1, h, w))
+        with torch.no_grad():
+            accuracy = (maps.mean(dim=(2, 3)).argmax(1) == query_labels).float().mean()
+        return fewshot, accuracy

@@ -76,6 +76,11 @@ def main() -> None:
     help="Episodes per optimizer step, all DDP ranks together (each rank takes its share).",
 )
 @click.option("--kernel", type=int, default=None, help="Meta-filter kernel: 1 or 3.")
+@click.option(
+    "--dynamic-sampling/--no-dynamic-sampling",
+    default=None,
+    help="Deformable sampling of the meta-filter (the default), or the plain 3x3 neighbourhood.",
+)
 @click.option("--n-way", type=int, default=None, help="Classes per training episode.")
 @click.option("--k-shot", type=int, default=None, help="Support images per class in training episodes.")
 @click.option("--q-query", type=int, default=None, help="Query images per class in training episodes.")

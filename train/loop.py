@@ -85,6 +85,7 @@ def model_config(settings: TrainSettings, num_classes: int) -> ModelConfig:
         preprocess=PreprocessConfig(image_size=settings.image_size, crop_from=settings.eval_crop_from),
         groups=settings.groups,
         kernel=settings.kernel,
+        dynamic_sampling=settings.dynamic_sampling,
         num_classes=num_classes,
         solver=settings.solver,
         steps=settings.steps,
@@ -174,7 +175,16 @@ def evaluate(
 
 
 class Trainer:
-    def __init__(self, settings: TrainSettings, out_dir: Path, device: torch.device | None = None) -> None:
+    """`model_type`: DMFNet or a subclass with another few-shot loss (benchmarks/baselines.py's
+    prototypical network); it is built from the settings' ModelConfig."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        out_dir: Path,
+        device: torch.device | None = None,
+        model_type: type[DMFNet] = DMFNet,
+    ) -> None:
         self.settings, self.out_dir = settings, Path(out_dir)
         self.rank, self.world = _dist_info()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -196,7 +206,7 @@ class Trainer:
         )
         self.batches = rank_batches(settings, self.rank, self.world)  # refuses a batch ranks cannot split
         torch.manual_seed(settings.seed)
-        self.model = DMFNet(model_config(settings, self.train_set.num_classes)).to(device)
+        self.model = model_type(model_config(settings, self.train_set.num_classes)).to(device)
         if self.world > 1 and device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         elif self.world > 1 and self.rank == 0:

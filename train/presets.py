@@ -24,6 +24,7 @@ class TrainSettings:
     image_size: int = 84
     groups: int = 64
     kernel: int = 1
+    dynamic_sampling: bool = True  # False: the paper's ablation, the plain 3x3 neighbourhood
     solver: str = "rk4-38"  # the official code's: one 3/8-rule step
     steps: int = 1
     n_way: int = 5
