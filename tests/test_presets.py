@@ -198,7 +198,7 @@ def test_dry_run_applies_overrides_and_fit_is_the_default_subcommand() -> None:
     assert printed["validation_epochs"] == "1,3"  # the first and the last epoch
 
 
-@pytest.mark.parametrize("preset", ["omniglot-demo", "glyphs-smoke"])
+@pytest.mark.parametrize("preset", ["omniglot-demo", "omniglot-demo-finetune", "glyphs-smoke"])
 def test_demo_and_smoke_presets_keep_the_cheap_validation(preset: str) -> None:
     settings = PRESETS[preset]
     assert settings.val_episodes <= 150
