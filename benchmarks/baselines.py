@@ -16,7 +16,8 @@ alphabet, one shot, 15 queries per class) at 5 and 20 ways, error +- 95% CI, and
 one frame with 20 classes enrolled on ONNX Runtime (2 threads).
 
     python benchmarks/baselines.py --out runs/baselines [--models dmf,static,euler1,protonet]
-        [--data-root OMNIGLOT_DIR] [--epochs 5] [--episodes-per-epoch 360] [--episodes 600]
+        [--data-root OMNIGLOT_DIR] [--epochs 5] [--episodes-per-epoch 320] [--episodes 600]
+        [--device cpu] [--threads 1] [--skip-training] [--json F]
 
 A model whose ``final.pt`` exists in --out is not trained again, so models can be trained in separate
 runs (one per CPU core) and reported together; --skip-training reports what is there.
@@ -57,20 +58,44 @@ class ProtoNet(DMFNet):
     squared Euclidean distance between flattened feature maps (Snell et al.). The DMF head's weights
     exist but are never used, so checkpoints load like any DMFNet's."""
 
-    pooled = False  # True: distances between mean-pooled features instead (reported on Greek too)
+    # True: distances between mean-pooled feature vectors instead. Training always uses the flattened
+    # maps; the report also scores the trained network pooled, on Greek, to say which is stronger.
+    pooled = False
 
     def fewshot_scores(
         self, support_feats: torch.Tensor, support_labels: torch.Tensor, query_feats: torch.Tensor
     ) -> torch.Tensor:
         protos = self.prototypes(support_feats, support_labels)
         flat = (lambda t: t.mean(dim=(2, 3))) if self.pooled else (lambda t: t.flatten(1))
-        return -torch.cdist(flat(query_feats), flat(protos)).square()
+        # The difference, not cdist: cdist's |a|^2 + |b|^2 - 2ab shortcut loses digits on long vectors.
+        return -(flat(query_feats)[:, None] - flat(protos)[None]).square().sum(dim=2)
 
-    def fewshot_loss(self, support_feats, support_labels, query_feats, query_labels, solver=None, steps=None):
+    def fewshot_loss(
+        self,
+        support_feats: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_feats: torch.Tensor,
+        query_labels: torch.Tensor,
+        solver: str | None = None,
+        steps: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.fewshot_scores(support_feats, support_labels, query_feats)
         with torch.no_grad():
             accuracy = (scores.argmax(1) == query_labels).float().mean()
         return F.cross_entropy(scores, query_labels.long()), accuracy
+
+    def episode_scores(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        solver: str | None = None,
+        steps: int | None = None,
+        form: str = "factored",
+    ) -> torch.Tensor:
+        """What training's validation calls: the prototypical scores, never the unused DMF head."""
+        feats = self.features(torch.cat([support, query], dim=0))
+        return self.fewshot_scores(feats[: support.shape[0]], support_labels, feats[support.shape[0] :])
 
 
 def recipe(data_root: Path, epochs: int, episodes_per_epoch: int) -> TrainSettings:
@@ -98,19 +123,33 @@ def model_settings(name: str, base: TrainSettings) -> tuple[TrainSettings, type[
     return base, ProtoNet if name == "protonet" else DMFNet
 
 
-def train(name: str, base: TrainSettings, out: Path) -> None:
+def train(name: str, base: TrainSettings, out: Path, device: torch.device) -> None:
     settings, model_type = model_settings(name, base)
     folder = out / name
     started = time.perf_counter()
-    trainer = Trainer(settings, folder, torch.device("cpu"), model_type=model_type)
+    trainer = Trainer(settings, folder, device, model_type=model_type)
     last = trainer.fit(progress=False)
     minutes = (time.perf_counter() - started) / 60
     save_checkpoint(trainer.model, folder / "final.pt", settings=asdict(settings), minutes=minutes, last=last)
     print(f"{name}: trained in {minutes:.1f} min, Greek val {last['val_acc']:.2%}", flush=True)
 
 
-def load_model(name: str, out: Path) -> tuple[DMFNet, dict]:
+class StaleModelError(RuntimeError):
+    """A final.pt in --out was trained with other settings than this run asks for."""
+
+
+def load_model(name: str, out: Path, base: TrainSettings) -> tuple[DMFNet, dict]:
+    """The trained model, refused if its recipe is not this run's (the data folder and worker count
+    aside, which do not change what is learnt)."""
     model, meta = load_checkpoint_with_metadata(out / name / "final.pt")
+    wanted = asdict(model_settings(name, base)[0])
+    trained = dict(meta.get("settings") or {})
+    differ = sorted(k for k in wanted if k not in ("data_root", "workers") and trained.get(k) != wanted[k])
+    if differ:
+        raise StaleModelError(
+            f"{out / name / 'final.pt'} was trained with other settings ({', '.join(differ)}); "
+            "delete it or pass the settings it was trained with"
+        )
     if name == "protonet":
         proto = ProtoNet(model.config)
         proto.load_state_dict(model.state_dict())
@@ -200,15 +239,15 @@ def frame_latency(name: str, model: DMFNet, ds: FewShotDataset, work: Path, repe
     return median_ms(classify, repeats)
 
 
-def report(names: list[str], out: Path, data_root: Path, episodes: int, repeats: int) -> list[dict]:
+def report(names: list[str], out: Path, base: TrainSettings, episodes: int, repeats: int) -> list[dict]:
     import tempfile
 
-    test = open_dataset("omniglot", data_root, "test", rotations=False)
-    val = open_dataset("omniglot", data_root, "val", rotations=False)
+    test = open_dataset("omniglot", base.data_root, "test", rotations=False)
+    val = open_dataset("omniglot", base.data_root, "val", rotations=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            model, meta = load_model(name, out)
+            model, meta = load_model(name, out, base)
             feats = all_features(model, test)
             row = {"model": name, "train minutes": meta.get("minutes")}
             for way in (5, 20):
@@ -233,8 +272,9 @@ def print_table(rows: list[dict], settings: TrainSettings, episodes: int) -> Non
     print(
         f"\nconv4 {settings.width} ch, {settings.image_size} px; {settings.epochs} epochs x "
         f"{settings.steps_per_epoch()} steps of {settings.episodes_per_batch} {settings.n_way}-way episodes; "
-        f"held-out Korean + Latin, within one alphabet, 1 shot, {QUERIES} queries/class, {episodes} episodes "
-        "(seed 0, the same for every model); error +- 95% CI\n"
+        f"lr {settings.lr}, seed {settings.seed}, {'bf16 autocast' if settings.amp else 'fp32'} where "
+        f"supported; held-out Korean + Latin, within one alphabet, 1 shot, {QUERIES} queries/class, "
+        f"{episodes} episodes (seed {EVAL_SEED}, the same for every model); error +- 95% CI\n"
     )
     print("| model | 5-way error | 20-way error | Greek 20-way (val) | ms / frame at N = 20 |")
     print("|---|---|---|---|---|")
@@ -244,6 +284,12 @@ def print_table(rows: list[dict], settings: TrainSettings, episodes: int) -> Non
             f"{r['20-way error']:.2%} ± {r['20-way ci95']:.2%} | {r['greek 20-way error']:.2%} | "
             f"{r['ms at N=20']:.2f} |"
         )
+    for r in rows:
+        if "greek 20-way error, mean-pooled" in r:
+            print(
+                f"\n{r['model']} scored on mean-pooled features instead (trained flattened): Greek 20-way "
+                f"error {r['greek 20-way error, mean-pooled']:.2%} against {r['greek 20-way error']:.2%}"
+            )
 
 
 def main() -> None:
@@ -257,6 +303,7 @@ def main() -> None:
     parser.add_argument("--episodes-per-epoch", type=int, default=320)
     parser.add_argument("--episodes", type=int, default=600, help="held-out episodes per task")
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=200, help="timed frames per model")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--skip-training", action="store_true")
@@ -270,10 +317,13 @@ def main() -> None:
     base = recipe(args.data_root, args.epochs, args.episodes_per_epoch)
     for name in names:
         if not args.skip_training and not (args.out / name / "final.pt").exists():
-            train(name, base, args.out)
+            train(name, base, args.out, torch.device(args.device))
     torch.set_num_threads(2)
     present = [n for n in names if (args.out / n / "final.pt").exists()]
-    rows = report(present, args.out, args.data_root, args.episodes, args.repeats)
+    missing = sorted(set(names) - set(present))
+    if missing:
+        print(f"not trained, so not reported: {', '.join(missing)}", flush=True)
+    rows = report(present, args.out, base, args.episodes, args.repeats)
     print_table(rows, base, args.episodes)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -110,6 +110,8 @@ class ModelConfig:
             raise ValueError(f"conv4 needs 4 widths, got {self.widths}")
         if self.kernel not in (1, 3):
             raise ValueError(f"kernel must be 1 or 3, got {self.kernel}")
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling must be true or false, got {self.dynamic_sampling!r}")
         if self.groups < 1 or self.channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide the feature channels {self.channels}")
         Solver.checked(self.solver, self.steps, self.kernel)

@@ -49,7 +49,7 @@ class DMFHead(nn.Module):
         self.channels, self.groups, self.kernel = channels, groups, kernel
         self.official_filter_order = official_filter_order
         # Without dynamic sampling every offset is zero: the taps read the plain 3x3 neighbourhood.
-        self.off_conv = None
+        self.off_conv: nn.Conv2d | None = None
         if dynamic_sampling:
             self.off_conv = nn.Conv2d(2 * channels, 2 * TAPS, 5, padding=2, bias=False)
         self.kernel_conv = nn.Conv2d(channels, groups * kernel * kernel, 3, padding=1, bias=False)
@@ -165,8 +165,10 @@ class DMFHead(nn.Module):
         n = prototypes.shape[0]
         qs = query.unsqueeze(1).expand(q, n, c, h, w).reshape(q * n, c, h, w)
         ss = prototypes.unsqueeze(0).expand(q, n, c, h, w).reshape(q * n, c, h, w)
-        pair = torch.cat([qs, ss], dim=1)  # the query comes first
-        offset = self.off_conv(pair) if self.off_conv is not None else pair.new_zeros(q * n, 2 * TAPS, h, w)
+        if self.off_conv is None:
+            offset = qs.new_zeros(q * n, 2 * TAPS, h, w)
+        else:
+            offset = self.off_conv(torch.cat([qs, ss], dim=1))  # the query comes first
         filt = torch.sigmoid(deform_conv2d(ss, offset, self.kernel_conv.weight, padding=(1, 1)))
         x1 = integrate_channels(qs, filt, self, solver, steps, rtol, atol)
         weight = F.normalize(prototypes, p=2, dim=1, eps=1e-12).mean(dim=(2, 3))

@@ -58,22 +58,47 @@ def test_handwriting_is_off_by_default_and_seeded():
 def test_stroke_width_changes_the_ink_and_warps_keep_the_page_white():
     img = page()
     ink = int((img[:, :, 0] < 128).sum())
-    inks = {int((handwriting(img, AugmentConfig(stroke=1.0), np.random.default_rng(s))[:, :, 0] < 128).sum())
-            for s in range(12)}  # fmt: skip
+    inks = set()
+    for seed in range(12):
+        thick_or_thin = handwriting(img, AugmentConfig(stroke=1.0), np.random.default_rng(seed))
+        inks.add(int((thick_or_thin[:, :, 0] < 128).sum()))
     # Thicker (min filter) and thinner (max filter) strokes both occur: ink grows and shrinks.
     assert min(inks) < ink < max(inks)
     warped = handwriting(img, AugmentConfig(affine=1.0, elastic=0.03), np.random.default_rng(1))
     # The page pulled in from outside repeats the white border, never black corners.
     assert (warped[[0, -1]][:, [0, -1]] == 255).all()
-    # The drawing moved (not the identity), but the amount of ink stays close (a warp, not an erasure).
-    assert (warped != img).any() and 0.6 * ink < (warped[:, :, 0] < 128).sum() < 1.6 * ink
+    # A warp, not an erasure: per-axis scales of 0.8-1.2 change the area by 0.64-1.44x (the line's
+    # width does not scale with it, so less), and the elastic warp keeps it about the same.
+    assert (warped != img).any() and 0.6 * ink < (warped[:, :, 0] < 128).sum() < 1.5 * ink
 
 
-def test_bad_strengths_are_refused_and_without_switches_them_off():
-    with pytest.raises(ValueError, match="stroke"):
-        AugmentConfig(stroke=1.5)
-    with pytest.raises(ValueError, match="affine"):
-        AugmentConfig(affine=-0.1)
+def test_the_affine_warp_moves_a_point_where_its_matrix_says():
+    img = np.full((105, 105, 3), 255, np.uint8)
+    cv2.circle(img, (75, 30), 3, (0, 0, 0), -1)
+    out = handwriting(img, AugmentConfig(affine=1.0), np.random.default_rng(9))
+    # The same draws, in the same order, as `handwriting`: angle, shear, then the two axis scales.
+    rng = np.random.default_rng(9)
+    angle = np.radians(rng.uniform(-15, 15))
+    shear = rng.uniform(-0.3, 0.3)
+    sy, sx = rng.uniform(0.8, 1.2, size=2)
+    rotate = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    forward = rotate @ np.array([[1, shear], [0, 1]]) @ np.diag([sx, sy])
+    centre = np.array([52.0, 52.0])
+    expected = forward @ (np.array([75.0, 30.0]) - centre) + centre  # (x, y)
+    ys, xs = np.nonzero(out[:, :, 0] < 128)
+    # Within a pixel: the dot is a few pixels wide, and bilinear resampling shifts its edge pixels.
+    assert np.hypot(xs.mean() - expected[0], ys.mean() - expected[1]) < 1.0
+    assert np.hypot(expected[0] - 75, expected[1] - 30) > 2.0  # this draw really moves it
+
+
+@pytest.mark.parametrize("bad", [{"stroke": 1.5}, {"affine": -0.1}, {"affine": 2.5}, {"affine": float("nan")},
+                                 {"elastic": float("nan")}, {"elastic": 0.5}])  # fmt: skip
+def test_bad_strengths_are_refused(bad):
+    with pytest.raises(ValueError, match="affine must lie in"):
+        AugmentConfig(**bad)
+
+
+def test_without_switches_handwriting_off():
     cfg = AugmentConfig(affine=0.7, elastic=0.02, stroke=0.3).without("handwriting")
     assert (cfg.affine, cfg.elastic, cfg.stroke) == (0.0, 0.0, 0.0)
     pre = conv4_config(32).preprocess
@@ -162,14 +187,32 @@ def test_init_starts_from_the_checkpoints_weights_and_refuses_another_network(tm
         ["--preset", "glyphs-smoke", "--width", "24", "--init", str(tmp_path / "a" / "source.pt"),
          "--out", str(tmp_path / "d")],
     )  # fmt: skip
-    assert (
-        result.exit_code == 2
-        and "--init" in result.output
-        and "not the one these settings build" in result.output
+    assert result.exit_code == 2 and "--init" in result.output
+    assert "not the network these settings build (widths: [16, 16, 16, 16] there, [24, 24, 24, 24] here" in (
+        result.output
     )
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init", "no-such.pt"], "--init no-such.pt:"),
+        (["--init", "x.pt", "--resume", "y.pt"], "--init starts a new run and --resume continues one"),
+        (["--warmup-epochs", "-1"], "-1 is not in the range x>=0"),
+        (["--affine", "nan"], "affine must lie in [0, 2]"),
+        (["--elastic", "0.5"], "not in the range 0<=x<=0.1"),
+    ],
+)
+def test_bad_recipe_options_are_named_before_training(tmp_path, args, message):
+    result = CliRunner().invoke(train_cli, ["--preset", "glyphs-smoke", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions"
+)
 def test_amp_runs_the_backbone_in_bfloat16_on_the_cpu(tmp_path):
     trainer = Trainer(TINY.replace(amp=True), tmp_path, CPU)
     seen = []
@@ -193,15 +236,29 @@ def test_protonet_scores_are_negative_squared_distances_of_flattened_maps():
     baselines = baselines_module()
     net = baselines.ProtoNet(conv4_config(32, 16, groups=8))
     gen = torch.Generator().manual_seed(0)
-    support, query = torch.randn(4, 16, 4, 4, generator=gen), torch.randn(3, 16, 4, 4, generator=gen)
-    labels = torch.tensor([0, 1, 1, 2])
+    # 40 queries: as many as real episodes have, past the 25 rows where a cdist would change method.
+    support, query = torch.randn(4, 16, 4, 4, generator=gen), torch.randn(40, 16, 4, 4, generator=gen)
+    labels, query_labels = torch.tensor([0, 1, 1, 2]), torch.arange(40) % 3
     scores = net.fewshot_scores(support, labels, query)
-    protos = torch.stack([support[0], support[1:3].mean(0), support[3]])
-    by_hand = -((query[:, None] - protos[None]) ** 2).sum(dim=(2, 3, 4))
-    assert relative_error(scores, by_hand) < 1e-5  # float32: cdist's expansion against the direct sum
-    ce, accuracy = net.fewshot_loss(support, labels, query, torch.tensor([0, 1, 2]))
-    assert torch.isclose(ce, torch.nn.functional.cross_entropy(by_hand, torch.tensor([0, 1, 2])), rtol=1e-4)
-    assert 0.0 <= float(accuracy) <= 1.0
+    protos = torch.stack([support[0], support[1:3].mean(0), support[3]]).double()
+    by_hand = -((query.double()[:, None] - protos[None]) ** 2).sum(dim=(2, 3, 4))
+    # float32 against float64 sums of 256 squares: ~1e-7 relative; a wrong prototype or a missing
+    # square moves the scores by more than 1e-2.
+    assert relative_error(scores, by_hand) < 1e-5
+    ce, accuracy = net.fewshot_loss(support, labels, query, query_labels)
+    reference = torch.nn.functional.cross_entropy(by_hand, query_labels)
+    # The same float32 scores' rounding (above) carried through a softmax: 1e-5 relative is ample.
+    assert abs(float(ce) - float(reference)) <= 1e-5 * float(reference)
+    assert float(accuracy) == float((by_hand.argmax(1) == query_labels).double().mean())
+    # Validation during training scores the same way, from images, never through the DMF head.
+    images = torch.randn(7, 3, 32, 32, generator=gen)
+    net.eval()
+    with torch.no_grad():
+        feats = net.features(images)
+        assert torch.equal(
+            net.episode_scores(images[:4], labels, images[4:]),
+            net.fewshot_scores(feats[:4], labels, feats[4:]),
+        )
 
 
 def test_the_models_differ_only_in_what_they_ablate(tmp_path):

@@ -53,7 +53,9 @@ def main() -> None:
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
 @click.option("--dataset", type=click.Choice(KINDS), default=None, help="Dataset kind.")
 @click.option("--epochs", type=int, default=None, help="Epochs in all, warm-up included.")
-@click.option("--warmup-epochs", type=int, default=None, help="Epochs of linear learning-rate warm-up.")
+@click.option(
+    "--warmup-epochs", type=click.IntRange(min=0), default=None, help="Epochs of linear warm-up."
+)
 @click.option("--episodes-per-epoch", type=int, default=None, help="Training episodes per epoch.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (after warm-up, before the decay).")
 @click.option(
@@ -90,9 +92,15 @@ def main() -> None:
     default=None,
     help="bf16 autocast of the backbone (CUDA, or a CPU with bf16). Default: the preset's.",
 )
-@click.option("--affine", type=float, default=None, help="Handwriting affine strength (0: off).")
-@click.option("--elastic", type=float, default=None, help="Elastic amplitude, fraction of the side (0: off).")
-@click.option("--stroke", type=float, default=None, help="Probability of a stroke-width change (0: off).")
+@click.option(
+    "--affine", type=click.FloatRange(0, 2), default=None, help="Handwriting affine strength (0: off)."
+)
+@click.option(
+    "--elastic", type=click.FloatRange(0, 0.1), default=None, help="Elastic amplitude, fraction of the side."
+)
+@click.option(
+    "--stroke", type=click.FloatRange(0, 1), default=None, help="Probability of a stroke-width change."
+)
 @click.option(
     "--init", default=None, help='Checkpoint whose weights training starts from ("demo": the packaged one).'
 )
@@ -125,6 +133,8 @@ def fit(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         settings = PRESETS[preset].replace(**overrides)
+        if resume is not None and settings.init is not None:
+            raise ValueError("--init starts a new run and --resume continues one; give one of them")
         if dry_run:
             for key, value in resolved_settings(settings).items():
                 click.echo(f"{key}: {value}")

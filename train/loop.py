@@ -22,7 +22,12 @@ from torch import nn
 
 from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.backbones import BasicBlock
-from dmf_deploy.checkpoint import load_checkpoint, load_checkpoint_with_metadata, save_checkpoint
+from dmf_deploy.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_with_metadata,
+    save_checkpoint,
+)
 from dmf_deploy.config import ModelConfig, PreprocessConfig
 from dmf_deploy.model import DMFNet
 
@@ -176,7 +181,8 @@ def evaluate(
 
 class Trainer:
     """`model_type`: DMFNet or a subclass with another few-shot loss (benchmarks/baselines.py's
-    prototypical network); it is built from the settings' ModelConfig."""
+    prototypical network, single-process only: DDP would wait for its unused DMF head's gradients);
+    it is built from the settings' ModelConfig."""
 
     def __init__(
         self,
@@ -213,7 +219,7 @@ class Trainer:
             log.warning("DDP on %s: BatchNorm statistics are per rank (SyncBatchNorm needs CUDA)", device)
         if settings.init is not None:
             self.model.load_state_dict(initial_weights(settings.init, self.model.config).state_dict())
-        self.loss = EpisodeLoss(self.model, amp=settings.amp, device_type=device.type)
+        self.loss = EpisodeLoss(self.model, amp=bf16_autocast(settings.amp, device), device_type=device.type)
         self.step_module: nn.Module = self.loss
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
@@ -391,17 +397,34 @@ class Trainer:
         plot_metrics(path, self.out_dir / "curves.png")
 
 
+def bf16_autocast(amp: bool, device: torch.device) -> bool:
+    """Whether `amp` really autocasts the backbone to bf16 here: on CUDA, and on CPUs with bf16
+    instructions (AVX-512 BF16, AMX). Elsewhere bf16 would be emulated or unsupported: fp32, said once."""
+    if not amp:
+        return False
+    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return True
+    log.warning("--amp: no bf16 support on %s; training in fp32", device)
+    return False
+
+
 def initial_weights(ckpt: str, config: ModelConfig) -> DMFNet:
     """The checkpoint `ckpt` ("demo": the packaged one) that training starts from: weights only, a fresh
     optimizer and schedule. It must build the network `config` builds, global classifier included;
     the solver and its steps may differ."""
-    model = load_checkpoint(ckpt)
-    if model.config.architecture_dict() != config.architecture_dict() or (
-        model.config.num_classes != config.num_classes
-    ):
-        raise ValueError(
-            f"--init {ckpt}: its network ({model.config}) is not the one these settings build ({config})"
-        )
+    try:
+        model = load_checkpoint(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--init {ckpt}: {exc}") from exc
+    ours, theirs = config.to_dict(), model.config.to_dict()
+    differ = sorted(
+        key
+        for key in set(ours) | set(theirs)
+        if key not in ("solver", "steps", "rtol", "atol") and ours.get(key) != theirs.get(key)
+    )
+    if differ:
+        details = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+        raise ValueError(f"--init {ckpt}: not the network these settings build ({details})")
     return model
 
 
