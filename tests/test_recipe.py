@@ -249,7 +249,7 @@ def test_protonet_scores_are_negative_squared_distances_of_flattened_maps():
     reference = torch.nn.functional.cross_entropy(by_hand, query_labels)
     # The same float32 scores' rounding (above) carried through a softmax: 1e-5 relative is ample.
     assert abs(float(ce) - float(reference)) <= 1e-5 * float(reference)
-    assert float(accuracy) == float((by_hand.argmax(1) == query_labels).double().mean())
+    assert float(accuracy) == float((by_hand.argmax(1) == query_labels).float().mean())
     # Validation during training scores the same way, from images, never through the DMF head.
     images = torch.randn(7, 3, 32, 32, generator=gen)
     net.eval()
