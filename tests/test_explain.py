@@ -42,6 +42,7 @@ SCORE_TOL = 1e-5
 # (~1e-6 of a cell apart), so 1e-3 px is loose for rounding yet catches any wrong cell, tap or scale.
 POINT_TOL_PX = 1e-3
 TEST_DATA = Path(__file__).parent / "data"
+DEMO_0_1_0 = TEST_DATA / "demo-0.1.0"  # 0.1.0's demo model: checkpoint and graphs
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +200,11 @@ def test_render_has_the_documented_size_and_marks_the_points(random_bundle):
 
 @pytest.fixture(scope="module")
 def old_bundle(tmp_path_factory) -> Path:
-    """The demo's graphs with its 0.1.0 manifest: a real bundle exported before explain.onnx existed."""
+    """0.1.0's demo graphs with its manifest: a real bundle exported before explain.onnx existed."""
     root = tmp_path_factory.mktemp("old") / "bundle"
     root.mkdir()
     for name in ("backbone.onnx", "support.onnx", "head.onnx"):
-        shutil.copy(DEMO_BUNDLE / name, root / name)
+        shutil.copy(DEMO_0_1_0 / name, root / name)
     shutil.copy(TEST_DATA / "demo_manifest_v1.json", root / "manifest.json")
     return root
 
@@ -329,7 +330,7 @@ def test_add_explain_graph_leaves_the_other_graphs_alone(
     with pytest.raises(BundleError, match="not the checkpoint"):
         add_explain_graph(checkpoint_of(random_bundle), bundle)  # other weights: refused, nothing written
     assert not (bundle / "explain.onnx").exists()
-    manifest = add_explain_graph("demo", bundle)
+    manifest = add_explain_graph(DEMO_0_1_0 / "demo.pt", bundle)
     assert {p.name: p.read_bytes() for p in bundle.glob("*.onnx") if p.name in before} == before
     assert Manifest.read(bundle).graphs[EXPLAIN] == manifest.graphs[EXPLAIN]
     assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []  # no staging left

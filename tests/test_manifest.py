@@ -1,7 +1,8 @@
 """The typed bundle manifest: version 1 (0.1.0's) and 2 read, others refused, every field checked.
 
-The shipped demo bundle carries a version-2 manifest; tests/data/demo_manifest_v1.json is the manifest
-0.1.0 shipped with the same graph files, so a real version-1 bundle is assembled from the two.
+tests/data/demo-0.1.0 holds 0.1.0's demo graphs (with the version-2 manifest 0.2 gave them), and
+tests/data/demo_manifest_v1.json the manifest 0.1.0 shipped with them: a real version-1 bundle is
+assembled from the two.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from dmf_deploy.runtime import GalleryError, Recognizer
 
 DEMO_BUNDLE = Path(dmf_deploy.__file__).resolve().parent / "assets" / "demo_bundle"
 V1_MANIFEST = Path(__file__).resolve().parent / "data" / "demo_manifest_v1.json"
+# 0.1.0's demo model: its graphs (under V1_MANIFEST) and the version-2 manifest 0.2 gave them.
+DEMO_0_1_0 = Path(__file__).resolve().parent / "data" / "demo-0.1.0"
 GRAPH_FILES = ("backbone.onnx", "support.onnx", "head.onnx", "explain.onnx")  # the demo bundle's
 
 
-def bundle_with(root: Path, manifest: dict | str) -> Path:
-    """The demo bundle's graph files with `manifest` (a dict, or JSON text) as its manifest.json."""
+def bundle_with(root: Path, manifest: dict | str, graphs: Path = DEMO_BUNDLE) -> Path:
+    """The graph files of the bundle `graphs` with `manifest` (a dict, or JSON text) as manifest.json."""
     root.mkdir(parents=True, exist_ok=True)
     for name in GRAPH_FILES:
-        shutil.copyfile(DEMO_BUNDLE / name, root / name)
+        shutil.copyfile(graphs / name, root / name)
     text = manifest if isinstance(manifest, str) else json.dumps(manifest)
     (root / MANIFEST_NAME).write_text(text)
     return root
@@ -53,14 +56,14 @@ def frames(seed: int, count: int) -> list[np.ndarray]:
 
 
 def test_version_1_bundle_reads_with_version_2_defaults(tmp_path: Path) -> None:
-    v1 = Manifest.read(bundle_with(tmp_path / "v1", V1_MANIFEST.read_text()))
+    v1 = Manifest.read(bundle_with(tmp_path / "v1", V1_MANIFEST.read_text(), DEMO_0_1_0))
     assert v1.format_version == 1
     assert (v1.precision, v1.calibration, v1.target, v1.open_set) == ("fp32", None, "gather", None)
     assert set(v1.bank_dtypes.values()) == {"float32"} and set(v1.graphs) == {"backbone", "support", "head"}
-    # The shipped version-2 manifest is the same bundle: every field but the version and the open-set
-    # record (issue [H]'s, which 0.1.0 lacked) agrees, and its one more graph is the optional
-    # explain.onnx, added beside the three.
-    v2 = Manifest.read(DEMO_BUNDLE)
+    # 0.2's version-2 manifest of the same graphs: every field but the version and the open-set record
+    # (issue [H]'s, which 0.1.0 lacked) agrees, and its one more graph is the optional explain.onnx,
+    # added beside the three.
+    v2 = Manifest.read(DEMO_0_1_0)
     assert v2.format_version == 2 and v2.open_set is not None
     assert set(v2.graphs) - set(v1.graphs) == {"explain"}
     three = {name: spec for name, spec in v2.graphs.items() if name != "explain"}
@@ -71,16 +74,16 @@ def test_version_1_bundle_reads_with_version_2_defaults(tmp_path: Path) -> None:
 def test_fp32_fingerprint_is_the_one_0_1_0_wrote() -> None:
     """0.1.0's galleries carry 0.1.0's fingerprint: fp32 without calibration must hash to it exactly."""
     recorded = json.loads(V1_MANIFEST.read_text())["fingerprint"]
-    manifest = Manifest.read(DEMO_BUNDLE)
+    manifest = Manifest.read(DEMO_0_1_0)
     assert model_fingerprint(manifest.weights_sha256, manifest.model) == recorded == manifest.fingerprint
 
 
 def test_version_1_bundle_opens_a_gallery_of_the_version_2_bundle(tmp_path: Path) -> None:
-    rec = Recognizer.open(DEMO_BUNDLE, backend="onnxruntime")
+    rec = Recognizer.open(DEMO_0_1_0, backend="onnxruntime")
     rec.enroll("a", frames(0, 2))
     rec.enroll("b", frames(1, 1))
     path = rec.save(tmp_path / "g.dmfg")
-    old = Recognizer.open(bundle_with(tmp_path / "v1", V1_MANIFEST.read_text()), gallery=path)
+    old = Recognizer.open(bundle_with(tmp_path / "v1", V1_MANIFEST.read_text(), DEMO_0_1_0), gallery=path)
     assert old.classes == ["a", "b"]
     probe = frames(2, 2)
     np.testing.assert_array_equal(old.scores(probe), rec.scores(probe))  # same graphs, same banks
