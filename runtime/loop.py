@@ -157,6 +157,7 @@ def prediction_record(index: int, prediction: Prediction, latency_ms: float) -> 
         "score": _number(prediction.score),
         "top": [[name, _number(score)] for name, score in prediction.top(TOP_K)],
         "latency_ms": round(latency_ms, 3),
+        "reason": prediction.reason or None,  # why the label is null, when the open-set rule refused it
     }
 
 

@@ -33,7 +33,7 @@ from dmf_deploy.runtime.commands import CommandError, parse_command
 CLASSES, SEGMENT = CLIP_CLASSES, CLIP_SEGMENT  # the clip's (conftest.py's `clip` fixture)
 SHOTS = 5
 MIN_CORRECT = 45  # of 60; see the module docstring
-PRED_KEYS = {"frame", "label", "score", "top", "latency_ms"}
+PRED_KEYS = {"frame", "label", "score", "top", "latency_ms", "reason"}
 TIMEOUT = 60
 
 

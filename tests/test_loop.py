@@ -4,13 +4,14 @@ folder, the demo bundle, and an Output that records what it is shown."""
 from __future__ import annotations
 
 import cv2
+import numpy as np
 import pytest
 from bundles import Recorder, cross, ring, session_for  # tests/bundles.py
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.runtime.commands import Session
-from dmf_deploy.runtime.loop import JsonLinesOutput, run_loop
+from dmf_deploy.runtime.loop import JsonLinesOutput, prediction_record, run_loop
 from dmf_deploy.runtime.sources import open_source
 
 pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
@@ -80,5 +81,13 @@ def test_json_lines_output_prints_the_documented_fields(folder, tmp_path, capsys
     import json
 
     first = json.loads(lines[0])
-    assert set(first) == {"frame", "label", "score", "top", "latency_ms"}
+    assert set(first) == {"frame", "label", "score", "top", "latency_ms", "reason"}
     assert first["frame"] == 0 and first["label"] == "ring" and first["top"][0][0] == "ring"
+    assert first["reason"] is None  # recognised: nothing to explain
+
+
+def test_a_refused_frame_says_why_in_its_json_line():
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    rec.enroll("ring", [ring()])
+    record = prediction_record(0, rec.classify(np.full((64, 64, 3), 255, np.uint8)), 1.0)
+    assert record["label"] is None and record["reason"].startswith("blank frame")
