@@ -133,7 +133,8 @@ def with_explain_parity(report: dict[str, Any], comparisons: list[Comparison]) -
 
 
 def add_explain_graph(ckpt: str | os.PathLike[str], bundle: str | os.PathLike[str]) -> Manifest:
-    """Add explain.onnx to a bundle exported without it, leaving its other graphs untouched.
+    """Add explain.onnx to a bundle exported without it, leaving its other graphs untouched (a bundle
+    that has one already is refused: nothing is replaced that the user did not ask to replace).
 
     The checkpoint must be the one the bundle was exported from (its weights' sha256 is checked); the
     graph is exported with the bundle's solver, steps and opset and parity-checked before the manifest
@@ -141,6 +142,8 @@ def add_explain_graph(ckpt: str | os.PathLike[str], bundle: str | os.PathLike[st
     """
     root = Path(bundle)
     manifest = Manifest.read(root)
+    if EXPLAIN in manifest.graphs or (root / f"{EXPLAIN}.onnx").exists():
+        raise BundleError(f"{root} already has {EXPLAIN}.onnx; re-export the bundle to replace it")
     model, metadata = load_checkpoint_with_metadata(resolve_checkpoint(ckpt))
     if metadata["weights_sha256"] != manifest.weights_sha256:
         raise BundleError(f"{ckpt} is not the checkpoint {root} was exported from (other weights)")

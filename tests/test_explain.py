@@ -334,6 +334,10 @@ def test_add_explain_graph_leaves_the_other_graphs_alone(
     assert {p.name: p.read_bytes() for p in bundle.glob("*.onnx") if p.name in before} == before
     assert Manifest.read(bundle).graphs[EXPLAIN] == manifest.graphs[EXPLAIN]
     assert [p.name for p in bundle.iterdir() if p.name.startswith(".")] == []  # no staging left
+    explain_bytes = (bundle / "explain.onnx").read_bytes()
+    with pytest.raises(BundleError, match="already has explain.onnx"):
+        add_explain_graph(DEMO_0_1_0 / "demo.pt", bundle)  # a second call replaces nothing
+    assert (bundle / "explain.onnx").read_bytes() == explain_bytes
     rec = enrolled(bundle, 2)
     query = GLYPHS.render(1, 5)
     means = [rec.explain(query, c).score for c in rec.classes]
