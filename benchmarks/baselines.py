@@ -17,10 +17,12 @@ one frame with 20 classes enrolled on ONNX Runtime (2 threads).
 
     python benchmarks/baselines.py --out runs/baselines [--models dmf,static,euler1,protonet]
         [--data-root OMNIGLOT_DIR] [--epochs 5] [--episodes-per-epoch 320] [--episodes 600]
-        [--device cpu] [--threads 1] [--skip-training] [--json F]
+        [--device cpu] [--threads 1] [--val-episodes 100] [--train-only | --skip-training] [--json F]
 
 A model whose ``final.pt`` exists in --out is not trained again, so models can be trained in separate
-runs (one per CPU core) and reported together; --skip-training reports what is there.
+runs (one per CPU core, --train-only) and reported together (--skip-training); a final.pt trained
+with another recipe is refused. final.pt holds the last epoch's weights: training's validation on
+Greek (--val-episodes) is only printed, so it may be cut short without changing the models.
 """
 
 from __future__ import annotations
@@ -98,14 +100,14 @@ class ProtoNet(DMFNet):
         return self.fewshot_scores(feats[: support.shape[0]], support_labels, feats[support.shape[0] :])
 
 
-def recipe(data_root: Path, epochs: int, episodes_per_epoch: int) -> TrainSettings:
+def recipe(data_root: Path, epochs: int, episodes_per_epoch: int, val_episodes: int = 100) -> TrainSettings:
     """The shared recipe: the demo preset's episodes and augmentation, shortened to fit a CPU."""
     return PRESETS["omniglot-demo"].replace(
         data_root=str(data_root),
         epochs=epochs,
         warmup_epochs=1,
         episodes_per_epoch=episodes_per_epoch,
-        val_episodes=100,
+        val_episodes=val_episodes,
         val_every=0,
         val_all_after=epochs,  # validate after the first and the last epoch only
         workers=0,
@@ -139,12 +141,14 @@ class StaleModelError(RuntimeError):
 
 
 def load_model(name: str, out: Path, base: TrainSettings) -> tuple[DMFNet, dict]:
-    """The trained model, refused if its recipe is not this run's (the data folder and worker count
-    aside, which do not change what is learnt)."""
+    """The trained model, refused if its recipe is not this run's. The data folder, worker count and
+    validation settings aside: they do not change what is learnt (validation draws no training
+    randomness, and final.pt is the last epoch's weights, whatever validation said)."""
     model, meta = load_checkpoint_with_metadata(out / name / "final.pt")
     wanted = asdict(model_settings(name, base)[0])
     trained = dict(meta.get("settings") or {})
-    differ = sorted(k for k in wanted if k not in ("data_root", "workers") and trained.get(k) != wanted[k])
+    ignored = ("data_root", "workers", "val_episodes", "val_every", "val_all_after")
+    differ = sorted(k for k in wanted if k not in ignored and trained.get(k) != wanted[k])
     if differ:
         raise StaleModelError(
             f"{out / name / 'final.pt'} was trained with other settings ({', '.join(differ)}); "
@@ -302,11 +306,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--episodes-per-epoch", type=int, default=320)
     parser.add_argument("--episodes", type=int, default=600, help="held-out episodes per task")
+    parser.add_argument(
+        "--val-episodes", type=int, default=100, help="Greek episodes of training's validation"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads while training")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=200, help="timed frames per model")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="report the models in --out")
+    parser.add_argument("--train-only", action="store_true", help="train the missing models, no report")
     args = parser.parse_args()
     names = [m for m in args.models.split(",") if m]
     unknown = set(names) - set(MODELS)
@@ -314,10 +322,12 @@ def main() -> None:
         parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = recipe(args.data_root, args.epochs, args.episodes_per_epoch)
+    base = recipe(args.data_root, args.epochs, args.episodes_per_epoch, args.val_episodes)
     for name in names:
         if not args.skip_training and not (args.out / name / "final.pt").exists():
             train(name, base, args.out, torch.device(args.device))
+    if args.train_only:
+        return
     torch.set_num_threads(2)
     present = [n for n in names if (args.out / n / "final.pt").exists()]
     missing = sorted(set(names) - set(present))
