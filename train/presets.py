@@ -106,8 +106,8 @@ PRESETS: dict[str, TrainSettings] = {
     ),
     "tiered-1shot": TrainSettings(groups=64, k_shot=1, **_TIERED),
     "tiered-5shot": TrainSettings(groups=320, k_shot=5, val_shot=5, **_TIERED),
-    # The shipped demo model (dmf_deploy/assets/demo.pt) was trained with exactly this preset on one
-    # H100 in about 4 minutes (benchmarks/gpu_session.sh); a 2-core CPU needs hours.
+    # The demo model's first stage (0.1.0's demo.pt): exactly this preset, on one H100 in about 4
+    # minutes (benchmarks/gpu_session.sh); a 2-core CPU needs about 2 hours.
     "omniglot-demo": TrainSettings(
         dataset="omniglot",
         backbone="conv4",
@@ -138,8 +138,8 @@ PRESETS: dict[str, TrainSettings] = {
         workers=7,
         amp=True,
     ),
-    # Its second stage (dmf_deploy/assets/README.md): from stage one's best.pt (--init), 12 more epochs
-    # with handwriting distortions at a lower rate, bf16 on two CPU cores.
+    # Its second stage (dmf_deploy/assets/README.md): from stage one's best.pt (--init), more epochs
+    # with handwriting distortions at a lower rate, bf16 on a CPU.
     "omniglot-demo-finetune": TrainSettings(
         dataset="omniglot",
         backbone="conv4",
