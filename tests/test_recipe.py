@@ -23,7 +23,7 @@ from dmf_deploy.manifest import model_fingerprint, read_manifest  # noqa: E402
 from dmf_deploy.runtime import Recognizer  # noqa: E402
 from dmf_deploy.train.augment import AugmentConfig, handwriting, make_example  # noqa: E402
 from dmf_deploy.train.cli import main as train_cli  # noqa: E402
-from dmf_deploy.train.loop import Trainer  # noqa: E402
+from dmf_deploy.train.loop import Trainer, cpu_has_bf16  # noqa: E402
 from dmf_deploy.train.presets import PRESETS  # noqa: E402
 from dmf_deploy.train.torchdata import episode_loader  # noqa: E402
 
@@ -210,9 +210,7 @@ def test_bad_recipe_options_are_named_before_training(tmp_path, args, message):
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions"
-)
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
 def test_amp_runs_the_backbone_in_bfloat16_on_the_cpu(tmp_path):
     trainer = Trainer(TINY.replace(amp=True), tmp_path, CPU)
     seen = []

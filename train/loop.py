@@ -402,10 +402,18 @@ def bf16_autocast(amp: bool, device: torch.device) -> bool:
     instructions (AVX-512 BF16, AMX). Elsewhere bf16 would be emulated or unsupported: fp32, said once."""
     if not amp:
         return False
-    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
         return True
     log.warning("--amp: no bf16 support on %s; training in fp32", device)
     return False
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (its own check; False where torch lacks it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def initial_weights(ckpt: str, config: ModelConfig) -> DMFNet:
