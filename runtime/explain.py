@@ -169,9 +169,10 @@ def normalised(values: np.ndarray) -> np.ndarray:
 def draw_points(image: np.ndarray, points: np.ndarray, scale: float, colour: tuple[int, int, int]) -> None:
     """Filled dots with a dark outline at (x, y) points given in S x S pixels, on an image `scale`
     times as large (pixel centres at integers on both)."""
-    for x, y in points:
-        centre = (round((x + 0.5) * scale - 0.5), round((y + 0.5) * scale - 0.5))
+    centres = [(round((x + 0.5) * scale - 0.5), round((y + 0.5) * scale - 0.5)) for x, y in points]
+    for centre in centres:  # every outline first, so that a close neighbour's never covers a dot
         cv2.circle(image, centre, 6, OUTLINE, -1, cv2.LINE_AA)
+    for centre in centres:
         cv2.circle(image, centre, 4, colour, -1, cv2.LINE_AA)
 
 
