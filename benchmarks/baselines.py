@@ -48,8 +48,8 @@ from dmf_deploy.train.presets import PRESETS, TrainSettings
 
 DEFAULT_ROOT = Path(os.environ.get("DMF_OMNIGLOT_DIR", "omniglot"))  # the folder of the Omniglot zips
 MODELS = ("dmf", "static", "euler1", "protonet", "dmf+handwriting")
-# The demo model's handwriting augmentation (dmf_deploy/assets/README.md), for the "dmf+handwriting" row.
-HANDWRITING = {"affine": 0.7, "elastic": 0.02, "stroke": 0.3}
+# The demo model's handwriting augmentation (its second stage's), for the "dmf+handwriting" row.
+HANDWRITING = {k: getattr(PRESETS["omniglot-demo-finetune"], k) for k in ("affine", "elastic", "stroke")}
 QUERIES = 15  # per class, as benchmarks/demo_accuracy.py and the official protocol
 EVAL_SEED = 0  # the held-out episodes every model is scored on
 BATCH = 128
