@@ -132,6 +132,21 @@ class Rows:
         return {"scores": self.scores, "score": self.score, "text": text}
 
 
+def c_order(array: np.ndarray) -> np.ndarray:
+    """`array` in C order, with the strides the stub's DLPack import checks for.
+
+    numpy gives an empty array strides of 0 (an empty gallery's scores are [B, 0]), which the stub
+    refuses as "not contiguous"; its check wants each stride to be the product of the later dimensions.
+    """
+    array = np.ascontiguousarray(array)
+    if array.size:
+        return array
+    strides = [array.itemsize] * array.ndim
+    for axis in range(array.ndim - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * array.shape[axis + 1]
+    return np.lib.stride_tricks.as_strided(array, strides=strides)  # no element to read: any stride is safe
+
+
 def _quiet_consumed_capsules(unraisable: Any, default: Any = sys.unraisablehook) -> None:
     """The stub renames the DLPack capsules it takes over to a name numpy's capsule destructor does not
     expect, which then reports (and otherwise ignores) this ValueError for every output tensor."""
@@ -207,7 +222,10 @@ class TritonPythonModel:
             return
         start = 0
         for i, group in pending:
-            responses[i] = self._respond(self._predictions(predictions[start : start + len(group)]))
+            try:
+                responses[i] = self._respond(self._predictions(predictions[start : start + len(group)]))
+            except Exception as exc:  # an answer that cannot be sent is an error, not a crashed batch
+                responses[i] = self._error(exc)
             start += len(group)
 
     def _predictions(self, predictions: list[Any]) -> Rows:
@@ -244,7 +262,7 @@ class TritonPythonModel:
     # ----- responses -------------------------------------------------------------------------------
     def _respond(self, rows: Rows) -> Any:
         arrays = rows.arrays().items()
-        tensors = [self.pb.Tensor.from_dlpack(name, np.ascontiguousarray(a)) for name, a in arrays]
+        tensors = [self.pb.Tensor.from_dlpack(name, c_order(a)) for name, a in arrays]
         return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, exc: BaseException) -> Any:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dmf_deploy.export.triton import write_triton_repository
@@ -41,6 +42,16 @@ def test_recognizer_model_folder(tmp_path: Path) -> None:
     gallery.write_bytes(b"enrolled classes")
     write_triton_repository(DEMO_BUNDLE, manifest, out)
     assert gallery.read_bytes() == b"enrolled classes"
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (3, 0), (0, 5), (2, 0, 4), (2, 3)])
+def test_outputs_have_the_strides_the_stubs_dlpack_check_wants(shape: tuple[int, ...]) -> None:
+    """The Python stub takes a DLPack tensor only if each stride is the product of the later dimensions;
+    numpy gives an empty array (an empty gallery's scores, [B, 0]) strides of 0 (issue 29, item 7)."""
+    array = triton_model.c_order(np.zeros(shape, np.float32))
+    assert array.shape == shape and array.dtype == np.float32
+    wanted = [int(np.prod(shape[axis + 1 :])) * array.itemsize for axis in range(len(shape))]
+    assert list(array.strides) == wanted
 
 
 def test_dmf_serve_without_the_extra_says_what_to_install(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Skipped, with the reason, where the `serve` extra (nvidia-pytriton's tritonserver, tritonclient) is not
 installed. Every server runs on free loopback ports and is stopped by the fixture that started it.
-One server serves the module; the restart and kill -9 tests start their own.
+One server serves the module; the restart, kill -9 and empty-gallery tests start their own.
 """
 
 from __future__ import annotations
@@ -222,6 +222,47 @@ def test_graph_models_fail_only_on_the_missing_onnxruntime_backend(server: Serve
         message = caught.value.message()
         assert "unable to find backend library for backend 'onnxruntime'" in message, message
     client.close()
+
+
+# ----- a new deployment: no class enrolled yet (issue 29, item 7) ----------------------------------
+def check_empty(remote: RemoteRecognizer, local: Recognizer) -> None:
+    """Every RemoteRecognizer method on a gallery with no class, against a local Recognizer's answers."""
+    assert remote.classes == local.classes == []
+    assert remote.scores(queries()).shape == local.scores(queries()).shape == (6, 0)
+    scores, classes = remote.scores_and_classes(queries()[:2])
+    assert scores.shape == (2, 0) and classes == []
+    served, mine = remote.classify(queries()), local.classify(queries())
+    for got in (*served, remote.classify(queries()[0])):
+        ref = mine[0]
+        assert (got.label, got.message, got.reason) == (ref.label, ref.message, ref.reason)
+        assert got.scores == ref.scores == {} and np.isnan(got.score) and np.isnan(ref.score)
+    with pytest.raises(KeyError, match="no class named 'nobody'"):
+        remote.remove("nobody")
+    with pytest.raises(KeyError, match="no class named 'nobody'"):
+        remote.rename("nobody", "somebody")
+    assert remote.save().name == GALLERY_FILE
+
+
+def test_every_method_on_an_empty_served_gallery(tmp_path: Path) -> None:
+    """A fresh deployment, then the same after its last class is removed."""
+    repo = make_repository(tmp_path / "repo")
+    local = Recognizer.open(demo_bundle())
+    with serving(repo, tmp_path / "serve.log") as served, RemoteRecognizer(served.url, timeout=30) as rec:
+        check_empty(rec, local)
+        rec.enroll("first", shots(0))
+        local.enroll("first", shots(0))
+        assert rec.classes == ["first"]
+        assert relative_error(rec.scores(queries()), local.scores(queries())) <= SCORE_RTOL
+        rec.rename("first", "only")
+        local.rename("first", "only")
+        rec.remove("only")
+        local.remove("only")
+        check_empty(rec, local)
+        rec.enroll("again", shots(1))  # an emptied gallery takes classes again
+        assert rec.classes == ["again"]
+    manifest = read_manifest(demo_bundle())
+    saved = Gallery.load(repo / MODEL_NAME / GALLERY_FILE, manifest.fingerprint, describe_model(manifest))
+    assert saved.names == ["again"]
 
 
 def test_restart_keeps_the_classes(server: Served, repo: Path, remote, enrolled) -> None:
