@@ -42,6 +42,7 @@ from dmf_deploy.runtime.bench import fill_gallery, random_frames
 from dmf_deploy.runtime.recognizer import Recognizer
 from dmf_deploy.runtime.remote import RemoteRecognizer
 from dmf_deploy.runtime.serve import serving
+from dmf_deploy.runtime.serve_key import HEADER
 
 
 def load(call: Callable[[int], object], clients: int, seconds: float) -> dict[str, float]:
@@ -79,9 +80,9 @@ def load(call: Callable[[int], object], clients: int, seconds: float) -> dict[st
     }
 
 
-def model_counts(client: Any) -> tuple[int, int]:
+def model_counts(client: Any, key: str) -> tuple[int, int]:
     """(inference_count, execution_count) of dmf_recognizer since the server started."""
-    stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]
+    stats = client.get_inference_statistics(MODEL_NAME, headers={HEADER: key})["model_stats"][0]
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
@@ -105,9 +106,9 @@ def run_bundle(
                 remote.classify(frame)
                 local.classify(frame)
             for c in clients:
-                before = model_counts(stats)
+                before = model_counts(stats, served.key)
                 served_run = load(lambda k: remote.classify(frames[k]), c, seconds)
-                after = model_counts(stats)
+                after = model_counts(stats, served.key)
                 local_run = load(lambda k, rec=local: rec.classify(frames[k]), c, seconds)
                 inferences, executions = after[0] - before[0], after[1] - before[1]
                 row = {

@@ -6,8 +6,11 @@ print(rec.classify(frame))
 
 The server holds the gallery and saves every change itself. Errors come back as the errors the local
 Recognizer raises: InvalidFrame, InvalidClassName (a ValueError) for a bad name, KeyError for an unknown
-class, GalleryError; anything else as RemoteError. Thread-safe: each thread gets its own connection.
-Needs `tritonclient[http]` (the `serve` extra).
+class, GalleryError; a refused key as KeyRefused; anything else as RemoteError. Thread-safe: each thread
+gets its own connection. Needs `tritonclient[http]` (the `serve` extra).
+
+Every request carries the server's key (dmf_deploy/runtime/serve_key.py): `key=`, else DMF_SERVE_KEY,
+else, for a server on this machine, the key file that `dmf-serve` made.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from dmf_deploy.names import InvalidClassName
 from dmf_deploy.preprocess import InvalidFrame, check_frame
 from dmf_deploy.runtime.gallery import GalleryError
 from dmf_deploy.runtime.recognizer import Prediction
+from dmf_deploy.runtime.serve_key import (
+    ENVIRONMENT_VARIABLE,
+    HEADER,
+    ServeKeyError,
+    client_key,
+    is_loopback,
+    key_file,
+    url_host,
+)
 
 DEFAULT_URL = "127.0.0.1:8000"
 MODEL = "dmf_recognizer"
@@ -33,6 +45,14 @@ OUTPUTS = ("scores", "score", "text")
 
 class RemoteError(RuntimeError):
     """The server could not be reached, or failed in a way that has no local counterpart."""
+
+
+class KeyRefused(RemoteError):
+    """The server wants a key this client did not send, or sent wrong."""
+
+
+# What Triton answers to a request without the key its restricted APIs expect: HTTP 403 and this.
+RESTRICTED_ANSWER = "This API is restricted"
 
 
 # The prefix of the server's error message (dmf_deploy/runtime/triton_model.py) -> the local error.
@@ -57,14 +77,24 @@ def _http():
 class RemoteRecognizer:
     """Recognizer API (enroll, classify, scores, classes, remove, rename, save) over Triton's HTTP API."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = MODEL, timeout: float = 60.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, model: str = MODEL, timeout: float = 60.0, key: str | None = None
+    ) -> None:
         self.url, self.model, self.timeout = url, model, timeout
+        try:
+            key = client_key(url, key)
+        except ServeKeyError as exc:
+            raise KeyRefused(str(exc)) from None
+        self._headers = {HEADER: key} if key else {}
         self._local = threading.local()
         self._clients: list[Any] = []  # every thread's, for close()
         self._clients_lock = threading.Lock()
         try:
-            config = self._client().get_model_config(model)
+            config = self._client().get_model_config(model, headers=self._headers)
         except Exception as exc:
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from None
             raise RemoteError(f"no model {model!r} ready at http://{url}: {exc}") from exc
         self.max_batch = int(config.get("max_batch_size", 1)) or 1
 
@@ -151,6 +181,23 @@ class RemoteRecognizer:
                 self._clients.append(client)
         return client
 
+    def _refused(self, exc: Exception) -> KeyRefused | None:
+        """KeyRefused, saying where a key comes from, if the server refused this client's key."""
+        status = exc.status() if callable(getattr(exc, "status", None)) else None
+        message = exc.message() if callable(getattr(exc, "message", None)) else ""
+        if status != "403" or not str(message).startswith(RESTRICTED_ANSWER):
+            return None
+        if self._headers:
+            return KeyRefused(f"the server at http://{self.url} refused this client's key")
+        where = (
+            f" (a server on this machine: {key_file()}, made by dmf-serve)"
+            if is_loopback(url_host(self.url))
+            else ""
+        )
+        return KeyRefused(
+            f"the server at http://{self.url} needs its key: pass key= or set {ENVIRONMENT_VARIABLE}{where}"
+        )
+
     def _batches(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Runs of same-sized frames, at most max_batch each, as [B,H,W,3] arrays (one request each)."""
         batches: list[list[np.ndarray]] = []
@@ -176,10 +223,15 @@ class RemoteRecognizer:
         wanted = [http.InferRequestedOutput(name) for name in OUTPUTS]
         try:
             result = self._client().infer(
-                self.model, [tensor], outputs=wanted, parameters={"op": op, **names}, timeout=None
+                self.model,
+                [tensor],
+                outputs=wanted,
+                parameters={"op": op, **names},
+                headers=self._headers,
+                timeout=None,
             )
         except server_error as exc:
-            raise _local_error(exc.message() or str(exc)) from None
+            raise self._refused(exc) or _local_error(exc.message() or str(exc)) from None
         except Exception as exc:  # connection refused, timeout
             raise RemoteError(f"{op} request to http://{self.url} failed: {exc}") from exc
         out = {name: result.as_numpy(name) for name in OUTPUTS}

@@ -11,6 +11,10 @@ that binary needs to serve `dmf_recognizer` from a plain repository:
 It binds to 127.0.0.1 unless told otherwise, loads only the models asked for (dmf_recognizer by default),
 waits until they are ready, prints one `dmf-serve: ready ...` line, and on SIGTERM or SIGINT stops the
 server and exits.
+
+Access (see dmf_deploy/runtime/serve_key.py for the key): Triton's health checks are open; inference,
+metadata, model configs and statistics need the header `dmf-serve-key`; the model-repository API (which
+loads models, and so runs code), shared memory, logging and trace settings are closed to every client.
 """
 
 from __future__ import annotations
@@ -32,10 +36,26 @@ from pathlib import Path
 
 import click
 
+from dmf_deploy.runtime.serve_key import (
+    ENVIRONMENT_VARIABLE,
+    HEADER,
+    ServeKeyError,
+    check_key,
+    is_loopback,
+    key_file,
+    load_or_create_key_file,
+    read_key_file,
+)
+
 INSTALL_HINT = 'pip install "dmf-deploy[serve]" && pip install --no-deps nvidia-pytriton'
 DEFAULT_MODEL = "dmf_recognizer"
 SITE_DIRS_VARIABLE = "DMF_SERVE_SITE_DIRS"  # read by dmf_deploy/runtime/triton_model.py
 STOP_TIMEOUT_S = 30.0  # tritonserver's own exit timeout is 30 s; then it is killed
+# Triton's names of the APIs behind the key, and of those closed to everyone.
+KEYED_APIS = "metadata,inference,model-config,statistics"
+CLOSED_APIS = "model-repository,shared-memory,trace,logging"
+# A header no request can carry (a header name cannot hold ':'): what Triton asks for the closed APIs.
+UNSENDABLE_HEADER = "dmf:closed"
 
 
 class ServeError(RuntimeError):
@@ -103,6 +123,7 @@ def server_command(
     http_port: int,
     grpc_port: int,
     models: tuple[str, ...],
+    key: str,
 ) -> list[str]:
     command = [
         str(install.server),
@@ -115,8 +136,28 @@ def server_command(
         "--allow-metrics=false",  # no third port
         "--model-control-mode=explicit",  # load what is asked for, not every model in the folder
         f"--exit-timeout-secs={int(STOP_TIMEOUT_S)}",
+        # gRPC clients send the header as `triton-grpc-protocol-dmf-serve-key` (Triton's prefix).
+        f"--http-restricted-api={KEYED_APIS}:{HEADER}={key}",
+        f"--grpc-restricted-protocol={KEYED_APIS}:{HEADER}={key}",
+        f"--http-restricted-api={CLOSED_APIS}:{UNSENDABLE_HEADER}=never",
+        f"--grpc-restricted-protocol={CLOSED_APIS}:{UNSENDABLE_HEADER}=never",
     ]
     return command + [f"--load-model={m}" for m in models]
+
+
+def server_key(host: str, key: str | None) -> tuple[str, str]:
+    """The key to serve with, and where it came from: the one given (--key or DMF_SERVE_KEY); on a
+    loopback address without one, the key file's (made at the first start). ServeError on any other
+    address without a key."""
+    if key:
+        given = f"--key or {ENVIRONMENT_VARIABLE}"
+        return check_key(key, given), given
+    if not is_loopback(host):
+        raise ServeError(
+            f"--host {host} lets other machines connect: give the key they must send "
+            f"(set {ENVIRONMENT_VARIABLE}, or --key)"
+        )
+    return load_or_create_key_file(), f"the key file {key_file()}"
 
 
 def wait_ready(
@@ -182,13 +223,27 @@ def stop(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
     help="Model to load (repeatable).",
 )
 @click.option("--ready-timeout", default=120.0, show_default=True, type=float, help="Seconds to wait.")
+@click.option(
+    "--key",
+    envvar=ENVIRONMENT_VARIABLE,
+    show_envvar=True,
+    help=f"The key every client must send (16-256 characters). Needed with a --host other than loopback; "
+    f"on loopback the default is the key file ({key_file()}), made at the first start.",
+)
 def main(
-    repo: Path, http_port: int, grpc_port: int, host: str, models: tuple[str, ...], ready_timeout: float
+    repo: Path,
+    http_port: int,
+    grpc_port: int,
+    host: str,
+    models: tuple[str, ...],
+    ready_timeout: float,
+    key: str | None,
 ) -> None:
     """Serve a dmf model repository with Triton Inference Server until SIGTERM or Ctrl-C."""
     try:
         install = find_triton()
-    except ServeError as exc:
+        key, key_source = server_key(host, key)
+    except (ServeError, ServeKeyError) as exc:
         click.echo(f"dmf-serve: error: {exc}", err=True)
         sys.exit(2)
     stopping = []
@@ -200,12 +255,15 @@ def main(
     signal.signal(signal.SIGINT, on_signal)
     with tempfile.TemporaryDirectory(prefix="dmf-serve-backends-") as folder:
         backends = backend_directory(install, Path(folder))
-        command = server_command(install, repo.resolve(), backends, host, http_port, grpc_port, models)
+        command = server_command(install, repo.resolve(), backends, host, http_port, grpc_port, models, key)
         # Its own process group, so that stopping it reaches the model stubs too.
         process = subprocess.Popen(command, env=server_environment(install), start_new_session=True)
         try:
             wait_ready(process, f"http://{_url_host(host)}:{http_port}", models, ready_timeout, stopping)
-            click.echo(f"dmf-serve: ready on http://{_url_host(host)}:{http_port} ({', '.join(models)})")
+            click.echo(
+                f"dmf-serve: ready on http://{_url_host(host)}:{http_port} ({', '.join(models)}); "
+                f"clients send the key from {key_source}"
+            )
             while not stopping and process.poll() is None:
                 time.sleep(0.2)
         except ServeError as exc:
@@ -241,6 +299,8 @@ class Served:
     process: subprocess.Popen
     url: str  # host:port of the HTTP endpoint, as RemoteRecognizer takes it
     log: Path
+    key: str  # what clients send in the dmf-serve-key header
+    grpc_url: str  # host:port of the gRPC endpoint
 
     def server_pid(self) -> int | None:
         """tritonserver's pid (the leader of its own process group, with the model stubs)."""
@@ -269,9 +329,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(repo: Path, log: Path, timeout_s: float = 120.0, models: tuple[str, ...] = (DEFAULT_MODEL,)):
+def serving(
+    repo: Path,
+    log: Path,
+    timeout_s: float = 120.0,
+    models: tuple[str, ...] = (DEFAULT_MODEL,),
+    key: str | None = None,
+):
     """Run `dmf-serve` on free loopback ports until the block ends; yields a Served. Always stopped."""
-    served = start_serving(repo, log, timeout_s, models)
+    served = start_serving(repo, log, timeout_s, models, key)
     try:
         yield served
     finally:
@@ -279,20 +345,32 @@ def serving(repo: Path, log: Path, timeout_s: float = 120.0, models: tuple[str, 
 
 
 def start_serving(
-    repo: Path, log: Path, timeout_s: float = 120.0, models: tuple[str, ...] = (DEFAULT_MODEL,)
+    repo: Path,
+    log: Path,
+    timeout_s: float = 120.0,
+    models: tuple[str, ...] = (DEFAULT_MODEL,),
+    key: str | None = None,
 ) -> Served:
-    """Start `dmf-serve` on free loopback ports and wait for its ready line (ServeError on failure)."""
+    """Start `dmf-serve` on free loopback ports and wait for its ready line (ServeError on failure).
+
+    With no `key`, the server uses DMF_SERVE_KEY or else the key file, as `dmf-serve` does.
+    """
+    env = {**os.environ, ENVIRONMENT_VARIABLE: key} if key else None  # as a user would give it
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "dmf_deploy.runtime.serve", "--repo", str(repo)]
     command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     command += ["--ready-timeout", str(timeout_s)]
     command += [arg for m in models for arg in ("--model", m)]
     with open(log, "ab") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    served = Served(process, f"127.0.0.1:{http_port}", log)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    key = key or os.environ.get(ENVIRONMENT_VARIABLE) or ""
+    served = Served(process, f"127.0.0.1:{http_port}", log, key, f"127.0.0.1:{grpc_port}")
     deadline = time.monotonic() + timeout_s + 10
     while time.monotonic() < deadline:
         if b"dmf-serve: ready" in log.read_bytes():
+            served.key = served.key or read_key_file(key_file()) or ""  # the one dmf-serve made
             return served
         if process.poll() is not None:
             break

@@ -33,6 +33,7 @@ TORCH_FREE = [
     "dmf_deploy.runtime.explain_cli",  # dmf-explain
     "dmf_deploy.runtime.remote",
     "dmf_deploy.runtime.serve",
+    "dmf_deploy.runtime.serve_key",
 ]
 
 PROBE = textwrap.dedent(

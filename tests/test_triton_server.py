@@ -2,18 +2,24 @@
 
 Skipped, with the reason, where the `serve` extra (nvidia-pytriton's tritonserver, tritonclient) is not
 installed. Every server runs on free loopback ports and is stopped by the fixture that started it.
-One server serves the module; the restart, kill -9 and empty-gallery tests start their own.
+One server serves the module; the restart, kill -9 and empty-gallery tests start their own. The
+module's key file lives in a temporary config folder, never the user's.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +33,9 @@ from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime.gallery import Gallery, GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer, describe_model
-from dmf_deploy.runtime.remote import RemoteRecognizer
+from dmf_deploy.runtime.remote import KeyRefused, RemoteRecognizer
 from dmf_deploy.runtime.serve import Served, ServeError, find_triton, serving, start_serving
+from dmf_deploy.runtime.serve_key import ENVIRONMENT_VARIABLE, HEADER, key_file
 from dmf_deploy.train.glyphs import GlyphSet
 
 try:
@@ -64,8 +71,19 @@ def make_repository(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A config folder of the module's own (the key file goes there) and no DMF_SERVE_KEY: servers and
+    clients find the key as a user's would, without touching the user's own."""
+    folder = tmp_path_factory.mktemp("config")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(folder))
+        patch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+        yield folder
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, config_home: Path) -> Path:
     return make_repository(tmp_path_factory.mktemp("triton") / "repo")
 
 
@@ -132,7 +150,7 @@ def test_the_server_checks_what_a_raw_client_sends(server: Served, enrolled) -> 
         tensor = http.InferInput(name, list(array.shape), "UINT8")
         tensor.set_data_from_numpy(array)
         with pytest.raises(InferenceServerException) as caught:
-            client.infer(MODEL_NAME, [tensor], parameters=parameters)
+            client.infer(MODEL_NAME, [tensor], parameters=parameters, headers={HEADER: server.key})
         return caught.value.message()
 
     assert send(np.zeros((1, 8, 8, 4), np.uint8), {}).startswith("InvalidFrame: ")
@@ -213,15 +231,184 @@ def test_classifying_threads_and_an_enrolling_one(remote: RemoteRecognizer, enro
     assert remote.classes == enrolled
 
 
-def test_graph_models_fail_only_on_the_missing_onnxruntime_backend(server: Served) -> None:
+def test_graph_models_fail_only_on_the_missing_onnxruntime_backend(repo: Path) -> None:
     """Triton parses dmf_backbone/dmf_support/dmf_head's configs, then stops at the backend it lacks."""
-    client = http.InferenceServerClient(server.url, connection_timeout=30, network_timeout=120)
-    for model in ("dmf_backbone", "dmf_support", "dmf_head"):
-        with pytest.raises(InferenceServerException) as caught:
-            client.load_model(model)
-        message = caught.value.message()
-        assert "unable to find backend library for backend 'onnxruntime'" in message, message
+    graphs = ("dmf_backbone", "dmf_support", "dmf_head")
+    log = repo.parent / "graphs.log"
+    with pytest.raises(ServeError, match="before it was ready"):
+        start_serving(repo, log, models=graphs)
+    reasons = re.findall(r"failed to load '(\w+)' version 1: (.*)", log.read_text())
+    assert sorted(model for model, _ in reasons) == sorted(graphs)
+    missing = "Invalid argument: unable to find backend library for backend 'onnxruntime'"
+    assert all(reason.startswith(missing) for _, reason in reasons), reasons
+
+
+# ----- access: the key, and what is closed to everyone (issue 29, item 1) ---------------------------
+def raw_request(
+    served: Served, method: str, path: str, body: str | None = None, headers: dict | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request as any program (or a browser) could send it: status, headers, body."""
+    host, port = served.url.rsplit(":", 1)
+    connection = HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def evil_load_request(marker: Path) -> str:
+    """The body of a repository-API load of a Python-backend model whose model.py writes `marker`."""
+    code = f"open({str(marker)!r}, 'w').write('ran')\nclass TritonPythonModel:\n    def execute(self, r):\n"
+    code += "        return []\n"
+    config = {
+        "name": "evil",
+        "backend": "python",
+        "input": [{"name": "x", "data_type": "TYPE_UINT8", "dims": [1]}],
+        "output": [{"name": "y", "data_type": "TYPE_UINT8", "dims": [1]}],
+    }
+    file = base64.b64encode(code.encode()).decode()
+    return json.dumps({"parameters": {"config": json.dumps(config), "file:1/model.py": file}})
+
+
+def test_no_client_can_load_unload_or_reconfigure(server: Served, remote, tmp_path: Path) -> None:
+    """The model-repository, logging and trace APIs are closed to every client, the key holder's too."""
+    marker = tmp_path / "evil-ran"
+    keyed = {HEADER: server.key}
+    for headers in ({}, keyed, {**keyed, "Content-Type": "text/plain"}):
+        status, _, body = raw_request(
+            server, "POST", "/v2/repository/models/evil/load", evil_load_request(marker), headers
+        )
+        assert status == 403, body
+        status, _, body = raw_request(
+            server, "POST", f"/v2/repository/models/{MODEL_NAME}/unload", "{}", headers
+        )
+        assert status == 403, body
+        for method, path, body in (
+            ("POST", "/v2/repository/index", "{}"),
+            ("GET", "/v2/logging", None),
+            ("POST", "/v2/logging", json.dumps({"log_verbose_level": 9})),
+            ("GET", "/v2/trace/setting", None),
+            ("POST", "/v2/trace/setting", json.dumps({"trace_level": ["TIMESTAMPS"]})),
+            ("GET", "/v2/systemsharedmemory/status", None),
+        ):
+            assert raw_request(server, method, path, body, headers)[0] == 403, path
+    assert not marker.exists()  # a load answers after model.py has run: none ran
+    assert raw_request(server, "GET", "/v2/models/evil/ready")[0] != 200
+    assert raw_request(server, "GET", f"/v2/models/{MODEL_NAME}/ready")[0] == 200  # still loaded
+    assert isinstance(remote.classes, list)
+
+
+def test_a_web_page_cannot_enrol_or_remove(server: Served, remote, enrolled) -> None:
+    """A cross-site POST (text/plain needs no preflight) is refused; the preflight a page would need to
+    add the key header is never granted."""
+    frame = shots(7, 1)[0]
+    frames = {
+        "name": "frames",
+        "shape": [1, *frame.shape],
+        "datatype": "UINT8",
+        "data": frame.ravel().tolist(),
+    }
+    control = {"name": "control", "shape": [1, 1], "datatype": "UINT8", "data": [0]}
+    page = {"Content-Type": "text/plain", "Origin": "http://evil.example"}
+    for inputs, parameters in (
+        ([frames], {"op": "enroll", "name": "planted"}),
+        ([control], {"op": "remove", "name": "alpha"}),
+    ):
+        body = json.dumps({"inputs": inputs, "parameters": parameters})
+        status, _, answer = raw_request(server, "POST", f"/v2/models/{MODEL_NAME}/infer", body, page)
+        assert status == 403, answer
+    status, headers, _ = raw_request(
+        server,
+        "OPTIONS",
+        f"/v2/models/{MODEL_NAME}/infer",
+        headers={
+            "Origin": "http://evil.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": HEADER,
+        },
+    )
+    assert status >= 400 and not any(h.startswith("access-control-allow") for h in headers)
+    assert remote.classes == enrolled
+
+
+def test_only_a_client_with_the_key_is_served(server: Served, config_home: Path, tmp_path: Path) -> None:
+    # dmf-serve made the key file at its start, and RemoteRecognizer found the key there (the `remote`
+    # fixture passes none).
+    assert f"clients send the key from the key file {key_file()}" in server.log.read_text()
+    assert (config_home / "dmf-deploy" / "serve.key").read_text().strip() == server.key
+    assert key_file() == config_home / "dmf-deploy" / "serve.key"
+    assert stat.S_IMODE(key_file().stat().st_mode) == 0o600
+    with RemoteRecognizer(server.url, timeout=30, key=server.key) as rec:
+        assert isinstance(rec.classes, list)
+    with pytest.raises(KeyRefused, match="refused this client's key"):
+        RemoteRecognizer(server.url, timeout=30, key="not-the-key-but-long-enough")
+    with pytest.MonkeyPatch.context() as patch:  # a user with no key file and no DMF_SERVE_KEY
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+        with pytest.raises(KeyRefused, match=f"needs its key: pass key= or set {ENVIRONMENT_VARIABLE}"):
+            RemoteRecognizer(server.url, timeout=30)
+    # A raw client without the header: nothing but health answers.
+    client = http.InferenceServerClient(server.url, connection_timeout=30, network_timeout=30)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+    tensor = http.InferInput("control", [1, 1], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 1), np.uint8))
+    for call in (
+        lambda: client.infer(MODEL_NAME, [tensor], parameters={"op": "classes"}),
+        lambda: client.get_model_metadata(MODEL_NAME),
+        lambda: client.get_model_config(MODEL_NAME),
+        lambda: client.get_server_metadata(),
+        lambda: client.get_inference_statistics(MODEL_NAME),
+    ):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    keyed = client.infer(MODEL_NAME, [tensor], parameters={"op": "classes"}, headers={HEADER: server.key})
+    assert keyed.as_numpy("text") is not None
     client.close()
+
+
+def test_the_grpc_port_is_keyed_and_closed_alike(server: Served) -> None:
+    """gRPC clients send the key as `triton-grpc-protocol-dmf-serve-key` (Triton's prefix)."""
+    grpc = pytest.importorskip("tritonclient.grpc", exc_type=RuntimeError)  # needs grpcio (dev extra)
+    client = grpc.InferenceServerClient(server.grpc_url)
+    keyed = {f"triton-grpc-protocol-{HEADER}": server.key}
+    tensor = grpc.InferInput("control", [1, 1], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 1), np.uint8))
+    assert client.is_server_live() and client.is_model_ready(MODEL_NAME)
+    for headers in ({}, {HEADER: server.key}):
+        with pytest.raises(
+            InferenceServerException, match=f"expecting header 'triton-grpc-protocol-{HEADER}'"
+        ):
+            client.infer(MODEL_NAME, [tensor], parameters={"op": "classes"}, headers=headers)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_metadata(MODEL_NAME, headers=headers)
+    assert (
+        client.infer(MODEL_NAME, [tensor], parameters={"op": "classes"}, headers=keyed).as_numpy("text").size
+    )
+    for call in (
+        lambda: client.load_model("dmf_backbone", headers=keyed),
+        lambda: client.unload_model(MODEL_NAME, headers=keyed),
+        lambda: client.get_model_repository_index(headers=keyed),
+        lambda: client.update_log_settings({"log_verbose_level": 9}, headers=keyed),
+        lambda: client.get_trace_settings(headers=keyed),
+        lambda: client.get_system_shared_memory_status(headers=keyed),
+    ):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    assert client.is_model_ready(MODEL_NAME)
+    client.close()
+
+
+def test_serving_other_machines_needs_an_explicit_key(repo: Path) -> None:
+    """On a non-loopback address dmf-serve refuses to start without a key (before Triton starts)."""
+    command = [sys.executable, "-m", "dmf_deploy.runtime.serve", "--repo", str(repo), "--host", "0.0.0.0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"give the key they must send (set {ENVIRONMENT_VARIABLE}, or --key)" in result.stderr
+    env = {**os.environ, ENVIRONMENT_VARIABLE: "short"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "must be 16 to 256 characters" in result.stderr
 
 
 # ----- a new deployment: no class enrolled yet (issue 29, item 7) ----------------------------------
