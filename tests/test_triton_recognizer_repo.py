@@ -5,6 +5,9 @@ No server here (tests/test_triton_server.py runs one): these hold without the se
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,8 +19,15 @@ import pytest
 from dmf_deploy.export.triton import write_triton_repository
 from dmf_deploy.export.triton_recognizer import GALLERY_FILE, MODEL_NAME, RECOGNIZER_MAX_BATCH
 from dmf_deploy.manifest import read_manifest, sha256_file
+from dmf_deploy.names import InvalidClassName
 from dmf_deploy.packaged import DEMO_BUNDLE
+from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import triton_model
+from dmf_deploy.runtime.gallery import GalleryError
+
+# dmf_recognizer as `dmf-export --triton` wrote it at 0.2 (commit b549139): its config.pbtxt and its
+# model.py (runtime/triton_model.py of then), verbatim. Served in test_triton_server.py.
+OLD_RECOGNIZER = Path(__file__).parent / "data" / "triton-0.2" / MODEL_NAME
 
 
 def test_recognizer_model_folder(tmp_path: Path) -> None:
@@ -52,6 +62,30 @@ def test_outputs_have_the_strides_the_stubs_dlpack_check_wants(shape: tuple[int,
     assert array.shape == shape and array.dtype == np.float32
     wanted = [int(np.prod(shape[axis + 1 :])) * array.itemsize for axis in range(len(shape))]
     assert list(array.strides) == wanted
+
+
+def test_a_0_2_model_py_finds_what_it_imports() -> None:
+    """A repository exported at 0.2 keeps its model.py: every dmf_deploy name it imports must exist."""
+    path = OLD_RECOGNIZER / "1" / "model.py"
+    text = path.read_text()
+    wanted = [
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dmf_deploy")
+        for alias in node.names
+    ]
+    assert ("dmf_deploy.runtime.gallery", "GalleryError") in wanted
+    assert ("dmf_deploy.runtime.recognizer", "Recognizer") in wanted
+    for module, name in wanted:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+    # Loaded as Triton loads it (a file, not a package module); its error mapping imports lazily.
+    spec = importlib.util.spec_from_file_location("dmf_recognizer_model_0_2", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    assert model.error_kind(GalleryError("x")) == "GalleryError"
+    assert model.error_kind(InvalidFrame("x")) == "InvalidFrame"
+    assert model.error_kind(InvalidClassName("x")) == "InvalidClassName"
 
 
 def test_dmf_serve_without_the_extra_says_what_to_install(tmp_path: Path) -> None:

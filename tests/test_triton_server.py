@@ -27,7 +27,7 @@ import pytest
 
 from dmf_deploy.export.triton import write_triton_repository
 from dmf_deploy.export.triton_recognizer import GALLERY_FILE, MODEL_NAME
-from dmf_deploy.manifest import read_manifest
+from dmf_deploy.manifest import MANIFEST_NAME, read_manifest
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.preprocess import InvalidFrame
@@ -461,6 +461,28 @@ def test_restart_keeps_the_classes(server: Served, repo: Path, remote, enrolled)
     with serving(repo, repo.parent / "restart.log") as again, RemoteRecognizer(again.url, timeout=30) as rec:
         assert rec.classes == enrolled
         assert relative_error(rec.scores(queries()), before) <= SCORE_RTOL
+
+
+def test_a_repository_exported_at_0_2_still_serves(tmp_path: Path) -> None:
+    """dmf_recognizer as 0.2 wrote it (its model.py imports dmf_deploy.runtime.gallery and .recognizer),
+    served by today's dmf-serve: it loads, enrols and answers as a local Recognizer does."""
+    old = Path(__file__).parent / "data" / "triton-0.2" / MODEL_NAME
+    model = tmp_path / "repo" / MODEL_NAME
+    shutil.copytree(old, model)
+    manifest = read_manifest(demo_bundle())
+    (model / "1" / "bundle").mkdir()
+    for name in [*manifest.files(), MANIFEST_NAME]:
+        shutil.copyfile(demo_bundle() / name, model / "1" / "bundle" / name)
+    fresh = Recognizer.open(demo_bundle())
+    log = tmp_path / "serve.log"
+    with serving(model.parent, log) as served, RemoteRecognizer(served.url, timeout=30) as rec:
+        for c, name in enumerate(["alpha", "beta"]):
+            rec.enroll(name, shots(c))
+            fresh.enroll(name, shots(c))
+        assert rec.classes == ["alpha", "beta"]
+        assert relative_error(rec.scores(queries()), fresh.scores(queries())) <= SCORE_RTOL
+    assert (model / "1" / "model.py").read_bytes() == (old / "1" / "model.py").read_bytes()
+    assert (model / GALLERY_FILE).is_file()  # the old model saved its gallery where 0.2 put it
 
 
 def test_kill_9_during_a_save_leaves_a_loadable_gallery(tmp_path: Path) -> None:
