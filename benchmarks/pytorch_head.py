@@ -1,6 +1,6 @@
 """The head in PyTorch beside the bundle on ONNX Runtime: factored and literal forms, one query frame.
 
-dmf-bench (runtime/bench.py) times a bundle on the torch-free runtime; this script adds the PyTorch
+dmf-bench (runtime/tools/bench.py) times a bundle on the torch-free runtime; this script adds the PyTorch
 forms of the head of the checkpoint the bundle was exported from, at the same numbers of classes and
 on the same galleries (prototypes from the bundle's backbone and support graph, as dmf-bench builds
 them):
@@ -33,7 +33,8 @@ from dmf_deploy.checkpoint import CheckpointError, load_checkpoint, resolve_chec
 from dmf_deploy.manifest import Manifest, sha256_file
 from dmf_deploy.packaged import DEMO_CHECKPOINT, resolve_bundle_path
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.bench import (
+from dmf_deploy.runtime.gallery import Gallery
+from dmf_deploy.runtime.tools.bench import (
     fill_gallery,
     first_rows,
     parse_classes,
@@ -41,7 +42,6 @@ from dmf_deploy.runtime.bench import (
     random_frames,
     time_blocks,
 )
-from dmf_deploy.runtime.gallery import Gallery
 
 LITERAL_MAX = 100  # the literal form costs ~40 ms per class on a CPU (ResNet-12): N above is skipped
 LITERAL_CHUNK = 10  # classes per literal call

@@ -4,7 +4,7 @@ For each bundle (the packaged demo bundle; with --resnet12 also a random-weight 
 exported here with dopri5 x 8) and each gallery size N (--classes, default 10 100):
 
 1. a gallery of N classes is written into the repository's dmf_recognizer folder (prototypes are
-   perturbed real feature maps, banks from support.onnx: `dmf_deploy.runtime.bench.fill_gallery`);
+   perturbed real feature maps, banks from support.onnx: `dmf_deploy.runtime.tools.bench.fill_gallery`);
 2. `dmf-serve` starts on free loopback ports (one tritonserver, one model instance, dynamic batching);
 3. for each client count (--clients, default 1 4 16), that many threads send single-frame `classify`
    requests through one RemoteRecognizer for --seconds, then the same threads call `classify` on a
@@ -38,11 +38,11 @@ from dmf_deploy.export.triton import write_triton_repository
 from dmf_deploy.export.triton_recognizer import GALLERY_FILE, MODEL_NAME
 from dmf_deploy.manifest import read_manifest
 from dmf_deploy.packaged import DEMO_BUNDLE
-from dmf_deploy.runtime.bench import fill_gallery, random_frames
 from dmf_deploy.runtime.recognizer import Recognizer
-from dmf_deploy.runtime.remote import RemoteRecognizer
-from dmf_deploy.runtime.serve import serving
-from dmf_deploy.runtime.serve_key import HEADER
+from dmf_deploy.runtime.serve.key import HEADER
+from dmf_deploy.runtime.serve.remote import RemoteRecognizer
+from dmf_deploy.runtime.serve.server import serving
+from dmf_deploy.runtime.tools.bench import fill_gallery, random_frames
 
 
 def load(call: Callable[[int], object], clients: int, seconds: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ def draw(symbol: str, seed: int, index: int) -> np.ndarray:
 def dmf_explain_command() -> list[str]:
     script = Path(sys.executable).with_name("dmf-explain")
     found = str(script) if script.exists() else shutil.which("dmf-explain")
-    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.explain_cli"]
+    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.tools.explain_cli"]
 
 
 def captioned(figure: np.ndarray, text: str) -> np.ndarray:

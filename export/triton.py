@@ -289,7 +289,7 @@ def repository_readme(
   (`{RECOGNIZER_MODEL}/gallery.dmfg`, saved atomically after every change); clients send frames and
   get labels and scores back, and enrol, remove and rename classes with requests to the same model.
   Serve it with `dmf-serve --repo {out.resolve()}` (`pip install "dmf-deploy[serve]"`) and talk to it
-  with `dmf_deploy.runtime.remote.RemoteRecognizer`, which sends the key `dmf-serve` asks of every
+  with `dmf_deploy.runtime.serve.remote.RemoteRecognizer`, which sends the key `dmf-serve` asks of every
   client (dmf-deploy's README, "Serve with Triton", says where it lives).
 - `dmf_backbone`, `dmf_support`, `dmf_head`: for NVIDIA's Triton containers with the ONNX Runtime
   (or TensorRT) backend, when the client keeps the classes itself. Stateless, but every head request

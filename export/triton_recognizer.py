@@ -2,7 +2,7 @@
 
 REPO/dmf_recognizer/
     config.pbtxt          Python backend, dynamic batching, parameters `gallery` and `bundle`
-    1/model.py            dmf_deploy/runtime/triton_model.py, copied
+    1/model.py            dmf_deploy/runtime/serve/triton_model.py, copied
     1/bundle/             the bundle's manifest and graphs (checked against their sha256 by the runtime)
     gallery.dmfg          written by the server at the first enrolment; never replaced by an export
 """
@@ -27,7 +27,7 @@ QUEUE_DELAY_US = 500
 
 
 def _model_source() -> Path:
-    """dmf_deploy/runtime/triton_model.py, wherever the package is installed.
+    """dmf_deploy/runtime/serve/triton_model.py, wherever the package is installed.
 
     Found through the import system's spec of dmf_deploy.runtime, which locates the folder without
     importing the runtime: export does not import runtime code.
@@ -35,11 +35,11 @@ def _model_source() -> Path:
     spec = importlib.util.find_spec("dmf_deploy.runtime")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the dmf_deploy.runtime package is not installed")
-    return Path(next(iter(spec.submodule_search_locations))).resolve() / "triton_model.py"
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "serve" / "triton_model.py"
 
 
 def recognizer_config_text(max_batch: int = RECOGNIZER_MAX_BATCH) -> str:
-    """config.pbtxt of dmf_recognizer: see dmf_deploy/runtime/triton_model.py for the protocol."""
+    """config.pbtxt of dmf_recognizer: see dmf_deploy/runtime/serve/triton_model.py for the protocol."""
     return f"""name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {max_batch}

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import onnxruntime
     import torch
 
-    from dmf_deploy.runtime.commands import Session
+    from dmf_deploy.runtime.app.commands import Session
 
 # The small model most runtime tests use: conv4, 16 channels, 8 groups, 32x32 input -> 4x4 feature maps.
 SMALL = {"backbone": "conv4", "image_size": 32, "width": 16, "groups": 8}
@@ -443,7 +443,7 @@ class Recorder:
 
 
 def session_for(rec, output, tmp_path, script: str | None) -> Session:
-    from dmf_deploy.runtime.commands import CommandFeed, Session
+    from dmf_deploy.runtime.app.commands import CommandFeed, Session
 
     feed = None
     if script is not None:

@@ -28,7 +28,7 @@ from bundles import CLIP_CLASSES, CLIP_SEGMENT, dmf_run_command, parse_lines, re
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Gallery, Recognizer
-from dmf_deploy.runtime.commands import CommandError, parse_command
+from dmf_deploy.runtime.app.commands import CommandError, parse_command
 
 CLASSES, SEGMENT = CLIP_CLASSES, CLIP_SEGMENT  # the clip's (conftest.py's `clip` fixture)
 SHOTS = 5

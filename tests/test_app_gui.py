@@ -24,7 +24,7 @@ from bundles import dmf_run_command, export_small_bundle, write_video  # tests/b
 
 from dmf_deploy.glyphs import GlyphSet
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.overlay import (
+from dmf_deploy.runtime.app.overlay import (
     BAR,
     BAR_UNKNOWN,
     KNOWN,

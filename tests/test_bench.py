@@ -1,4 +1,5 @@
-"""`dmf-bench` (runtime/bench.py): figures side by side, in one JSON and one PNG, with or without torch."""
+"""`dmf-bench` (runtime/tools/bench.py): figures side by side, in one JSON and one PNG, with or without
+torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 
 from dmf_deploy.manifest import read_manifest
 from dmf_deploy.packaged import DEMO_BUNDLE
-from dmf_deploy.runtime import bench
+from dmf_deploy.runtime.tools import bench
 
 needs_demo = pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +104,7 @@ def test_dmf_bench_runs_without_torch(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(blocker.parent), env.get("PYTHONPATH")) if p)
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "dmf_deploy.runtime.bench", "--classes", "2", "--repeats", "1"]
+    cmd = [sys.executable, "-m", "dmf_deploy.runtime.tools.bench", "--classes", "2", "--repeats", "1"]
     cmd += ["--threads", "1", "--rss-iters", "20", "--import-cost", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

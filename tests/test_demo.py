@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from dmf_deploy.manifest import model_fingerprint, read_manifest, sha256_file
 from dmf_deploy.packaged import DEMO_BUNDLE
-from dmf_deploy.runtime import demo
+from dmf_deploy.runtime.tools import demo
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = Path(os.environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot"))
@@ -39,7 +39,7 @@ def dmf_demo_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("dmf-demo")
-    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.demo"]
+    return [found] if found else [sys.executable, "-m", "dmf_deploy.runtime.tools.demo"]
 
 
 def number(pattern: str, text: str) -> float:
@@ -83,7 +83,7 @@ def test_dmf_demo_runs_without_torch():
         "import sys\n"
         "for name in ('torch', 'rich', 'onnx'):\n"
         "    sys.modules[name] = None  # importing it now raises ImportError\n"
-        "from dmf_deploy.runtime.demo import main\n"
+        "from dmf_deploy.runtime.tools.demo import main\n"
         "main(['--classes', '3', '--frames-per-class', '4'], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
@@ -136,7 +136,7 @@ def test_bad_options_are_usage_errors():
 
 
 def test_camera_opens_the_live_app_on_the_demo_model(monkeypatch):
-    from dmf_deploy.runtime import app
+    from dmf_deploy.runtime.app import cli
 
     calls = []
 
@@ -144,7 +144,7 @@ def test_camera_opens_the_live_app_on_the_demo_model(monkeypatch):
         def main(self, args, prog_name):
             calls.append((list(args), prog_name))
 
-    monkeypatch.setattr(app, "main", FakeCommand())
+    monkeypatch.setattr(cli, "main", FakeCommand())
     monkeypatch.setenv("DISPLAY", ":0")  # dmf-demo checks for a display before it starts dmf-run
     runner = CliRunner()
     assert runner.invoke(demo.main, ["--camera", "0"]).exit_code == 0

@@ -16,8 +16,8 @@ from bundles import Recorder, cross, ring, session_for, write_video  # tests/bun
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.loop import run_loop
-from dmf_deploy.runtime.sources import open_source
+from dmf_deploy.runtime.app.loop import run_loop
+from dmf_deploy.runtime.app.sources import open_source
 
 pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
 SHOTS = 30

@@ -32,7 +32,7 @@ from dmf_deploy.runtime.explain import (
     ExplanationUnavailable,
     UnknownClassError,
 )
-from dmf_deploy.runtime.explain_cli import main as explain_main
+from dmf_deploy.runtime.tools.explain_cli import main as explain_main
 
 GLYPHS = GlyphSet(7, seed=21, image_size=64, jitter=0.3)
 # Contract (README, docs): the contributions' mean is the score to 1e-5 relative. Both come from float32

@@ -2,7 +2,7 @@
 
 Regressions of issue "Hardening" items 4 and 5: dmf-run read all of stdin before the first frame, with
 no limit and deaf to SIGTERM, and parsed a command line in time quadratic in its length. The command
-reader (runtime/lines.py, CommandFeed) runs on real pipes and files; dmf-run runs as a real process on
+reader (runtime/app/lines.py, CommandFeed) runs on real pipes and files; dmf-run runs as a real process on
 a real video file; nothing is mocked. Every wait here is bounded.
 """
 
@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.commands import USAGE, Command, CommandError, CommandFeed, Session, parse_command
-from dmf_deploy.runtime.lines import MAX_LINE_BYTES, READ_CHUNK, LineReader, RefusedLine
+from dmf_deploy.runtime.app.commands import USAGE, Command, CommandError, CommandFeed, Session, parse_command
+from dmf_deploy.runtime.app.lines import MAX_LINE_BYTES, READ_CHUNK, LineReader, RefusedLine
 
 CPU_BOUND_S = 1.0  # the issue's bound per input; CPU time, so a busy 2-core CI machine does not inflate it
 STOP_BOUND_S = 2.0  # the issue asks for 1 s; the other second covers saving the gallery and exiting

@@ -1,4 +1,4 @@
-"""runtime/loop.py: the one frame loop of dmf-run, driven directly with real frames from a real image
+"""runtime/app/loop.py: the one frame loop of dmf-run, driven directly with real frames from a real image
 folder, the demo bundle, and an Output that records what it is shown."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from bundles import Recorder, cross, ring, session_for  # tests/bundles.py
 
 from dmf_deploy.packaged import demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
-from dmf_deploy.runtime.commands import Session
-from dmf_deploy.runtime.loop import JsonLinesOutput, prediction_record, run_loop
-from dmf_deploy.runtime.sources import open_source
+from dmf_deploy.runtime.app.commands import Session
+from dmf_deploy.runtime.app.loop import JsonLinesOutput, prediction_record, run_loop
+from dmf_deploy.runtime.app.sources import open_source
 
 pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
 

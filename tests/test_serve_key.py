@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dmf_deploy.runtime.serve_key import (
+from dmf_deploy.runtime.serve.key import (
     ENVIRONMENT_VARIABLE,
     ServeKeyError,
     check_key,

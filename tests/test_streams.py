@@ -12,7 +12,7 @@ import subprocess
 
 from bundles import dmf_run_command, parse_lines  # tests/bundles.py
 
-from dmf_deploy.runtime.sources import RECONNECT_WINDOW_S, StreamSource
+from dmf_deploy.runtime.app.sources import RECONNECT_WINDOW_S, StreamSource
 
 TIMEOUT_S = 60  # a run that reconnects forever is stopped here and fails
 

@@ -25,15 +25,22 @@ TORCH_FREE = [
     "dmf_deploy.tensorrt_support",
     "dmf_deploy.runtime",
     "dmf_deploy.runtime.backends",
-    "dmf_deploy.runtime.loop",
-    "dmf_deploy.runtime.app",  # dmf-run
-    "dmf_deploy.runtime.demo",  # dmf-demo
-    "dmf_deploy.runtime.bench",  # dmf-bench
     "dmf_deploy.runtime.explain",
-    "dmf_deploy.runtime.explain_cli",  # dmf-explain
-    "dmf_deploy.runtime.remote",
+    "dmf_deploy.runtime.app.loop",
+    "dmf_deploy.runtime.app.cli",  # dmf-run
+    "dmf_deploy.runtime.tools.demo",  # dmf-demo
+    "dmf_deploy.runtime.tools.bench",  # dmf-bench
+    "dmf_deploy.runtime.tools.explain_cli",  # dmf-explain
+    "dmf_deploy.runtime.serve.remote",
+    "dmf_deploy.runtime.serve.server",  # dmf-serve
+    "dmf_deploy.runtime.serve.key",
+    # the module paths from before app/, serve/ and tools/, kept for compatibility
+    "dmf_deploy.runtime.app",
     "dmf_deploy.runtime.serve",
-    "dmf_deploy.runtime.serve_key",
+    "dmf_deploy.runtime.remote",
+    "dmf_deploy.runtime.bench",
+    "dmf_deploy.runtime.demo",
+    "dmf_deploy.runtime.explain_cli",
 ]
 
 PROBE = textwrap.dedent(

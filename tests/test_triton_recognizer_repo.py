@@ -22,11 +22,11 @@ from dmf_deploy.manifest import read_manifest, sha256_file
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.preprocess import InvalidFrame
-from dmf_deploy.runtime import triton_model
 from dmf_deploy.runtime.gallery import GalleryError
+from dmf_deploy.runtime.serve import triton_model
 
 # dmf_recognizer as `dmf-export --triton` wrote it at 0.2 (commit b549139): its config.pbtxt and its
-# model.py (runtime/triton_model.py of then), verbatim. Served in test_triton_server.py.
+# model.py (runtime/serve/triton_model.py of then), verbatim. Served in test_triton_server.py.
 OLD_RECOGNIZER = Path(__file__).parent / "data" / "triton-0.2" / MODEL_NAME
 
 

@@ -33,9 +33,9 @@ from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime.gallery import Gallery, GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer, describe_model
-from dmf_deploy.runtime.remote import KeyRefused, RemoteRecognizer
-from dmf_deploy.runtime.serve import Served, ServeError, find_triton, serving, start_serving
-from dmf_deploy.runtime.serve_key import ENVIRONMENT_VARIABLE, HEADER, key_file
+from dmf_deploy.runtime.serve.key import ENVIRONMENT_VARIABLE, HEADER, key_file
+from dmf_deploy.runtime.serve.remote import KeyRefused, RemoteRecognizer
+from dmf_deploy.runtime.serve.server import Served, ServeError, find_triton, serving, start_serving
 from dmf_deploy.train.glyphs import GlyphSet
 
 try:

@@ -12,7 +12,7 @@ It binds to 127.0.0.1 unless told otherwise, loads only the models asked for (dm
 waits until they are ready, prints one `dmf-serve: ready ...` line, and on SIGTERM or SIGINT stops the
 server and exits.
 
-Access (see dmf_deploy/runtime/serve_key.py for the key): Triton's health checks are open; inference,
+Access (see dmf_deploy/runtime/serve/key.py for the key): Triton's health checks are open; inference,
 metadata, model configs and statistics need the header `dmf-serve-key`; the model-repository API (which
 loads models, and so runs code), shared memory, logging and trace settings are closed to every client.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import click
 
-from dmf_deploy.runtime.serve_key import (
+from dmf_deploy.runtime.serve.key import (
     ENVIRONMENT_VARIABLE,
     HEADER,
     ServeKeyError,
@@ -49,7 +49,7 @@ from dmf_deploy.runtime.serve_key import (
 
 INSTALL_HINT = 'pip install "dmf-deploy[serve]" && pip install --no-deps nvidia-pytriton'
 DEFAULT_MODEL = "dmf_recognizer"
-SITE_DIRS_VARIABLE = "DMF_SERVE_SITE_DIRS"  # read by dmf_deploy/runtime/triton_model.py
+SITE_DIRS_VARIABLE = "DMF_SERVE_SITE_DIRS"  # read by dmf_deploy/runtime/serve/triton_model.py
 STOP_TIMEOUT_S = 30.0  # tritonserver's own exit timeout is 30 s; then it is killed
 # Triton's names of the APIs behind the key, and of those closed to everyone.
 KEYED_APIS = "metadata,inference,model-config,statistics"

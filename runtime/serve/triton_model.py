@@ -19,7 +19,7 @@ zeros and send empty outputs, silently. DLPack works with either numpy.
 
 Every change (enroll, remove, rename) is saved to the gallery file atomically before it is answered.
 Errors are answered as Triton errors whose message starts with the name of the error
-(``InvalidFrame: ...``), which `dmf_deploy.runtime.remote.RemoteRecognizer` raises again as that error.
+(``InvalidFrame: ...``), which `dmf_deploy.runtime.serve.remote.RemoteRecognizer` raises again as that error.
 The model instance executes one batch at a time, so the requests of a batch are handled in arrival
 order and nothing else changes the gallery in between.
 """

@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
-from dmf_deploy.runtime.lines import MAX_LINE_BYTES, LineReader, RefusedLine
+from dmf_deploy.runtime.app.lines import MAX_LINE_BYTES, LineReader, RefusedLine
 from dmf_deploy.runtime.recognizer import Enrollment, Recognizer, RemovedClass
 
 MAX_SHOTS = 1000  # per enroll command: a typo like "enroll mug 50000" must not swallow a whole video

@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
-from dmf_deploy.runtime.commands import Event, Session
+from dmf_deploy.runtime.app.commands import Event, Session
+from dmf_deploy.runtime.app.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, draw_live
 from dmf_deploy.runtime.gallery import GalleryError, decode_thumbnail
-from dmf_deploy.runtime.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.recognizer import Prediction
 
 log = logging.getLogger("dmf_deploy.runtime")

@@ -3,9 +3,9 @@
     dmf-run --camera 0                                   # window: n names a class, space adds shots
     dmf-run --source clip.mp4 --headless < commands.txt  # JSON lines on stdout
 
-The loop (runtime/loop.py) is capture -> classify -> output, as in jetson-inference's camera tools;
-the output is the window (OpenCV highgui, runtime/overlay.py) or JSON lines. A Session
-(runtime/commands.py) applies enrolments, removals and saves to the Recognizer. The gallery is loaded
+The loop (runtime/app/loop.py) is capture -> classify -> output, as in jetson-inference's camera tools;
+the output is the window (OpenCV highgui, runtime/app/overlay.py) or JSON lines. A Session
+(runtime/app/commands.py) applies enrolments, removals and saves to the Recognizer. The gallery is loaded
 at start and saved at exit.
 
 Headless and deterministic: with a file or folder source and stdin that is not a terminal, the
@@ -37,13 +37,13 @@ import numpy as np
 from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
+from dmf_deploy.runtime.app.commands import CommandFeed, Session
+from dmf_deploy.runtime.app.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
+from dmf_deploy.runtime.app.overlay import View, Window, class_strip, render
+from dmf_deploy.runtime.app.sources import SourceError, open_source
 from dmf_deploy.runtime.backends import BACKENDS
-from dmf_deploy.runtime.commands import CommandFeed, Session
 from dmf_deploy.runtime.gallery import GalleryError
-from dmf_deploy.runtime.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
-from dmf_deploy.runtime.overlay import View, Window, class_strip, render
 from dmf_deploy.runtime.recognizer import Recognizer
-from dmf_deploy.runtime.sources import SourceError, open_source
 
 log = logging.getLogger("dmf_deploy.runtime")
 

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dmf_deploy.runtime.commands import Event, Session
+from dmf_deploy.runtime.app.commands import Event, Session
+from dmf_deploy.runtime.app.sources import FrameSource
 from dmf_deploy.runtime.recognizer import Prediction, Recognizer
-from dmf_deploy.runtime.sources import FrameSource
 
 TOP_K = 5  # classes listed per frame, in the JSON `top` field and in the window's panel
 

@@ -1,0 +1,1 @@
+"""Tools over the core: dmf-bench (bench.py), dmf-demo (demo.py), dmf-explain (explain_cli.py)."""
