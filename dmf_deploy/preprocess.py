@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.config import PreprocessConfig
+from dmf_deploy.image_size import FORMATS, image_size
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 MAX_IMAGE_FILE_BYTES = 64 << 20  # an image file larger than this is refused before it is read
@@ -126,14 +127,25 @@ def read_image_bytes(path: str | os.PathLike[str], what: str, max_bytes: int = M
 
 
 def decode_image(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """BGR uint8 from encoded bytes (any format OpenCV reads); ImageFileError when it is not an image."""
+    """BGR uint8 from encoded bytes; ImageFileError when it is not an image or is too large.
+
+    The size is read from the header first (dmf_deploy/image_size.py): an image larger than
+    `max_pixels`, or of a format whose size cannot be read before decoding, is never decoded.
+    """
+    size = image_size(data)
+    if size is None:
+        raise ImageFileError(f"{what} is not an image of a format dmf-deploy reads ({FORMATS})")
+    if min(size) < 1 or size[0] * size[1] > max_pixels:
+        raise ImageFileError(
+            f"{what} is {size[0]}x{size[1]} pixels; images of 1 to {max_pixels} pixels are accepted"
+        )
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         image = None
     if image is None:
         raise ImageFileError(f"{what} is not an image OpenCV can decode")
-    if image.shape[0] * image.shape[1] > max_pixels:
+    if image.shape[0] * image.shape[1] > max_pixels:  # a header that lied about its size
         raise ImageFileError(f"{what} has more than {max_pixels} pixels")
     return image
 

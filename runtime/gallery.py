@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.atomic import atomic_write_with, remove_stale, write_target
+from dmf_deploy.image_size import jpeg_size
 from dmf_deploy.names import name_key, validate_class_name
 
 FORMAT = "dmf-gallery"
@@ -671,36 +672,6 @@ def _read_member(
         raise GalleryError(f"gallery array {key!r} is truncated")
     array = np.frombuffer(data, got_dtype).reshape(got_shape, order="F" if fortran else "C")
     return array.astype(dtype)  # native byte order, writable, C order
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, read without decoding; None if it has none."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
-            return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-            if i + 9 > len(data):
-                return None
-            height = int.from_bytes(data[i + 5 : i + 7], "big")
-            width = int.from_bytes(data[i + 7 : i + 9], "big")
-            return width, height
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
 
 
 def _thumbnail_problem(data: bytes) -> str | None:

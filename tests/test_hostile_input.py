@@ -329,7 +329,7 @@ def test_image_files_from_outside_give_image_file_errors(tmp_path: Path) -> None
     (tmp_path / "folder.png").mkdir()
     for name, problem in [
         ("empty.png", "is empty"),
-        ("junk.png", "not an image OpenCV can decode"),
+        ("junk.png", "not an image of a format"),
         ("folder.png", "not a file"),
         ("missing.png", "does not exist"),
     ]:

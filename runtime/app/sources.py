@@ -27,6 +27,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from dmf_deploy.preprocess import ImageFileError, read_image_file
+
 log = logging.getLogger("dmf_deploy.runtime")
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
@@ -231,11 +233,13 @@ class FolderSource:
                 self._next, self._good = 0, 0
             path = self.files[self._next]
             self._next += 1
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if frame is not None:
-                self._good += 1
-                return frame
-            log.warning("skipping %s: not an image OpenCV can read", path)
+            try:  # sized from its header before it is decoded: an image bomb is skipped, not decoded
+                frame = read_image_file(path)
+            except ImageFileError as exc:
+                log.warning("skipping %s", exc)
+                continue
+            self._good += 1
+            return frame
 
     def close(self) -> None:
         pass
