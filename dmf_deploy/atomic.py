@@ -56,6 +56,34 @@ def write_target(path: str | os.PathLike[str]) -> tuple[Path, int | None]:
     return target, stat.S_IMODE(info.st_mode)
 
 
+class NotWritable(OSError):
+    """A file cannot be written where asked: a read-only filesystem, /proc, a path under a file, ..."""
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise NotWritable (or NotARegularFile) unless an atomic write to `path` could succeed now.
+
+    Tries what the write does: a temporary file in the nearest existing folder on the way to `path`
+    (the write makes the missing ones), removed at once. Meant for the start of a command, so that a
+    path that cannot be written fails before the work whose result it would hold.
+    """
+    try:
+        target, _ = write_target(path)
+    except NotADirectoryError:  # a path under a file: said below
+        target = Path(path)
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotWritable(f"{path} cannot be written: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dmf-write-check-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise NotWritable(f"{path} cannot be written: {exc.strerror or exc} ({folder})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Open a binary file for writing that appears at `path` only if the block succeeds."""

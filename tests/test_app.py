@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -441,3 +442,48 @@ def test_window_without_a_display(bundle, clip, tmp_path):
     )
     assert done.returncode == 1
     assert "no display" in done.stderr and "--headless" in done.stderr
+
+
+# ------------------------------------------------- signals and gallery paths (issue 29, item 5)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_a_closed_terminal_or_sigquit_saves_like_sigterm(bundle, clip, tmp_path, signum):
+    """SIGHUP (an SSH session dropped, a terminal closed) and SIGQUIT stop the run and save the gallery."""
+    gallery = tmp_path / "g.dmfg"
+    commands = tmp_path / "commands.txt"
+    commands.write_text("enroll c0 3\n")  # no quit: the looped clip runs until the signal
+    args = ["--source", clip, "--loop", "--headless", "--bundle", bundle, "--gallery", gallery]
+    with commands.open() as stdin:
+        child = subprocess.Popen(
+            [*dmf_run_command(), *map(str, args)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        for line in child.stdout:
+            if '"enrolled"' in line:
+                break
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=TIMEOUT)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert '"saved"' in out and "Traceback" not in err
+    assert Recognizer.open(bundle, gallery=gallery).classes == ["c0"]
+
+
+def test_a_gallery_that_cannot_be_written_is_refused_at_start(bundle, clip, tmp_path):
+    """Found before the session's enrolments, not at their save: a path under a file, and one in /proc
+    (a filesystem where no file can be made, as on a read-only one)."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for gallery in (a_file / "g.dmfg", Path("/proc/dmf-deploy-test/g.dmfg")):
+        args = ["--source", clip, "--headless", "--bundle", bundle, "--gallery", gallery]
+        result = run_app(args, stdin="enroll c0 3\nwait 5\nquit\n")
+        assert result.returncode == 1, result.stderr
+        assert f"the gallery {gallery} cannot be written" in result.stderr
+        assert '"enrolled"' not in result.stdout and "Traceback" not in result.stderr
+    assert a_file.read_text() == "mine"

@@ -16,8 +16,9 @@ next command. The same input therefore always gives the same output. With a came
 terminal on stdin), commands apply as they arrive (a reader holds at most 1,000 waiting lines, then
 stops reading stdin). Lines over 4 KB are refused with an error event. When the source ends, an
 `end_of_source` event says so; the commands still waiting run (`enroll` and `wait` answer with an
-error), then the run stops. The window instead holds the last frame until q. SIGTERM and SIGINT stop
-the run within a second; the gallery is saved. A network stream that is lost (more than --retries
+error), then the run stops. The window instead holds the last frame until q. SIGTERM, SIGINT, SIGHUP
+and SIGQUIT stop the run within a second; the gallery is saved. A gallery path that cannot be written
+is refused at start. A network stream that is lost (more than --retries
 reconnects within a minute) ends the run with exit status 1.
 """
 
@@ -34,6 +35,7 @@ import click
 import cv2
 import numpy as np
 
+from dmf_deploy.atomic import check_writable
 from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
@@ -224,8 +226,8 @@ def main(
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,
     wait N, quit. With a file or folder source and piped stdin, the commands run in order between
     frames, each line read when it is due (the loop waits for it), so runs are reproducible. Lines over
-    4 KB are refused. The end of the source is the event end_of_source. SIGTERM or SIGINT: stop, save
-    the gallery, exit.
+    4 KB are refused. The end of the source is the event end_of_source. SIGTERM, SIGINT, SIGHUP or
+    SIGQUIT: stop, save the gallery, exit.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="dmf-run: %(message)s")
     if not verbose:
@@ -246,6 +248,10 @@ def main(
         except BundleError as exc:
             raise AppError(str(exc)) from exc
     gallery_path = gallery
+    try:  # found now, not at the end of the session whose enrolments it should hold
+        check_writable(gallery_path)
+    except OSError as exc:
+        raise AppError(f"the gallery {exc}; pass a --gallery that can be written") from None
     rec = open_recognizer(
         bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default, sensitivity
     )
@@ -275,12 +281,13 @@ def main(
     signals: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
-        # SIGTERM (systemd, docker stop) and SIGINT end the loop like `quit`: the gallery is saved.
+        # SIGTERM (systemd, docker stop), SIGINT, SIGHUP (the terminal closed, the SSH session dropped)
+        # and SIGQUIT end the loop like `quit`: the gallery is saved.
         signals.append(signum)
         session.stop()
         stopping.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, stop)
     if headless:
         output.emit(
