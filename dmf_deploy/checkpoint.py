@@ -131,6 +131,7 @@ def load_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[DMFNet,
             config = ModelConfig.from_dict(payload["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{resolved} has an invalid model config: {exc}") from exc
+        _check_config_bounds(config, resolved)
         state = _checked_state(payload["state_dict"], resolved)
         metadata = payload.get("metadata", {})
         if not isinstance(metadata, dict):
@@ -147,6 +148,40 @@ def load_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[DMFNet,
     _load_state(model, state, resolved, spell=str if payload.get("format") == FORMAT else _official_key)
     metadata.setdefault("weights_sha256", weights_sha256(model.state_dict()))
     return model.eval(), metadata
+
+
+# The largest model a checkpoint's config may describe, field by field: far beyond any DMF model
+# (ResNet-12 at 84 px has widths up to 640), yet small enough that building the model it names costs at
+# most about a gigabyte. Checked before the model is built: a 3 KB file cannot ask for 240 GB.
+CONFIG_BOUNDS = {
+    "preprocess.image_size": 1024,
+    "preprocess.crop_from": 2048,
+    "widths": 2048,
+    "groups": 2048,
+    "num_classes": 10_000,
+    "steps": 1000,
+    "dropblock_size": 64,
+}
+
+
+def _check_config_bounds(config: ModelConfig, path: Path) -> None:
+    values = {
+        "preprocess.image_size": [config.preprocess.image_size],
+        "preprocess.crop_from": [config.preprocess.crop_from or 0],
+        "widths": list(config.widths),
+        "groups": [config.groups],
+        "num_classes": [config.num_classes],
+        "steps": [config.steps],
+        "dropblock_size": [config.dropblock_size],
+    }
+    for field, numbers in values.items():
+        top = CONFIG_BOUNDS[field]
+        if any(not 0 <= n <= top for n in numbers):
+            shown = numbers[0] if len(numbers) == 1 else numbers
+            raise CheckpointError(
+                f"{path}: its model config asks for {field} = {shown}; at most {top} is read (the model it "
+                "describes would take more memory than any DMF model)"
+            )
 
 
 def _checked_state(state: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -355,3 +355,23 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert target.read_bytes() != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
     assert torch.equal(load_checkpoint(target).head.off_conv.weight, model.head.off_conv.weight)
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("preprocess.image_size", lambda c: c["preprocess"].update(image_size=100_000)),
+        ("widths", lambda c: c.update(widths=[12_000, 12_000, 12_000, 12_000], groups=1)),
+        ("num_classes", lambda c: c.update(num_classes=10**9)),
+    ],
+)
+def test_a_config_that_asks_for_gigabytes_is_refused_before_the_model_is_built(tmp_path, field, change):
+    """Issue 29, item 8: a few-KB checkpoint whose config names a huge model (image_size 100000: a
+    240 GB allocation; widths of 12,000: 5.6 GB and 11 s) is refused at load, naming the field."""
+    path = tmp_path / "small.pt"
+    save_checkpoint(dmf_deploy.DMFNet(conv4_config(32, width=16, groups=4)), path)
+    payload = torch.load(path, weights_only=True)
+    change(payload["config"])
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"asks for {field} = .*; at most"):
+        load_checkpoint(path)
