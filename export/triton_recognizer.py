@@ -19,8 +19,14 @@ from dmf_deploy.manifest import MANIFEST_NAME, Manifest, verify_graph
 MODEL_NAME = "dmf_recognizer"
 GALLERY_FILE = "gallery.dmfg"
 BUNDLE_DIR = "bundle"
-# Frames per request and per formed batch. An enrolment of more shots is sent in several requests.
-RECOGNIZER_MAX_BATCH = 32
+# Bounds on what one request may cost the server (issue 29, item 4). Frames per request and per formed
+# batch: an enrolment of more shots is sent in several requests. Frame size: each side, and in all (a
+# 1080p frame). A formed batch then holds at most 16 x 1920 x 1080 x 3 bytes = 100 MB of frames; Triton's
+# Python backend copies them into shared memory, which it keeps once used (up to about two batches).
+# Frames have 3 channels (BGR).
+RECOGNIZER_MAX_BATCH = 16
+MAX_FRAME_SIDE = 4096
+MAX_FRAME_PIXELS = 1920 * 1080
 # How long the dynamic batcher holds the first request of a batch for others to join: 0.5 ms,
 # small next to one frame's backbone time on a CPU (~1 ms for the demo model, ~20 ms for ResNet-12).
 QUEUE_DELAY_US = 500
@@ -47,7 +53,7 @@ input [
   {{
     name: "frames"
     data_type: TYPE_UINT8
-    dims: [ -1, -1, -1 ]
+    dims: [ -1, -1, 3 ]
     optional: true
   }},
   {{
@@ -90,6 +96,14 @@ parameters {{
 parameters {{
   key: "gallery"
   value: {{ string_value: "{GALLERY_FILE}" }}
+}}
+parameters {{
+  key: "max_frame_side"
+  value: {{ string_value: "{MAX_FRAME_SIDE}" }}
+}}
+parameters {{
+  key: "max_frame_pixels"
+  value: {{ string_value: "{MAX_FRAME_PIXELS}" }}
 }}
 """
 

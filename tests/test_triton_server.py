@@ -9,6 +9,7 @@ module's key file lives in a temporary config folder, never the user's.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -16,8 +17,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
@@ -34,6 +37,7 @@ from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime.gallery import Gallery, GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer, describe_model
 from dmf_deploy.runtime.serve.key import ENVIRONMENT_VARIABLE, HEADER, key_file
+from dmf_deploy.runtime.serve.leftovers import backends_prefix, shm_prefix
 from dmf_deploy.runtime.serve.remote import KeyRefused, RemoteRecognizer
 from dmf_deploy.runtime.serve.server import Served, ServeError, find_triton, serving, start_serving
 from dmf_deploy.train.glyphs import GlyphSet
@@ -135,7 +139,7 @@ def test_server_errors_come_back_as_the_local_errors(remote, enrolled) -> None:
         remote.remove("nobody")
     with pytest.raises(GalleryError, match="already exists"):
         remote.rename("alpha", "beta")
-    with pytest.raises(InvalidFrame, match="exceed 4096"):
+    with pytest.raises(InvalidFrame, match="at most 4096 a side"):  # refused before it is sent
         remote.scores([np.zeros((4100, 8, 3), np.uint8)])
     assert remote.classes == enrolled  # nothing changed
 
@@ -153,16 +157,16 @@ def test_the_server_checks_what_a_raw_client_sends(server: Served, enrolled) -> 
             client.infer(MODEL_NAME, [tensor], parameters=parameters, headers={HEADER: server.key})
         return caught.value.message()
 
-    assert send(np.zeros((1, 8, 8, 4), np.uint8), {}).startswith("InvalidFrame: ")
+    assert "unexpected shape for input 'frames'" in send(np.zeros((1, 8, 8, 4), np.uint8), {})  # config: 3
     assert send(np.zeros((1, 1, 8, 3), np.uint8), {}).startswith("InvalidFrame: ")
     assert send(np.zeros((1, 8, 8, 3), np.uint8), {"op": "explode"}).startswith("BadRequest: unknown op")
-    assert "must be a string" in send(None, {"op": "remove", "name": 5})
+    assert "must be a string" in send(None, {"op": "remove", "name_hex": 5})
     assert "must be a string" in send(None, {"op": "remove"})
     assert send(None, {"op": "classify"}).startswith("BadRequest: classify needs the input 'frames'")
     assert send(np.zeros((1, 8, 8, 3), np.uint8), {"op": "remove", "name": "alpha"}).startswith("BadRequest")
-    assert send(None, {"op": "enroll", "name": "x" * 2000}).startswith("BadRequest")
-    over = np.zeros((33, 8, 8, 3), np.uint8)  # max_batch_size is 32: Triton itself refuses
-    assert "batch-size must be <= 32" in send(over, {})
+    assert send(None, {"op": "enroll", "name_hex": "78" * 2000}).startswith("BadRequest")
+    over = np.zeros((17, 8, 8, 3), np.uint8)  # max_batch_size is 16: Triton itself refuses
+    assert "batch-size must be <= 16" in send(over, {})
     client.close()
 
 
@@ -313,8 +317,8 @@ def test_a_web_page_cannot_enrol_or_remove(server: Served, remote, enrolled) -> 
     control = {"name": "control", "shape": [1, 1], "datatype": "UINT8", "data": [0]}
     page = {"Content-Type": "text/plain", "Origin": "http://evil.example"}
     for inputs, parameters in (
-        ([frames], {"op": "enroll", "name": "planted"}),
-        ([control], {"op": "remove", "name": "alpha"}),
+        ([frames], {"op": "enroll", "name_hex": b"planted".hex()}),
+        ([control], {"op": "remove", "name_hex": b"alpha".hex()}),
     ):
         body = json.dumps({"inputs": inputs, "parameters": parameters})
         status, _, answer = raw_request(server, "POST", f"/v2/models/{MODEL_NAME}/infer", body, page)
@@ -409,6 +413,61 @@ def test_serving_other_machines_needs_an_explicit_key(repo: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "must be 16 to 256 characters" in result.stderr
+
+
+# ----- class names as the client sent them (issue 29, item 3) -------------------------------------
+def infer_status(served: Served, parameters: dict, frames: np.ndarray | None = None) -> tuple[int, str]:
+    """One inference request as any HTTP client could send it: its status and error message."""
+    array = np.zeros((1, 1), np.uint8) if frames is None else frames
+    tensor = {
+        "name": "control" if frames is None else "frames",
+        "shape": list(array.shape),
+        "datatype": "UINT8",
+        "data": array.ravel().tolist(),
+    }
+    body = json.dumps({"inputs": [tensor], "parameters": parameters})
+    headers = {HEADER: served.key, "Content-Type": "application/json"}
+    status, _, answer = raw_request(served, "POST", f"/v2/models/{MODEL_NAME}/infer", body, headers)
+    return status, json.loads(answer).get("error", "") if status != 200 else ""
+
+
+def test_a_nul_in_a_served_class_name_is_refused(server: Served, remote, enrolled) -> None:
+    """The issue's attack: enroll("ring\\x00cross") added shots to "ring", remove("ring\\x00x") removed
+    "ring". Now the client refuses such names, and the server refuses them from any client."""
+    remote.enroll("ring", shots(8))
+    with pytest.raises(InvalidClassName, match="control character"):
+        remote.enroll("ring\x00cross", shots(9))
+    with pytest.raises(InvalidClassName, match="control character"):
+        remote.remove("ring\x00x")
+    # A raw client: a plain string parameter (which Triton cuts at the NUL) is not taken as a name.
+    status, error = infer_status(server, {"op": "remove", "name": "ring\x00x"})
+    assert status == 400 and error.startswith("BadRequest: send the class name as name_hex")
+    # The exact bytes, in hex: validated as the local Recognizer validates names.
+    for name in ("ring\x00x", "ring\ncross", "a/b", " "):
+        status, error = infer_status(server, {"op": "remove", "name_hex": name.encode().hex()})
+        assert status == 400 and error.startswith("InvalidClassName: "), error
+    status, error = infer_status(server, {"op": "remove", "name_hex": "ff00"})  # not UTF-8
+    assert status == 400 and error.startswith("InvalidClassName: ")
+    assert remote.classes == [*enrolled, "ring"]
+    remote.rename("ring", "café ☕")  # names beyond ASCII travel whole
+    assert remote.classes == [*enrolled, "café ☕"]
+    remote.remove("café ☕")
+    assert remote.classes == enrolled
+
+
+# ----- what one request may cost (issue 29, item 4) -----------------------------------------------
+def test_a_clients_mistake_is_a_400_not_a_500(server: Served, enrolled) -> None:
+    frame = np.zeros((1, 8, 8, 3), np.uint8)
+    for parameters, frames, start in (
+        ({"op": "explode"}, frame, "BadRequest: unknown op"),
+        ({"op": "remove", "name_hex": b"nobody".hex()}, None, "UnknownClass: "),
+        ({"op": "scores"}, np.zeros((1, 1, 8, 3), np.uint8), "InvalidFrame: "),
+        ({"op": "scores"}, np.zeros((1, 1081, 1921, 3), np.uint8), "InvalidFrame: frames of 1921x1081"),
+        ({"op": "scores"}, np.zeros((1, 8, 8, 4), np.uint8), "[request id"),  # config: 3 channels
+        ({"op": "scores"}, np.zeros((17, 8, 8, 3), np.uint8), "[request id"),  # config: batch <= 16
+    ):
+        status, error = infer_status(server, parameters, frames)
+        assert status == 400 and error.startswith(start), (status, error)
 
 
 # ----- a new deployment: no class enrolled yet (issue 29, item 7) ----------------------------------
@@ -532,3 +591,112 @@ def test_kill_9_during_a_save_leaves_a_loadable_gallery(tmp_path: Path) -> None:
     assert loaded.names[:400] == [f"seed{c}" for c in range(400)]
     assert loaded.names[400:] == [f"new{k}" for k in range(len(loaded) - 400)]
     shutil.rmtree(repo)
+
+
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and all its descendants, in MB (shared pages counted once)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                pending += map(int, Path(f"/proc/{current}/task/{task}/children").read_text().split())
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total / 1024
+
+
+# The issue's bound: after the attack the server's memory is within 300 MB of its idle figure within 10 s.
+MEMORY_SLACK_MB = 300
+SETTLE_S = 10
+
+
+def test_big_requests_are_bounded_and_their_memory_given_back(tmp_path: Path) -> None:
+    """The issue's attack (four concurrent scores calls of [32, 4096, 3072, 3]) and its nearest legal
+    form (the largest batch of the largest frames the server takes, from eight clients at once).
+
+    The attack is sent scaled down to [32, 512, 512, 3] (25 MB), to spare the test machine 10 GB: it
+    is refused by its batch alone, as the full-size one is. Memory: the server's processes' PSS."""
+    repo = make_repository(tmp_path / "repo")
+    with serving(repo, tmp_path / "serve.log") as served, RemoteRecognizer(served.url, timeout=120) as rec:
+        rec.enroll("zero", shots(0))
+        rec.classify(queries())
+        idle = tree_pss_mb(served.process.pid)
+        largest = np.zeros((16, 1080, 1920, 3), np.uint8)
+        attack = np.zeros((32, 512, 512, 3), np.uint8)
+        outcomes: list[object] = []
+
+        def scores(frames: np.ndarray) -> None:
+            client = http.InferenceServerClient(served.url, connection_timeout=120, network_timeout=120)
+            tensor = http.InferInput("frames", list(frames.shape), "UINT8")
+            tensor.set_data_from_numpy(frames)
+            try:
+                result = client.infer(
+                    MODEL_NAME, [tensor], parameters={"op": "scores"}, headers={HEADER: served.key}
+                )
+                outcomes.append(result.as_numpy("scores").shape)
+            except InferenceServerException as exc:
+                outcomes.append(exc.status())
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=scores, args=(attack,)) for _ in range(4)]
+        threads += [threading.Thread(target=scores, args=(largest,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert sorted(map(str, outcomes)) == ["(16, 1)"] * 8 + ["400"] * 4
+        deadline = time.monotonic() + SETTLE_S
+        while (
+            held := tree_pss_mb(served.process.pid) - idle
+        ) > MEMORY_SLACK_MB and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert held <= MEMORY_SLACK_MB, f"{held:.0f} MB above the idle {idle:.0f} MB after {SETTLE_S} s"
+        assert rec.classes == ["zero"]  # and it still serves
+
+
+# ----- kill -9 leftovers, and starting on an old log (issue 29, item 8) ----------------------------
+def own_leftovers(pid: int) -> list[Path]:
+    """The shared-memory regions and backend folder that the dmf-serve of `pid` made."""
+    regions = list(Path("/dev/shm").glob(f"{shm_prefix(pid)}*"))
+    return regions + list(Path(tempfile.gettempdir()).glob(f"{backends_prefix(pid)}*"))
+
+
+def test_kill_9_leftovers_are_removed_at_the_next_start_and_nothing_else(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    log = tmp_path / "serve.log"
+    first = start_serving(repo, log)
+    first.kill()
+    left = own_leftovers(first.process.pid)
+    assert any(p.parent == Path("/dev/shm") for p in left) and any(p.is_dir() for p in left)
+    # Look-alikes that are not provably a dead dmf-serve's: a live process's, another server's, SQLite's.
+    decoys = [
+        Path("/dev/shm") / f"{shm_prefix(os.getpid())}{uuid.uuid4()}",
+        Path("/dev/shm") / f"triton_python_backend_shm_region_{uuid.uuid4()}",
+        Path("/dev/shm") / f"dmf-serve-shm-gallery-{uuid.uuid4().hex}.sqlite-shm",
+        Path(tempfile.gettempdir()) / f"{backends_prefix(os.getpid())}decoy",
+    ]
+    try:
+        for decoy in decoys:
+            decoy.write_bytes(b"x")
+        # The same log: its ready line is the first server's, and start_serving must wait for its own.
+        with serving(repo, log) as second, RemoteRecognizer(second.url, timeout=30) as rec:
+            assert rec.classes == []
+            assert second.server_pid() is not None
+        assert not any(path.exists() for path in left)
+        assert all(f"removed {path}," in log.read_text() for path in left)
+        assert all(decoy.read_bytes() == b"x" for decoy in decoys)
+    finally:
+        for decoy in decoys:
+            decoy.unlink(missing_ok=True)
+
+
+def test_server_pid_is_none_for_a_process_without_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        served = Served(child, "127.0.0.1:1", Path(os.devnull), "", "127.0.0.1:2")
+        assert served.server_pid() is None
+    finally:
+        child.kill()
+        child.wait()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dmf_deploy.names import InvalidClassName
+from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.preprocess import InvalidFrame, check_frame
 from dmf_deploy.runtime.gallery import GalleryError
 from dmf_deploy.runtime.recognizer import Prediction
@@ -97,6 +97,10 @@ class RemoteRecognizer:
                 raise refused from None
             raise RemoteError(f"no model {model!r} ready at http://{url}: {exc}") from exc
         self.max_batch = int(config.get("max_batch_size", 1)) or 1
+        # The server's frame bounds (dmf_deploy/runtime/serve/triton_model.py), checked before sending.
+        bounds = config.get("parameters", {})
+        self.max_side = int(bounds.get("max_frame_side", {}).get("string_value") or 0) or None
+        self.max_pixels = int(bounds.get("max_frame_pixels", {}).get("string_value") or 0) or None
 
     # ----- reading ---------------------------------------------------------------------------------
     @property
@@ -110,7 +114,7 @@ class RemoteRecognizer:
     def scores_and_classes(self, frames: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Exact scores and the class list they are over, read together on the server (per request)."""
         rows, classes = [], []
-        for batch in self._batches(_frame_list(frames)):
+        for batch in self._batches(self._frame_list(frames)):
             classes, outputs = self._call("scores", frames=batch)
             rows.append(outputs["scores"])
         return np.concatenate(rows), classes
@@ -118,7 +122,7 @@ class RemoteRecognizer:
     def classify(self, frame: np.ndarray | Sequence[np.ndarray]) -> Prediction | list[Prediction]:
         """One frame -> Prediction; a list of frames (or a [B,H,W,3] array) -> list of Predictions."""
         single = isinstance(frame, np.ndarray) and frame.ndim != 4
-        frames = _frame_list([frame] if single else frame)
+        frames = self._frame_list([frame] if single else frame)
         predictions = []
         for batch in self._batches(frames):
             classes, out = self._call("classify", frames=batch)
@@ -135,7 +139,7 @@ class RemoteRecognizer:
         """Add frames as shots of `name`; more than `max_batch` frames go in several requests."""
         if isinstance(frames, np.ndarray) and frames.ndim != 4:
             raise InvalidFrame("enroll takes a sequence of frames; wrap a single frame in a list")
-        shots = _frame_list(frames)
+        shots = self._frame_list(frames)
         if not shots:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
         for batch in self._batches(shots):
@@ -198,6 +202,25 @@ class RemoteRecognizer:
             f"the server at http://{self.url} needs its key: pass key= or set {ENVIRONMENT_VARIABLE}{where}"
         )
 
+    def _frame_list(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """Each frame checked as the local Recognizer checks it (HxWx3 BGR uint8), and against the
+        server's frame bounds, before anything is sent."""
+        if isinstance(frames, np.ndarray) and frames.ndim != 4:
+            raise InvalidFrame(
+                f"expected a sequence of frames or a [B, H, W, C] array of them, got one array of shape "
+                f"{frames.shape}; wrap a single frame in a list"
+            )
+        checked = [np.ascontiguousarray(check_frame(frame, i)) for i, frame in enumerate(frames)]
+        for i, frame in enumerate(checked):
+            height, width = frame.shape[:2]
+            too_long = self.max_side is not None and max(height, width) > self.max_side
+            if too_long or (self.max_pixels is not None and height * width > self.max_pixels):
+                raise InvalidFrame(
+                    f"frame {i} is {width}x{height} pixels; the server takes at most {self.max_side} a "
+                    f"side and {self.max_pixels} pixels: resize it first (the model sees it far smaller)"
+                )
+        return checked
+
     def _batches(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """Runs of same-sized frames, at most max_batch each, as [B,H,W,3] arrays (one request each)."""
         batches: list[list[np.ndarray]] = []
@@ -217,16 +240,19 @@ class RemoteRecognizer:
         else:
             tensor = http.InferInput("control", [1, 1], "UINT8")
             tensor.set_data_from_numpy(np.zeros((1, 1), np.uint8))
-        for value in names.values():
-            if not isinstance(value, str):
-                raise InvalidClassName(f"class name must be a string, got {type(value).__name__}")
+        parameters = {"op": op}
+        for key, value in names.items():
+            validate_class_name(value)  # as the local Recognizer does; the server checks again
+            # The exact bytes, which the server reads (a string parameter would end at a NUL), and the
+            # plain string, which models exported at 0.2 read.
+            parameters.update({key: value, f"{key}_hex": value.encode("utf-8").hex()})
         wanted = [http.InferRequestedOutput(name) for name in OUTPUTS]
         try:
             result = self._client().infer(
                 self.model,
                 [tensor],
                 outputs=wanted,
-                parameters={"op": op, **names},
+                parameters=parameters,
                 headers=self._headers,
                 timeout=None,
             )
@@ -243,16 +269,6 @@ class RemoteRecognizer:
         if out["scores"].shape != (len(out["text"]), len(classes)):
             raise RemoteError(f"the server sent scores {out['scores'].shape} for {len(classes)} classes")
         return classes, out
-
-
-def _frame_list(frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
-    """Each frame checked as the local Recognizer checks it (HxWx3 BGR uint8), before anything is sent."""
-    if isinstance(frames, np.ndarray) and frames.ndim != 4:
-        raise InvalidFrame(
-            f"expected a sequence of frames or a [B, H, W, C] array of them, got one array of shape "
-            f"{frames.shape}; wrap a single frame in a list"
-        )
-    return [np.ascontiguousarray(check_frame(frame, i)) for i, frame in enumerate(frames)]
 
 
 def _local_error(message: str) -> Exception:

@@ -46,11 +46,13 @@ from dmf_deploy.runtime.serve.key import (
     load_or_create_key_file,
     read_key_file,
 )
+from dmf_deploy.runtime.serve.leftovers import backends_prefix, remove_leftovers, shm_prefix
 
 INSTALL_HINT = 'pip install "dmf-deploy[serve]" && pip install --no-deps nvidia-pytriton'
 DEFAULT_MODEL = "dmf_recognizer"
 SITE_DIRS_VARIABLE = "DMF_SERVE_SITE_DIRS"  # read by dmf_deploy/runtime/serve/triton_model.py
 STOP_TIMEOUT_S = 30.0  # tritonserver's own exit timeout is 30 s; then it is killed
+MMAP_THRESHOLD_BYTES = 1 << 20
 # Triton's names of the APIs behind the key, and of those closed to everyone.
 KEYED_APIS = "metadata,inference,model-config,statistics"
 CLOSED_APIS = "model-repository,shared-memory,trace,logging"
@@ -107,6 +109,10 @@ def backend_directory(install: TritonInstall, folder: Path) -> Path:
 
 def server_environment(install: TritonInstall) -> dict[str, str]:
     env = dict(os.environ)
+    # Buffers of 1 MB and more are mapped apart and unmapped when freed: the memory of a large request
+    # goes back to the system after it, instead of staying in the heap (glibc otherwise raises this
+    # threshold as large buffers come and go). The model's stub inherits it.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     libraries = [str(install.libraries)]
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         libraries.insert(0, str(sysconfig.get_config_var("LIBDIR")))  # this interpreter's libpython
@@ -135,6 +141,9 @@ def server_command(
         f"--grpc-port={grpc_port}",
         "--allow-metrics=false",  # no third port
         "--model-control-mode=explicit",  # load what is asked for, not every model in the folder
+        # Shared-memory regions named after this dmf-serve, so that a later start can tell they are its
+        # leftovers if it is killed (runtime/serve/leftovers.py).
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
         f"--exit-timeout-secs={int(STOP_TIMEOUT_S)}",
         # gRPC clients send the header as `triton-grpc-protocol-dmf-serve-key` (Triton's prefix).
         f"--http-restricted-api={KEYED_APIS}:{HEADER}={key}",
@@ -253,7 +262,9 @@ def main(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with tempfile.TemporaryDirectory(prefix="dmf-serve-backends-") as folder:
+    for path in remove_leftovers():
+        click.echo(f"dmf-serve: removed {path}, left by a dmf-serve that was killed", err=True)
+    with tempfile.TemporaryDirectory(prefix=backends_prefix()) as folder:
         backends = backend_directory(install, Path(folder))
         command = server_command(install, repo.resolve(), backends, host, http_port, grpc_port, models, key)
         # Its own process group, so that stopping it reaches the model stubs too.
@@ -306,7 +317,8 @@ class Served:
         """tritonserver's pid (the leader of its own process group, with the model stubs)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         with contextlib.suppress(OSError, ValueError):
-            return int(children.read_text().split()[0])
+            pids = children.read_text().split()
+            return int(pids[0]) if pids else None  # none before it starts the server, or after
         return None
 
     def kill(self) -> None:
@@ -362,6 +374,7 @@ def start_serving(
     command += ["--ready-timeout", str(timeout_s)]
     command += [arg for m in models for arg in ("--model", m)]
     with open(log, "ab") as sink:
+        start = sink.tell()  # a log that already holds an earlier run's ready line: read only what follows
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
@@ -369,7 +382,7 @@ def start_serving(
     served = Served(process, f"127.0.0.1:{http_port}", log, key, f"127.0.0.1:{grpc_port}")
     deadline = time.monotonic() + timeout_s + 10
     while time.monotonic() < deadline:
-        if b"dmf-serve: ready" in log.read_bytes():
+        if b"dmf-serve: ready" in log.read_bytes()[start:]:
             served.key = served.key or read_key_file(key_file()) or ""  # the one dmf-serve made
             return served
         if process.poll() is not None:

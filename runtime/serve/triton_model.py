@@ -5,9 +5,15 @@ one `Recognizer` (the bundle copied beside it, the gallery named by the config's
 and answers requests to the one model, so that the state lives in one place:
 
 - request parameter ``op``: classify (the default), scores, enroll, remove, rename, save or classes;
-  ``name`` and ``new_name`` carry class names (enroll, remove, rename).
-- input ``frames`` [B,H,W,C] uint8 (BGR or grey): classify, scores and enroll. Requests that carry no
+  ``name_hex`` and ``new_name_hex`` carry class names (enroll, remove, rename) as the hex of their UTF-8
+  bytes: Triton ends a string parameter at its first NUL, so "ring\\x00cross" would arrive as "ring".
+  The hex arrives whole and is validated as the local Recognizer validates names. (RemoteRecognizer
+  also sends ``name`` and ``new_name`` as plain strings, which only models exported at 0.2 read.)
+- input ``frames`` [B,H,W,3] uint8 (BGR): classify, scores and enroll. Requests that carry no
   frames send the one-byte input ``control`` instead: Triton refuses a request without any input.
+- bounds on what one request may cost: B <= max_batch_size (config.pbtxt), 3 channels (config.pbtxt),
+  and, checked here before anything is copied, each frame at most ``max_frame_side`` pixels a side and
+  ``max_frame_pixels`` in all (config.pbtxt's parameters, which RemoteRecognizer reads too).
 - outputs, B rows each: ``scores`` [B,N] float32 over the class list (-inf for classes a shortlist
   left out), ``score`` [B,1] float32, and ``text`` [B,L] uint8: per row the UTF-8 JSON
   ``{"classes": [...], "label": ... or null, "message": ...}``, padded with spaces to one length.
@@ -20,6 +26,8 @@ zeros and send empty outputs, silently. DLPack works with either numpy.
 Every change (enroll, remove, rename) is saved to the gallery file atomically before it is answered.
 Errors are answered as Triton errors whose message starts with the name of the error
 (``InvalidFrame: ...``), which `dmf_deploy.runtime.serve.remote.RemoteRecognizer` raises again as that error.
+A client's mistake (a bad frame, name, op, or an unknown class) is an INVALID_ARG error (HTTP 400);
+only the server's own failures are HTTP 500.
 The model instance executes one batch at a time, so the requests of a batch are handled in arrival
 order and nothing else changes the gallery in between.
 """
@@ -55,8 +63,12 @@ import numpy as np  # noqa: E402
 
 OPS = ("classify", "scores", "enroll", "remove", "rename", "save", "classes")
 FRAME_OPS = ("classify", "scores", "enroll")
-MAX_FRAME_SIDE = 4096  # pixels; larger frames are refused before any work
-MAX_PARAMETER_CHARS = 1024  # a class name is at most 64 characters; anything longer is refused
+# Defaults of the config's parameters max_frame_side and max_frame_pixels (a config without them).
+MAX_FRAME_SIDE = 4096
+MAX_FRAME_PIXELS = 1920 * 1080
+MAX_PARAMETER_CHARS = 1024  # a class name is at most 64 characters (256 UTF-8 bytes, 512 in hex)
+# Errors that are the client's mistake, answered as INVALID_ARG (HTTP 400) rather than 500.
+CLIENT_ERRORS = ("InvalidFrame", "InvalidClassName", "UnknownClass", "BadRequest")
 
 
 class BadRequest(ValueError):
@@ -95,13 +107,41 @@ def _text_parameter(params: dict[str, Any], key: str) -> str:
     return value
 
 
+def _name_parameter(params: dict[str, Any], key: str) -> str:
+    """The class name in the parameter `key`_hex, decoded from the exact bytes the client sent."""
+    from dmf_deploy.names import InvalidClassName, validate_class_name
+
+    if f"{key}_hex" not in params and key in params:
+        raise BadRequest(
+            f"send the class name as {key}_hex, the hex of its UTF-8 bytes: Triton ends a string "
+            f"parameter at its first NUL character, so {key!r} may not be what the client sent"
+        )
+    text = _text_parameter(params, f"{key}_hex")
+    try:
+        name = bytes.fromhex(text).decode("utf-8")
+    except ValueError:  # not hex, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise InvalidClassName(f"the request parameter {key}_hex is not the hex of a UTF-8 name") from None
+    validate_class_name(name)  # NUL and every other name the local Recognizer refuses
+    return name
+
+
+def check_frames(frames: np.ndarray, max_side: int, max_pixels: int) -> None:
+    """Refuse frames beyond this model's bounds, from their shape alone (before they are copied)."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or len(frames) == 0:
+        raise BadRequest(f"'frames' must be [B,H,W,3] uint8 with B >= 1, got {frames.dtype} {frames.shape}")
+    height, width, channels = frames.shape[1:]
+    if channels != 3:
+        raise _invalid_frame(f"frames have {channels} channels; expected 3 (BGR)")
+    if min(height, width) < 2 or max(height, width) > max_side or height * width > max_pixels:
+        raise _invalid_frame(
+            f"frames of {width}x{height} pixels are outside this server's bounds: 2 to {max_side} pixels a "
+            f"side and at most {max_pixels} pixels; resize them first (the model sees them far smaller)"
+        )
+
+
 def _frames(frames: np.ndarray | None, op: str) -> list[np.ndarray]:
     if frames is None:
         raise BadRequest(f"{op} needs the input 'frames'")
-    if frames.dtype != np.uint8 or frames.ndim != 4 or len(frames) == 0:
-        raise BadRequest(f"'frames' must be [B,H,W,C] uint8 with B >= 1, got {frames.dtype} {frames.shape}")
-    if max(frames.shape[1:3]) > MAX_FRAME_SIDE:
-        raise _invalid_frame(f"frames of {frames.shape[2]}x{frames.shape[1]} pixels exceed {MAX_FRAME_SIDE}")
     return list(frames)
 
 
@@ -172,6 +212,8 @@ class TritonPythonModel:
         gallery = model_dir / params.get("gallery", "gallery.dmfg")
         threads = int(params["threads"]) if params.get("threads") else None
         backend = params.get("backend", "auto")
+        self.max_side = int(params.get("max_frame_side") or MAX_FRAME_SIDE)
+        self.max_pixels = int(params.get("max_frame_pixels") or MAX_FRAME_PIXELS)
         self.recognizer = Recognizer.open(bundle, backend=backend, gallery=gallery, threads=threads)
         self.gallery_path = gallery
 
@@ -199,11 +241,14 @@ class TritonPythonModel:
         if op not in OPS:
             raise BadRequest(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
         tensor = self.pb.get_input_tensor_by_name(request, "frames")
-        # A copy: the DLPack view is of the request's memory, which Triton frees after the response.
-        frames = None if tensor is None else np.array(np.from_dlpack(tensor))
-        if frames is not None and op not in FRAME_OPS:
+        if tensor is None:
+            return op, params, None
+        if op not in FRAME_OPS:
             raise BadRequest(f"{op} takes no frames")
-        return op, params, frames
+        view = np.from_dlpack(tensor)
+        check_frames(view, self.max_side, self.max_pixels)
+        # A copy: the DLPack view is of the request's memory, which Triton frees after the response.
+        return op, params, np.array(view)
 
     def _classify(self, pending: list[tuple[int, list[np.ndarray]]], responses: list[Any]) -> None:
         """Classify the frames of several requests in one Recognizer call (one backbone batch)."""
@@ -247,11 +292,11 @@ class TritonPythonModel:
             rows.scores[:] = rec.scores(batch)
             return rows
         if op == "enroll":
-            rec.enroll(_text_parameter(params, "name"), _frames(frames, op))
+            rec.enroll(_name_parameter(params, "name"), _frames(frames, op))
         elif op == "remove":
-            rec.remove(_text_parameter(params, "name"))
+            rec.remove(_name_parameter(params, "name"))
         elif op == "rename":
-            rec.rename(_text_parameter(params, "name"), _text_parameter(params, "new_name"))
+            rec.rename(_name_parameter(params, "name"), _name_parameter(params, "new_name"))
         if op != "classes":
             rec.save()  # atomic: temp file, fsync, rename
         rows = Rows(rec.classes, 1)
@@ -266,4 +311,7 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, exc: BaseException) -> Any:
-        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{error_kind(exc)}: {_message(exc)}"))
+        kind = error_kind(exc)
+        client = kind in CLIENT_ERRORS or (kind == "GalleryError" and not isinstance(exc, OSError))
+        code = self.pb.TritonError.INVALID_ARG if client else self.pb.TritonError.INTERNAL
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{kind}: {_message(exc)}", code))
