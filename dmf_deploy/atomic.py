@@ -60,17 +60,21 @@ class NotWritable(OSError):
     """A file cannot be written where asked: a read-only filesystem, /proc, a path under a file, ..."""
 
 
-def check_writable(path: str | os.PathLike[str]) -> None:
+def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> None:
     """Raise NotWritable (or NotARegularFile) unless an atomic write to `path` could succeed now.
 
     Tries what the write does: a temporary file in the nearest existing folder on the way to `path`
-    (the write makes the missing ones), removed at once. Meant for the start of a command, so that a
-    path that cannot be written fails before the work whose result it would hold.
+    (the write makes the missing ones), removed at once. With `folder`, `path` is a folder that files
+    will be written into. Meant for the start of a command, so that a path that cannot be written fails
+    before the work whose result it would hold.
     """
-    try:
-        target, _ = write_target(path)
-    except NotADirectoryError:  # a path under a file: said below
-        target = Path(path)
+    if folder:
+        target = Path(path) / "file"
+    else:
+        try:
+            target, _ = write_target(path)
+        except NotADirectoryError:  # a path under a file: said below
+            target = Path(path)
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

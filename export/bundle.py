@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from dmf_deploy.atomic import atomic_write_bytes, current_umask, exchange_folders, remove_stale
+from dmf_deploy.atomic import (
+    atomic_write_bytes,
+    check_writable,
+    current_umask,
+    exchange_folders,
+    remove_stale,
+)
 from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import DEFAULT_STEPS, PreprocessConfig, Solver
@@ -133,8 +139,10 @@ def _check_destination(out: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot create the output folder {parent}: {exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"the output folder {parent} is not writable")
+    try:  # what the export does first: a staging folder beside `out`
+        check_writable(parent, folder=True)
+    except OSError as exc:
+        raise ExportError(f"the output folder {parent} is not writable: {exc}") from None
 
 
 def export_bundle(

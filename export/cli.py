@@ -150,6 +150,13 @@ def main(
             fail(f"--trt: {reason}")
     if opt_batch is not None and opt_batch > max_batch:
         fail(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
+    if triton_dir is not None:  # found now, not after the whole export
+        from dmf_deploy.atomic import check_writable
+
+        try:
+            check_writable(triton_dir, folder=True)
+        except OSError as exc:
+            fail(f"--triton: {exc}")
     reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
         with console.status("exporting..."):

@@ -116,6 +116,26 @@ def test_cli_refusal_uses_cli_words_on_one_line(tmp_path: Path) -> None:
     assert lines and lines[0].endswith("already exists; pass --force to replace it"), done.stderr
 
 
+def test_an_out_or_triton_folder_that_cannot_be_written_fails_before_exporting(tmp_path: Path) -> None:
+    """Issue 29, item 8: --out under /proc gave a traceback, --triton into an unwritable place one only
+    after the whole export. Each is now one error line, before any export work."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for args, words in (
+        (["--out", "/proc/dmf-deploy-test-bundle"], "the output folder /proc is not writable"),
+        (
+            ["--out", "b", "--triton", "/proc/dmf-deploy-test-repo"],
+            "--triton: /proc/dmf-deploy-test-repo cannot",
+        ),
+        (["--out", "b", "--triton", str(a_file / "repo")], f"--triton: {a_file / 'repo'} cannot be written"),
+    ):
+        done = dmf_export("--ckpt", "demo", *args, "--no-check", cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert words in " ".join(done.stderr.split()) and "Traceback" not in done.stderr, done.stderr
+        assert "exported" not in done.stderr and not (tmp_path / "b").exists()
+    assert a_file.read_text() == "mine"
+
+
 def test_trt_without_tensorrt_fails_before_exporting(tmp_path: Path) -> None:
     from dmf_deploy.tensorrt_support import tensorrt_import_reason
 
