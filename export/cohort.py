@@ -25,6 +25,7 @@ from dmf_deploy.atomic import atomic_write_bytes
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest
 from dmf_deploy.open_set import (
+    DEFAULT_MIN_CONTRAST,
     OPEN_SET_FILE,
     QUANTILE_STEPS,
     GraphRunner,
@@ -43,6 +44,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_COHORT_CLASSES = 200
 MAX_COHORT_IMAGES = 20  # per class: enough for distinct shot and query drawings
 MAX_IMAGE_BYTES = 16 << 20
+# The least spread (5% to 50% quantile) of the known queries' relative scores that can fit a rule: a
+# cohort of copies scores exactly 1 everywhere, and float32 rounding alone is ~1e-7.
+SEPARATION_TOLERANCE = 1e-5
 
 
 class CohortError(ValueError):
@@ -138,10 +142,21 @@ def fit_rule(
     n = min(FIT_ENROLLED, len(np.unique(labels)) - 1)
     episodes = draw_episodes(labels, n, draws, seed)
     scores = score_images(backend, preprocess, frames)
+    blank = int(np.count_nonzero(scores.contrast < DEFAULT_MIN_CONTRAST))
+    if blank:  # the rule never sees such frames: the gate calls them unknown whatever they score
+        raise CohortError(
+            f"{blank} of {len(frames)} cohort images are blank to the frame gate (contrast below "
+            f"{DEFAULT_MIN_CONTRAST:g} grey levels); a cohort is real drawings or photos of its classes"
+        )
     if not np.all(scores.own > 0):
         raise CohortError("some cohort images score <= 0 against themselves: not usable as a cohort")
     ratios = known_relative_scores(backend, scores, episodes)
     quantiles = np.quantile(ratios, np.arange(QUANTILE_STEPS + 1) / 100)
+    if quantiles[-1] - quantiles[5] <= SEPARATION_TOLERANCE:
+        raise CohortError(
+            f"the cohort's scores do not separate: its known queries from the 5% to the 50% quantile all "
+            f"score {quantiles[-1]:.6f} relative to themselves; its images of a class are copies"
+        )
     classes = len(set(labels.tolist()))
     described = f"{fitted_on}: {classes} classes, {len(frames)} images, N = {n}, {draws} draws"
     return OpenSetRule(known_quantiles=tuple(float(q) for q in quantiles), fitted_on=described)

@@ -305,3 +305,24 @@ def test_export_without_a_cohort_copies_the_demo_rule_and_says_so(tmp_path_facto
     assert rule.fitted_on.startswith("not fitted for this model")
     demo_rule = Recognizer.open(DEMO_BUNDLE, backend="onnxruntime").open_set
     assert rule.known_quantiles == demo_rule.known_quantiles
+
+
+@needs_demo
+def test_a_cohort_of_blank_or_copied_images_is_refused():
+    """Issue 29, item 8: a cohort of blank images gave exit 0 and a rule that refused every real frame.
+    A cohort the frame gate calls blank, or whose known queries all score alike, is a CohortError."""
+    from dmf_deploy.export.cohort import fit_rule
+    from dmf_deploy.export.parity import OrtGraphs
+
+    manifest = Manifest.read(DEMO_BUNDLE)
+    graphs = OrtGraphs(DEMO_BUNDLE, manifest)
+    labels = np.repeat(np.arange(12), 3)
+    blank = [np.full((105, 105, 3), 255, np.uint8)] * len(labels)
+    with pytest.raises(CohortError, match="36 of 36 cohort images are blank to the frame gate"):
+        fit_rule(graphs, manifest.model.preprocess, blank, labels, "blank", draws=20)
+    copies = [GLYPHS.render(int(c), 0) for c in labels]  # each class: one drawing three times
+    with pytest.raises(CohortError, match="scores do not separate"):
+        fit_rule(graphs, manifest.model.preprocess, copies, labels, "copies", draws=20)
+    drawn = [GLYPHS.render(int(c), i % 3) for i, c in enumerate(labels)]
+    rule = fit_rule(graphs, manifest.model.preprocess, drawn, labels, "drawings", draws=20)
+    assert rule.known_quantiles[-1] > rule.known_quantiles[5]
