@@ -1,0 +1,128 @@
+"""The live view's frames: the overlay drawn and the JPEG encoded once per frame, on a thread of their own.
+
+The frame loop hands each frame to `StreamEncoder.submit` (it only keeps a reference: the loop never
+waits). The encoder's thread takes the newest frame when it is free, draws the overlay (label and
+score, the guide box, the explanation's points when toggled), encodes one JPEG and publishes it to the
+FrameHub, which every viewer reads. With no viewer nothing is encoded; frames that arrive while one is
+being encoded are skipped (the newest wins), so the stream never falls behind the camera.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from dmf_deploy.runtime.app.overlay import KNOWN, UNKNOWN, fit_text, letterbox, letterbox_affine, put
+from dmf_deploy.runtime.app.web.hubs import EncodedFrame, FrameHub
+from dmf_deploy.runtime.explain import ExplanationUnavailable, draw_live
+from dmf_deploy.runtime.recognizer import Prediction, Recognizer
+
+log = logging.getLogger("dmf_deploy.runtime")
+
+STREAM_WIDTH = 640  # the live view's width; taller frames are letterboxed like the window's video
+MAX_STREAM_HEIGHT = 480
+JPEG_QUALITY = 80
+GUIDE = (0, 215, 255)  # BGR yellow, as the window's current class
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """What one live-view image shows."""
+
+    frame: np.ndarray
+    prediction: Prediction | None
+    captured: float  # time.perf_counter() at capture
+    explain: bool = False
+    guide_box: tuple[float, float, float, float] | None = None  # (x, y, w, h), fractions of the frame
+
+
+def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
+    """The live view's image: the frame scaled to STREAM_WIDTH with the overlay drawn on it."""
+    frame = item.frame
+    h, w = frame.shape[:2]
+    height = min(MAX_STREAM_HEIGHT, max(120, round(STREAM_WIDTH * h / w)))
+    canvas = letterbox(frame, STREAM_WIDTH, height)
+    scale, shift = letterbox_affine(frame.shape, STREAM_WIDTH, height)
+    if item.guide_box is not None:  # issue [R]'s guide box: the part of the frame the model sees
+        x, y, bw, bh = item.guide_box
+        top_left = np.array([x * w, y * h]) * scale + shift
+        bottom_right = np.array([(x + bw) * w, (y + bh) * h]) * scale + shift
+        cv2.rectangle(canvas, tuple(top_left.astype(int)), tuple(bottom_right.astype(int)), GUIDE, 2)
+    pred = item.prediction
+    if item.explain and rec is not None and pred is not None and pred.label is not None:
+        # No explain.onnx, or the class went away since the prediction: no points.
+        with contextlib.suppress(ExplanationUnavailable, KeyError, ValueError):
+            draw_live(canvas, rec.explain(frame, pred.label), frame, (scale, shift), None)
+    if pred is not None:
+        if pred.label is None:
+            text, color = "unknown", UNKNOWN
+        else:
+            text, color = f"{pred.label}  {pred.score:.3f}", KNOWN
+        text = fit_text(text, STREAM_WIDTH - 24, 0.8, 2)
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.8, 2)
+        band = canvas[: th + 20, : tw + 24]
+        band[:] = (band * 0.35).astype(np.uint8)  # a dark band under the text, the video still visible
+        put(canvas, text, (12, th + 10), 0.8, color, 2)
+    return canvas
+
+
+class StreamEncoder:
+    """A thread that draws and encodes the newest submitted frame while anyone is watching."""
+
+    def __init__(self, hub: FrameHub, rec: Recognizer | None = None) -> None:
+        self.hub, self.rec = hub, rec
+        self.encoded = 0  # frames encoded, for the tests and the benchmark: at most one per frame
+        self.encode_seconds = 0.0
+        self._item: StreamItem | None = None
+        self._fresh = False  # the item was not encoded yet
+        self._stopping = False
+        self._seq = 0
+        self._wake = threading.Condition()
+        hub.on_viewer.append(self.wake)
+        self._thread = threading.Thread(target=self._run, name="dmf-run-web-encoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: StreamItem) -> None:
+        """From the frame loop: the newest frame (a reference is kept; nothing is copied or waited for)."""
+        with self._wake:
+            self._item, self._fresh = item, True
+            self._wake.notify()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not (self._fresh and self.hub.viewers > 0):
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+                item, self._fresh = self._item, False
+            assert item is not None
+            start = time.perf_counter()
+            try:
+                image = draw_stream(item, self.rec)
+                ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            except cv2.error as exc:  # never let one odd frame end the live view
+                log.warning("live view: could not encode a frame: %s", exc)
+                continue
+            if not ok:
+                continue
+            self._seq += 1
+            self.encoded += 1
+            self.encode_seconds += time.perf_counter() - start
+            self.hub.publish(EncodedFrame(self._seq, jpeg.tobytes(), item.captured))
