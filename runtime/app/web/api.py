@@ -132,9 +132,7 @@ def build_app(console: WebConsole) -> Starlette:
             "paused": output.paused,
             "explain": output.explain,
             "explain_available": console.explain_available,
-            "sensitivity": rec.sensitivity
-            if rec.sensitivity is not None
-            else rec.open_set.default_sensitivity,
+            "sensitivity": sensitivity,
             "threshold": rec.threshold,
             "fps": round(state.fps, 2),
             "classify_ms": round(state.classify_ms, 2),
