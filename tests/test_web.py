@@ -362,3 +362,42 @@ def test_image_headers_are_read_without_decoding():
         if ok:
             assert header_size(data.tobytes()) == (50, 30), ext
     assert header_size(b"GIF89a....") is None and header_size(b"") is None
+
+
+# ----- TLS, in process (no frame loop needed for these routes) ---------------------------------------
+def test_tls_serves_https_and_marks_the_cookie_secure(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    from dmf_deploy.runtime.app.web.console import WebConsole
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate to test TLS with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    settings = resolve_settings("127.0.0.1:0", TOKEN, cert, key)
+    web = WebConsole(settings, Recognizer.open("demo"), None)
+    port = web.start()
+    try:
+        assert web.urls() == [f"https://127.0.0.1:{port}/?token={TOKEN}"]
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("GET", f"/?token={TOKEN}")
+        reply = conn.getresponse()
+        assert reply.status == 303 and "; Secure" in reply.getheader("Set-Cookie")
+        reply.read()
+        conn.request("GET", "/api/health", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert json.loads(conn.getresponse().read())["status"] == "ok"
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # no TLS: no answer
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/api/health")
+            plain.getresponse()
+        plain.close()
+    finally:
+        web.stop()
