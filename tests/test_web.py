@@ -130,7 +130,7 @@ def test_enrol_by_upload_rename_delete_undo_save_and_recognise(console):
 def test_the_stream_sends_frames_that_change(console):
     jpegs = mjpeg_parts(console, 3)
     images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
-    assert all(image.shape == (480, 640, 3) for image in images)  # 112 px frames shown 640 wide
+    assert all(image.shape == (480, 480, 3) for image in images)  # square frames fit 640 x 480
     # Each frame of the clip is drawn anew: consecutive parts are different frames.
     assert all(np.abs(a.astype(int) - b).mean() > 0.5 for a, b in zip(images, images[1:]))
 
@@ -165,6 +165,26 @@ def test_the_inbox_holds_unknown_frames_and_assigns_one(console):
     assert item["id"] not in [u["id"] for u in console.get("/api/unknowns").json()]
     for name in ("R", "from-inbox"):
         assert console.request("DELETE", f"/api/classes/{name}").status == 200
+
+
+def test_live_shots_come_from_the_frames_on_screen(console):
+    """What the page's press-and-hold sends: each /snap enrols the frame on screen as one shot."""
+    import base64
+
+    for expected in (1, 2):
+        reply = console.request("POST", "/api/classes/live/snap")
+        assert reply.status == 201, reply.body
+        assert reply.json()["shots"] == expected
+        head, _, data = reply.json()["shot"].partition(",")
+        assert head == "data:image/jpeg;base64"
+        shot = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert shot.shape == (96, 96, 3)  # the 112 px frame, shown small
+    assert console.send_json("PATCH", "/api/state", {"paused": True}).status == 200
+    try:  # a held frame is not a new shot
+        assert error_of(console.request("POST", "/api/classes/live/snap")) == "no_live_frame"
+    finally:
+        assert console.send_json("PATCH", "/api/state", {"paused": False}).status == 200
+    assert console.request("DELETE", "/api/classes/live").status == 200
 
 
 def test_pause_holds_the_frame_and_resume_goes_on(console):

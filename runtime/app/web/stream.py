@@ -25,7 +25,7 @@ from dmf_deploy.runtime.recognizer import Prediction, Recognizer
 
 log = logging.getLogger("dmf_deploy.runtime")
 
-STREAM_WIDTH = 640  # the live view's width; taller frames are letterboxed like the window's video
+STREAM_WIDTH = 640  # the live view fits 640 x 480 (the window's video area), the frame's aspect kept
 MAX_STREAM_HEIGHT = 480
 JPEG_QUALITY = 80
 GUIDE = (0, 215, 255)  # BGR yellow, as the window's current class
@@ -43,12 +43,13 @@ class StreamItem:
 
 
 def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
-    """The live view's image: the frame scaled to STREAM_WIDTH with the overlay drawn on it."""
+    """The live view's image: the frame scaled to fit STREAM_WIDTH x MAX_STREAM_HEIGHT, the overlay on it."""
     frame = item.frame
     h, w = frame.shape[:2]
-    height = min(MAX_STREAM_HEIGHT, max(120, round(STREAM_WIDTH * h / w)))
-    canvas = letterbox(frame, STREAM_WIDTH, height)
-    scale, shift = letterbox_affine(frame.shape, STREAM_WIDTH, height)
+    fit = min(STREAM_WIDTH / w, MAX_STREAM_HEIGHT / h)
+    width, height = max(1, round(w * fit)), max(1, round(h * fit))
+    canvas = letterbox(frame, width, height)  # exactly the frame's aspect: no bars
+    scale, shift = letterbox_affine(frame.shape, width, height)
     if item.guide_box is not None:  # issue [R]'s guide box: the part of the frame the model sees
         x, y, bw, bh = item.guide_box
         top_left = np.array([x * w, y * h]) * scale + shift
@@ -64,7 +65,7 @@ def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
             text, color = "unknown", UNKNOWN
         else:
             text, color = f"{pred.label}  {pred.score:.3f}", KNOWN
-        text = fit_text(text, STREAM_WIDTH - 24, 0.8, 2)
+        text = fit_text(text, width - 24, 0.8, 2)
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.8, 2)
         band = canvas[: th + 20, : tw + 24]
         band[:] = (band * 0.35).astype(np.uint8)  # a dark band under the text, the video still visible

@@ -136,7 +136,9 @@ function logEvent(e) {
   const parts = [];
   for (const [key, value] of Object.entries(e)) {
     if (key === "event" || key === "classes") continue;
-    parts.push(`${key} ${typeof value === "object" ? JSON.stringify(value) : value}`);
+    const shown = typeof value === "number" && !Number.isInteger(value) ? value.toFixed(3)
+      : typeof value === "object" ? JSON.stringify(value) : value;
+    parts.push(`${key} ${shown}`);
   }
   const item = el("li", { className: e.event === "error" ? "error" : "" },
     el("span", { className: "kind", textContent: e.event }), parts.join(", "));
