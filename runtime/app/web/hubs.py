@@ -98,6 +98,11 @@ class EventHub(_Publisher):
         super().__init__()
         self._clients: set[asyncio.Queue[str | None]] = set()
 
+    @property
+    def listening(self) -> bool:
+        """Whether any client is connected (with none, the loop need not even write the JSON)."""
+        return bool(self._clients)
+
     def publish(self, text: str) -> None:
         """From any thread: one JSON text to every client."""
         if self._clients:

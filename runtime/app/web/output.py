@@ -66,6 +66,7 @@ class WebOutput:
         self.paused = False
         self.explain = False
         self.frame_rate: float | None = None  # play a video file at its own rate (no window does it)
+        self.idle_seconds = 0.0  # spent waiting for the next frame's time or a request (the benchmark)
         self._next_frame = time.monotonic()
         # Issue [R]'s guide box, (x, y, w, h) in fractions of the frame: the live view draws whatever box
         # this holds. It stays None until the Recognizer's region of interest lands; then set it from there.
@@ -103,8 +104,9 @@ class WebOutput:
         fresh = frame is not self._last_frame
         self._last_frame = frame
         if fresh and prediction is not None:
-            record = prediction_record(stats.frames - 1, prediction, stats.last_classify_ms)
-            self.events.publish(json.dumps(record))
+            if self.events.listening:
+                record = prediction_record(stats.frames - 1, prediction, stats.last_classify_ms)
+                self.events.publish(json.dumps(record))
             self.inbox.offer(frame, prediction)
         if prediction is not None:  # a frame an enrolment took keeps the last prediction on screen
             self._prediction = prediction
@@ -120,10 +122,12 @@ class WebOutput:
             until = self._next_frame
         elif fresh:
             return True
+        waited = time.perf_counter()
         while (left := until - time.monotonic()) > 0:
             if self._wake.wait(left):
                 self._wake.clear()
                 self._run_ops(session, frame)
+        self.idle_seconds += time.perf_counter() - waited
         self._submit_frame(frame, stats)  # a control may have changed what the held frame shows
         return True
 

@@ -4,7 +4,8 @@ The frame loop hands each frame to `StreamEncoder.submit` (it only keeps a refer
 waits). The encoder's thread takes the newest frame when it is free, draws the overlay (label and
 score, the guide box, the explanation's points when toggled), encodes one JPEG and publishes it to the
 FrameHub, which every viewer reads. With no viewer nothing is encoded; frames that arrive while one is
-being encoded are skipped (the newest wins), so the stream never falls behind the camera.
+being encoded, or sooner than MAX_VIEW_FPS allows, are skipped (the newest wins), so the stream never
+falls behind the camera.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ log = logging.getLogger("dmf_deploy.runtime")
 STREAM_WIDTH = 640  # the live view fits 640 x 480 (the window's video area), the frame's aspect kept
 MAX_STREAM_HEIGHT = 480
 JPEG_QUALITY = 80
+# The live view shows at most this many frames a second (a camera gives no more; a file played as fast
+# as it goes would otherwise make the encoder and the server race the loop for the CPU).
+MAX_VIEW_FPS = 30.0
 GUIDE = (0, 215, 255)  # BGR yellow, as the window's current class
 
 
@@ -48,7 +52,8 @@ def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
     h, w = frame.shape[:2]
     fit = min(STREAM_WIDTH / w, MAX_STREAM_HEIGHT / h)
     width, height = max(1, round(w * fit)), max(1, round(h * fit))
-    canvas = letterbox(frame, width, height)  # exactly the frame's aspect: no bars
+    # Exactly the frame's aspect: no bars. A frame of the right size is only copied.
+    canvas = frame.copy() if (width, height) == (w, h) else letterbox(frame, width, height)
     scale, shift = letterbox_affine(frame.shape, width, height)
     if item.guide_box is not None:  # issue [R]'s guide box: the part of the frame the model sees
         x, y, bw, bh = item.guide_box
@@ -105,14 +110,29 @@ class StreamEncoder:
             self._wake.notify()
         self._thread.join(timeout=5)
 
+    def _due(self, last_captured: float, last_encoded: float) -> float:
+        """Seconds until the newest frame may be encoded (0: now). A frame captured a view interval
+        after the last one shown goes at once (a camera at MAX_VIEW_FPS never waits); one captured
+        sooner waits until a view interval has passed since the last encode, unless a newer one comes."""
+        assert self._item is not None
+        interval = 1.0 / MAX_VIEW_FPS
+        if self._item.captured - last_captured >= 0.9 * interval:  # 10% for a camera's jitter
+            return 0.0
+        return max(0.0, last_encoded + interval - time.perf_counter())
+
     def _run(self) -> None:
+        last_captured = last_encoded = float("-inf")
         while True:
             with self._wake:
-                while not self._stopping and not (self._fresh and self.hub.viewers > 0):
-                    self._wake.wait(timeout=0.5)
+                while not self._stopping:
+                    wait = self._due(last_captured, last_encoded) if self._fresh else 0.5
+                    if self._fresh and self.hub.viewers > 0 and wait <= 0:
+                        break
+                    self._wake.wait(timeout=min(0.5, wait) if wait > 0 else 0.5)
                 if self._stopping:
                     return
                 item, self._fresh = self._item, False
+            last_captured, last_encoded = item.captured, time.perf_counter()
             assert item is not None
             start = time.perf_counter()
             try:
