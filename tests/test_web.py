@@ -421,3 +421,22 @@ def test_tls_serves_https_and_marks_the_cookie_secure(tmp_path):
         plain.close()
     finally:
         web.stop()
+
+
+def test_web_options_are_checked_before_anything_opens(clip):
+    import subprocess
+
+    from bundles import dmf_run_command
+
+    for extra, message in (
+        (["--web-token", "abcdefghijkl"], "need --web"),
+        (["--web", "0.0.0.0:0", "--web-token", "short"], "at least 8"),
+        (["--web", "example.com:80"], "give an IP address"),
+        (["--web", "127.0.0.1:0", "--web-cert", "missing.pem"], "both --web-cert and --web-key"),
+        (["--webhook", "file:///etc/passwd"], "http:// or https://"),
+    ):
+        done = subprocess.run(
+            [*dmf_run_command(), "--source", str(clip), "--headless", *extra],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
