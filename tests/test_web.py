@@ -252,6 +252,8 @@ def test_cross_origin_requests_that_change_state_are_refused(console, unchanged)
         console.request("DELETE", "/api/classes/keep", headers={"Origin": "http://127.0.0.1:1"}),
         # A page fetching from another site, with the victim's cookie: refused even for reads.
         console.get("/api/classes", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}),
+        # Another port of this host is the same site, not the same origin: the stream is not for it.
+        console.get("/stream.mjpg", headers={"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}),
     ):
         assert reply.status == 403 and error_of(reply) == "cross_origin"
     same = {"Origin": f"http://{console.host}"}
@@ -440,3 +442,18 @@ def test_web_options_are_checked_before_anything_opens(clip):
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
+
+
+def test_the_live_view_draws_the_guide_box_it_is_given():
+    """The hook for issue [R]'s guide box: whatever box WebOutput.guide_box holds is drawn."""
+    from dmf_deploy.runtime.app.web.stream import GUIDE, StreamItem, draw_stream
+
+    frame = np.full((240, 320, 3), 255, np.uint8)
+    plain = draw_stream(StreamItem(frame, None, 0.0))
+    boxed = draw_stream(StreamItem(frame, None, 0.0, guide_box=(0.25, 0.25, 0.5, 0.5)))
+    assert plain.shape == boxed.shape == (480, 640, 3)  # 320x240 shown at 640x480
+    drawn = np.argwhere(np.any(boxed != plain, axis=2))
+    # The box's edges: x from 0.25 to 0.75 of 640, y from 0.25 to 0.75 of 480 (2 px lines, +-2 px).
+    assert abs(drawn[:, 1].min() - 160) <= 2 and abs(drawn[:, 1].max() - 480) <= 2
+    assert abs(drawn[:, 0].min() - 120) <= 2 and abs(drawn[:, 0].max() - 360) <= 2
+    assert tuple(boxed[120, 320]) == GUIDE

@@ -4,8 +4,8 @@ In order, each refusal a JSON error:
 1. the Host header must name the console (settings.allowed_host), else 403 `foreign_host`: a page on
    another name that resolves to this box (DNS rebinding) gets nothing;
 2. a request that changes state (POST, PUT, PATCH, DELETE) whose Origin is not the console's own, and
-   any request a browser marks `Sec-Fetch-Site: cross-site` (except opening the page from a link), is
-   refused: 403 `cross_origin`;
+   any request a browser marks `Sec-Fetch-Site: cross-site` or `same-site` (except opening the page
+   from a link), is refused: 403 `cross_origin`;
 3. with a token, every route needs `Authorization: Bearer TOKEN` or the console's cookie, else 401
    `unauthorized`. Opening `/?token=TOKEN` (the printed link) sets the cookie (HttpOnly,
    SameSite=Strict, Secure over TLS) and redirects to `/`, so the token leaves the address bar;
@@ -79,7 +79,9 @@ class Guard:
             await send_error(send, 403, "cross_origin", f"requests from {origin!r} may not change anything")
             return
         navigating = method == "GET" and headers.get("sec-fetch-mode") == "navigate"
-        if headers.get("sec-fetch-site") == "cross-site" and not navigating:
+        # same-site too: a page on another port of this host is another origin, yet its requests carry
+        # the SameSite cookie.
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not navigating:
             await send_error(send, 403, "cross_origin", "another site may not use this console")
             return
         token = self.settings.token
