@@ -23,6 +23,7 @@ pytest.importorskip("starlette", reason="the web console needs the [web] extra")
 pytest.importorskip("uvicorn", reason="the web console needs the [web] extra")
 
 from web_client import (  # noqa: E402  (tests/web_client.py)
+    SEGMENT,
     SYMBOLS,
     EventStream,
     demo_clip,
@@ -198,6 +199,25 @@ def test_pause_holds_the_frame_and_resume_goes_on(console):
     time.sleep(0.6)
     assert console.get("/api/state").json()["frames"] > held
     assert error_of(console.send_json("PATCH", "/api/state", {"sensitivity": 2})) == "bad_field"
+    assert error_of(console.send_json("PATCH", "/api/state", {"paused": "yes"})) == "bad_field"
+
+
+def test_explain_draws_the_points_on_the_live_view(console):
+    assert console.upload("/api/classes/R/shots", [("R.png", symbol_png("R", 2))]).status == 201
+    try:
+        plain = mjpeg_parts(console, 8)
+        assert console.send_json("PATCH", "/api/state", {"explain": True}).json()["explain"] is True
+        explained = mjpeg_parts(console, len(SYMBOLS) * SEGMENT + 2)  # a whole pass of the clip: its Rs
+    finally:
+        assert console.send_json("PATCH", "/api/state", {"explain": False}).status == 200
+        assert console.request("DELETE", "/api/classes/R").status == 200
+
+    def colour(jpeg: bytes) -> float:  # the clip is grey ink on white; the heat map is coloured
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(int)
+        return float((image.max(axis=2) - image.min(axis=2)).mean())
+
+    # The recognised R frames get the heat map; the label band is the only colour otherwise.
+    assert max(map(colour, explained)) > 10 * max(map(colour, plain))
 
 
 # ----- hostile requests: each its 4xx and a JSON error; the gallery as it was ------------------------
