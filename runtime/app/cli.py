@@ -4,7 +4,8 @@
     dmf-run --source clip.mp4 --headless < commands.txt  # JSON lines on stdout
 
 The loop (runtime/app/loop.py) is capture -> classify -> output, as in jetson-inference's camera tools;
-the output is the window (OpenCV highgui, runtime/app/overlay.py) or JSON lines. A Session
+the output is the window (OpenCV highgui, runtime/app/overlay.py) or JSON lines, and with --web also the
+browser console (runtime/app/web/, docs/web.md). A Session
 (runtime/app/commands.py) applies enrolments, removals and saves to the Recognizer. The gallery is loaded
 at start and saved at exit.
 

@@ -13,6 +13,7 @@ import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 EVENT_QUEUE = 256  # events one slow client may fall behind before it loses the oldest
@@ -50,7 +51,7 @@ class FrameHub(_Publisher):
         super().__init__()
         self.latest: EncodedFrame | None = None
         self.viewers = 0
-        self.on_viewer: list = []  # callbacks run when a viewer connects (the encoder wakes)
+        self.on_viewer: list[Callable[[], None]] = []  # run when a viewer connects (the encoder wakes)
         self._new = asyncio.Event()
         self._lock = threading.Lock()
         self.sent_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # seconds, capture to sent
