@@ -28,6 +28,8 @@ TORCH_FREE = [
     "dmf_deploy.runtime.explain",
     "dmf_deploy.runtime.app.loop",
     "dmf_deploy.runtime.app.cli",  # dmf-run
+    "dmf_deploy.runtime.app.web.console",  # dmf-run --web
+    "dmf_deploy.runtime.app.web.webhook",  # dmf-run --webhook
     "dmf_deploy.runtime.tools.demo",  # dmf-demo
     "dmf_deploy.runtime.tools.bench",  # dmf-bench
     "dmf_deploy.runtime.tools.explain_cli",  # dmf-explain

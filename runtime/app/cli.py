@@ -4,7 +4,8 @@
     dmf-run --source clip.mp4 --headless < commands.txt  # JSON lines on stdout
 
 The loop (runtime/app/loop.py) is capture -> classify -> output, as in jetson-inference's camera tools;
-the output is the window (OpenCV highgui, runtime/app/overlay.py) or JSON lines. A Session
+the output is the window (OpenCV highgui, runtime/app/overlay.py) or JSON lines, and with --web also the
+browser console (runtime/app/web/, docs/web.md). A Session
 (runtime/app/commands.py) applies enrolments, removals and saves to the Recognizer. The gallery is loaded
 at start and saved at exit.
 
@@ -43,6 +44,7 @@ from dmf_deploy.runtime.app.commands import CommandFeed, Session
 from dmf_deploy.runtime.app.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
 from dmf_deploy.runtime.app.overlay import View, Window, class_strip, render
 from dmf_deploy.runtime.app.sources import SourceError, open_source
+from dmf_deploy.runtime.app.web.options import start_web, web_options, web_settings
 from dmf_deploy.runtime.backends import BACKENDS
 from dmf_deploy.runtime.gallery import GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer
@@ -192,6 +194,7 @@ def open_recognizer(
     help="Write the last window image (PNG/JPEG) at exit; works headless too.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log progress on stderr.")
+@web_options  # --web, --web-token, --web-cert, --web-key, --webhook (runtime/app/web/)
 def main(
     camera: int | None,
     source: str | None,
@@ -213,6 +216,11 @@ def main(
     retries: int,
     screenshot: Path | None,
     verbose: bool,
+    web: str | None,
+    web_token: str | None,
+    web_cert: Path | None,
+    web_key: Path | None,
+    webhook: str | None,
 ) -> None:
     """Enrol and recognise classes live from a camera, a video, an image folder or a stream.
 
@@ -235,7 +243,9 @@ def main(
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera N or --source PATH|URI")
     names = parse_names(names_text)
-    if not headless and no_display():
+    console_settings, webhook_url = web_settings(web, web_token, web_cert, web_key, webhook)
+    window = not headless and not (console_settings is not None and no_display())  # --web: no screen needed
+    if window and no_display():
         raise AppError(
             "no display to open the window on (DISPLAY is not set): use --headless, "
             "or run from a desktop session (over ssh: ssh -X, or DISPLAY=:0)"
@@ -271,7 +281,14 @@ def main(
 
     # In the window a video file plays at its own frame rate (a person presses keys on its frames).
     rate = None if max_speed or headless else getattr(frames, "frame_rate", None)
-    output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description, rate)
+    output: Output | None = JsonLinesOutput() if headless else None
+    if window:
+        output = Window(names, shots, frames.description, rate)
+
+    # ----- the web console and the webhook (issue [W], runtime/app/web/): started here, stopped at exit -
+    web_parts = start_web(console_settings, webhook_url, rec, gallery_path, frames.description, shots)
+    output = web_parts.wrap(output, frame_rate=None if window else rate)
+    # ---------------------------------------------------------------------------------------------------
     commands = None
     if headless and sys.stdin is not None:
         # File sources with piped stdin: each line read when it is due (reproducible runs).
@@ -310,6 +327,7 @@ def main(
     finally:
         frames.close()
         saved_ok = finish(session, output, result, screenshot)
+        web_parts.stop()
         click.echo(result.stats.summary(rec.backend.name), err=True)
     if frames.lost and not signals:
         click.echo(f"dmf-run: {frames.lost}", err=True)
@@ -326,7 +344,7 @@ def finish(session: Session, output: Output, result: RunResult, screenshot: Path
     saved = not session.dirty or session.save()["event"] == "saved"
     output.report(result)
     if screenshot is not None:
-        canvas = output.last_canvas if isinstance(output, Window) else None
+        canvas = getattr(output, "last_canvas", None)  # the window's, alone or beside the web console
         if canvas is None and result.last_frame is not None:
             source = f"{result.source} (headless)"
             view = View(prediction=result.last_prediction, fps=result.stats.fps, source=source)
