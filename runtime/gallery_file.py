@@ -256,7 +256,7 @@ class GalleryFile:
             try:
                 _apply(self._conn, changes, begin="BEGIN IMMEDIATE")
             except _SQLITE_ERRORS as exc:
-                raise OSError(f"cannot save the gallery {self.path}: {exc}") from exc
+                raise OSError(f"cannot save the gallery {self.path}: {_describe(exc)}") from exc
 
     def snapshot(self, target: Path, changes: Changes) -> Path:
         """A consistent copy at `target` (this file's committed state plus `changes`), published
@@ -297,8 +297,14 @@ def write_new(target: Path, changes: Changes, source: sqlite3.Connection | None 
             finally:
                 conn.close()
     except _SQLITE_ERRORS as exc:
-        raise OSError(f"cannot save the gallery {target}: {exc}") from exc
+        raise OSError(f"cannot save the gallery {target}: {_describe(exc)}") from exc
     return target
+
+
+def _describe(exc: BaseException) -> str:
+    """SQLite's message and its extended code (SQLITE_FULL, SQLITE_IOERR_WRITE: which write failed)."""
+    code = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({code})" if code else str(exc)
 
 
 def _settle(target: Path) -> None:
