@@ -119,8 +119,11 @@ def test_the_file_is_an_sqlite_database_a_user_can_read(tmp_path: Path) -> None:
 
 def test_saves_write_only_what_changed_and_a_new_file_is_private(tmp_path: Path) -> None:
     g = filled(40)
-    path = g.save(tmp_path / "g.dmfg")
+    path = g.save(tmp_path / "new" / "folder" / "g.dmfg")
+    # Issue 29, item 8: a gallery holds pictures of camera frames: 0600, its new folders 0700.
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 & ~current_umask()
+    for folder in (tmp_path / "new", tmp_path / "new" / "folder"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 & ~current_umask()
     wal = Path(f"{path}-wal")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     frames_before = wal.stat().st_size

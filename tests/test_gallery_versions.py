@@ -6,6 +6,8 @@ first save converts it beside the original. Real bundle, real ONNX Runtime sessi
 from __future__ import annotations
 
 import shutil
+import sqlite3
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,33 @@ def test_a_gallery_of_this_model_with_other_feature_maps_is_refused_at_open(old,
         Recognizer.open(bundle, backend="onnxruntime", gallery=path)
     with pytest.raises(GalleryError, match="feature maps of shape"):
         Recognizer.open(bundle, backend="onnxruntime", gallery=Gallery.load(path, manifest.fingerprint))
+
+
+def test_a_huge_stored_sum_is_refused_and_blocks_nothing(old, tmp_path: Path) -> None:
+    """Issue 29, item 6: a class whose stored sum is finite but huge (3e38) used to fail `enroll` on the
+    NaN check of its bank after its shot count had moved, and every later save failed. Now the sum is
+    refused when read, nothing changes, and the session's other enrolments save."""
+    bundle, path = old
+    rec = Recognizer.open(bundle, backend="onnxruntime", gallery=path)
+    frames = list(np.load(DATA / "expected.npz")["queries"][:2])
+    converted = rec.save()
+    rec.close()
+    db = sqlite3.connect(converted)
+    huge = np.full(Manifest.read(bundle).feature_shape, 3e38, "<f4").tobytes()
+    db.execute("UPDATE sums SET data = ?, crc32 = ? WHERE class_id = 1", (huge, zlib.crc32(huge)))
+    db.commit()
+    db.close()
+    rec = Recognizer.open(bundle, backend="onnxruntime", gallery=converted)  # its bank is cached
+    shots_before = rec.shots("glyph 0")
+    with pytest.raises(GalleryError, match="beyond any backbone"):
+        rec.enroll("glyph 0", frames)
+    assert rec.shots("glyph 0") == shots_before
+    rec.enroll("fresh", frames)
+    rec.save()
+    rec.close()
+    assert Recognizer.open(bundle, backend="onnxruntime", gallery=converted).classes[-1] == "fresh"
+    # A version 2 file is read whole at open: the same sum is refused there.
+    legacy = Gallery.load(DATA / "gallery-v2.dmfg", Manifest.read(bundle).fingerprint)
+    legacy.add_shots("glyph 4", np.full(legacy.feature_shape, 1e5, np.float32), 1)  # fine: 1e5 a shot
+    with pytest.raises(GalleryError, match="beyond any backbone"):
+        legacy.add_shots("glyph 4", np.full(legacy.feature_shape, 3e38, np.float32), 1)
