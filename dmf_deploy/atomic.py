@@ -4,6 +4,9 @@ A crash (even kill -9) at any moment leaves either the old file or the new one, 
 regular file (or a missing one) is ever replaced; a symbolic link is written through, to its target,
 and an existing file keeps its permission bits.
 Folders are swapped with `exchange_folders` (one atomic renameat2 where Linux allows it).
+
+A temporary file is locked (flock) by the process writing it, so that `remove_orphans` can tell the
+leftovers of a killed writer (no lock) from a write in progress (locked), whatever their age.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: temp files are not locked, and remove_orphans removes none
+    fcntl = None  # type: ignore[assignment]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -88,16 +96,40 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Non
     os.unlink(probe)
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open a binary file for writing that appears at `path` only if the block succeeds."""
-    target, mode = write_target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _lock(fd: int) -> None:
+    """Mark a temp file as owned by this live process (released by the kernel when it dies)."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _temp_beside(target: Path, new_mode: int) -> tuple[int, Path]:
+    """A locked temp file `.<name>.XXXXXXXX.tmp` of mode `new_mode` in the target's folder."""
+    _make_folder(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
+    _lock(fd)
+    os.chmod(fd, new_mode)
+    return fd, Path(tmp_name)
+
+
+def _make_folder(folder: Path, mode: int = 0o777) -> None:
+    """mkdir -p; folders made here get `mode` less the umask (existing ones are left as they are)."""
+    if folder.is_dir():
+        return
+    _make_folder(folder.parent, mode)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, mode)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], new_mode: int = 0o666) -> Iterator[BinaryIO]:
+    """Open a binary file for writing that appears at `path` only if the block succeeds.
+
+    A new file gets `new_mode` less the umask; a replaced one keeps its mode (a 0600 stays 0600).
+    """
+    target, mode = write_target(path)
+    fd, tmp = _temp_beside(target, new_mode & ~current_umask() if mode is None else mode)
     try:
-        # mkstemp makes 0600: a new file follows the umask, a replaced one keeps its mode (a 0600 stays 0600).
-        os.chmod(fd, 0o666 & ~current_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -106,6 +138,31 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike[str], new_mode: int = 0o666, folder_mode: int = 0o777
+) -> Iterator[Path]:
+    """A temp path beside `path` for a writer that needs a file name (SQLite); published atomically.
+
+    The block writes and closes the file at the yielded path; on success it is fsynced and renamed over
+    `path`. A new file gets `new_mode` less the umask, folders made for it `folder_mode` less the umask;
+    a replaced file keeps its mode.
+    """
+    target, mode = write_target(path)
+    _make_folder(target.parent, folder_mode)
+    fd, tmp = _temp_beside(target, new_mode & ~current_umask() if mode is None else mode)
+    try:
+        yield tmp
+        os.fsync(fd)  # the lock's descriptor is the file's own: it flushes what the writer wrote
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
     _fsync_dir(target.parent)
 
 
@@ -180,3 +237,41 @@ def remove_stale(folder: Path, pattern: re.Pattern[str], max_age_s: float, folde
                 os.unlink(entry.path)
         except OSError:
             pass  # another process removed it first, or it is not ours to remove
+
+
+ORPHAN_MIN_AGE_S = 10.0  # covers the instant between a temp file's creation and its writer's lock
+
+
+def remove_orphans(
+    folder: Path, pattern: re.Pattern[str], is_ours: Callable[[Path], bool] | None = None
+) -> list[Path]:
+    """Delete the temp files in `folder` that killed writers left: the name matches `pattern`, no live
+    process holds the file's lock (every writer here locks its temp file), `is_ours` (if given)
+    recognises its content, and it is older than a few seconds. Never follows links; returns what went.
+    """
+    if fcntl is None:
+        return []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []  # the folder does not exist yet
+    removed = []
+    cutoff = time.time() - ORPHAN_MIN_AGE_S
+    for entry in entries:
+        try:
+            if not pattern.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer has it
+                if is_ours is not None and not is_ours(Path(entry.path)):
+                    continue
+                os.unlink(entry.path)  # still locked by us: no writer can take it up meanwhile
+                removed.append(Path(entry.path))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # locked by a live writer, removed by another process first, or not ours to remove
+    return removed

@@ -1,141 +1,153 @@
-"""The Gallery: the persistent, crash-safe store of enrolled classes (torch-free).
+"""The Gallery: the enrolled classes of one model, in memory and in their file (torch-free).
 
 Per class it keeps the name, the shot count, the SUM of the support feature maps (the prototype is
-sum / count, so more shots of a class give a running mean), the class-bank tensors that support.onnx
-computes from the prototype, a small JPEG thumbnail and UTC timestamps.
+sum / count, so more shots of a class give a running mean), JPEG thumbnails of its first and latest
+enrolments and UTC timestamps: what enrolment measured. The class banks that support.onnx computes from
+the prototypes are derived data, kept by slot in memory or in a cache folder beside the file
+(bank_cache.py) and recomputed when missing or stale.
 
-Rows live in contiguous arrays with a leading class axis that grow by amortised doubling, so the head
-can be fed ``bank_arrays()`` directly and enrolment never concatenates. Accessors return read-only
-views of the first N rows; a view is valid until the next mutation (growth reallocates, removal shifts
-rows). The gallery is not thread-safe: the Recognizer holds a lock around it.
+A gallery opened from a file (version 3, one SQLite database: gallery_file.py) reads at open only the
+class list and the ranking vectors (each class's `class_weight`); feature sums and thumbnails are read
+when a class needs them, and the banks a frame needs are read from the cache. `save()` writes what
+changed since the last save in one transaction, durable when it returns. Version 1 and 2 files (.npz,
+gallery_legacy.py) open in memory, and their first save writes a version 3 file beside them
+(`converted_path`), leaving the old file in place; later opens of the old path open the converted file.
 
-File format (``format = "dmf-gallery"``, ``format_version = 2``): one ``.npz`` written by ``np.savez``
-(every member stored, none compressed) with the members
-
-- ``header``: uint8 [bytes], UTF-8 JSON (at most ``MAX_HEADER_BYTES``): format, format_version,
-  fingerprint, model_description, feature_shape, feature_dtype, bank_shapes, bank_dtypes, classes
-  (a list of {name, shots, created, updated}, in row order);
-- ``feature_sums``: float32 [N, *feature_shape];
-- ``bank.<name>``: bank_dtypes[name] [N, *bank_shapes[name]] for each class-bank tensor;
-
-Version 1 (0.1.0's) has no bank_dtypes: its banks are float32. Banks are derived data: a bundle whose
-bank shapes or dtypes differ recomputes them from the stored prototypes (``reset_banks``).
-- ``thumbnail_bytes``: uint8 [total], the JPEG thumbnails concatenated;
-- ``thumbnail_offsets``: int64 [N + 1], class i's JPEG is bytes[offsets[i]:offsets[i+1]] (empty: none).
-
-No member is an object array, and loading never allows pickle. Saving is atomic (temporary file beside
-the target, fsync, os.replace). A kill -9 during a save can leave one ``.<name>.XXXXXXXX.tmp`` file
-beside the gallery; the target itself is always the old or the new gallery. A later save deletes such
-leftovers once they are older than ``STALE_TEMP_SECONDS``.
+Rows are in enrolment order. Accessors return read-only arrays; a view is valid until the next change.
+The gallery is not thread-safe: the Recognizer holds a lock around it (its file has its own lock).
 """
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 import os
 import re
-import struct
-import zipfile
-import zlib
+import secrets
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import NamedTuple
 
-import cv2
 import numpy as np
 
-from dmf_deploy.atomic import atomic_write_with, remove_stale, write_target
-from dmf_deploy.image_size import jpeg_size
+from dmf_deploy.atomic import remove_orphans
 from dmf_deploy.names import name_key, validate_class_name
+from dmf_deploy.runtime.bank_cache import BankSlots, CachedBankSlots, cache_key
+from dmf_deploy.runtime.gallery_checks import (
+    BANK_DTYPE,
+    BANK_DTYPES,
+    FORMAT,
+    MAX_CLASSES,
+    MAX_HEADER_BYTES,
+    MAX_PROTOTYPE_ABS,
+    MAX_ROW_ELEMENTS,
+    MAX_SHOTS,
+    MAX_THUMBNAIL_BYTES,
+    MAX_THUMBNAIL_SIDE,
+    SUM_DTYPE,
+    THUMBNAIL_QUALITY,
+    THUMBNAIL_SIZE,
+    THUMBNAILS_KEPT,
+    GalleryError,
+    GalleryNotFoundError,
+    check_bank_dtypes,
+    check_feature_sum,
+    check_shape,
+    decode_thumbnail,
+    encode_thumbnail,
+    jpeg_size,
+    now,
+    short,
+)
+from dmf_deploy.runtime.gallery_file import (
+    FORMAT_VERSION,
+    SQLITE_MAGIC,
+    Changes,
+    ClassRecord,
+    GalleryFile,
+    is_gallery_database,
+    iter_meta,
+    write_new,
+)
+from dmf_deploy.runtime.gallery_legacy import READ_VERSIONS, ZIP_MAGIC, read_legacy
 
-FORMAT = "dmf-gallery"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
-MAX_HEADER_BYTES = 16 << 20  # checked before json.loads: a corrupt length must not cost gigabytes
-THUMBNAIL_SIZE = 64  # longest side of a thumbnail, pixels
-THUMBNAIL_QUALITY = 85
-STALE_TEMP_SECONDS = 600.0  # a temp file untouched this long belongs to a save that died
-SUM_DTYPE = np.dtype(np.float32)  # halves memory against float64; a few hundred shots lose nothing visible
-BANK_DTYPE = np.dtype(np.float32)  # the default; a bundle may declare float16 banks
-BANK_DTYPES = ("float32", "float16")
+__all__ = [
+    "BANK_DTYPE",
+    "BANK_DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_CLASSES",
+    "MAX_HEADER_BYTES",
+    "MAX_PROTOTYPE_ABS",
+    "MAX_ROW_ELEMENTS",
+    "MAX_SHOTS",
+    "MAX_THUMBNAIL_BYTES",
+    "MAX_THUMBNAIL_SIDE",
+    "READ_VERSIONS",
+    "SUM_DTYPE",
+    "THUMBNAIL_QUALITY",
+    "THUMBNAIL_SIZE",
+    "THUMBNAILS_KEPT",
+    "ClassInfo",
+    "Gallery",
+    "GalleryError",
+    "GalleryNotFoundError",
+    "bank_cache_folder",
+    "converted_path",
+    "decode_thumbnail",
+    "encode_thumbnail",
+    "jpeg_size",
+]
+
+log = logging.getLogger("dmf_deploy.runtime")
+
+RANKING = "class_weight"  # the bank tensor a shortlist ranks by; kept in memory for every class
 _MIN_CAPACITY = 4
-# Bounds no real gallery reaches, checked before anything is allocated: a hand-made file must not cost
-# more than its own size in memory, nor overflow int64 shot counts.
-MAX_CLASSES = 1 << 20
-MAX_SHOTS = 1 << 31  # per class
-MAX_RANK = 8  # axes of a feature or class-bank tensor
-MAX_ROW_ELEMENTS = 1 << 24  # elements of one class's feature map or bank tensor (64 MB of float32)
-MAX_THUMBNAIL_BYTES = 256 << 10
-MAX_THUMBNAIL_SIDE = 256  # pixels; saved thumbnails are THUMBNAIL_SIZE
-_ZIP_MAGIC = b"PK\x03\x04"
-_BANK_PREFIX = "bank."
 _BANK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class GalleryError(ValueError):
-    """A gallery file that is corrupt, of another format or model; or an invalid gallery operation."""
+class ClassInfo(NamedTuple):
+    """One class as a list shows it (`Gallery.page`)."""
+
+    name: str
+    shots: int
+    created: str
+    updated: str
+    thumbnails: int  # how many thumbnails `thumbnails(name)` returns
 
 
-class GalleryNotFoundError(GalleryError, FileNotFoundError):
-    """The gallery file does not exist (caught by ``except FileNotFoundError`` as well)."""
+def converted_path(path: Path) -> Path:
+    """Where the first save of a version 1 or 2 gallery writes version 3: `g.dmfg` -> `g.v3.dmfg`."""
+    return path.with_name(f"{path.stem}.v{FORMAT_VERSION}{path.suffix or '.dmfg'}")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def bank_cache_folder(path: Path) -> Path:
+    """The folder of class-bank caches beside a gallery file: `g.dmfg` -> `g.dmfg-banks/`."""
+    return path.with_name(path.name + "-banks")
 
 
-def _shape(value: Any, what: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise GalleryError(f"{what} must be a sequence of positive integers, got {value!r}") from exc
-    if not shape or min(shape) < 1:
-        raise GalleryError(f"{what} must be a non-empty sequence of positive integers, got {value!r}")
-    if len(shape) > MAX_RANK or math.prod(shape) > MAX_ROW_ELEMENTS:
-        raise GalleryError(
-            f"{what} {shape} is too large: at most {MAX_RANK} axes and {MAX_ROW_ELEMENTS} elements"
-        )
-    return shape
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    """The names of the temp files a write of `path` makes (dmf_deploy/atomic.py), never -wal or -shm."""
+    return re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.tmp\Z")
 
 
-def _bank_dtypes(
-    dtypes: Mapping[str, str] | None, shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, np.dtype]:
-    """Each bank tensor's dtype (default float32); GalleryError for other names or dtypes."""
-    if dtypes is None:
-        return {k: BANK_DTYPE for k in shapes}
-    if not isinstance(dtypes, Mapping) or set(dtypes) != set(shapes):
-        raise GalleryError(f"bank_dtypes must name exactly the bank tensors {sorted(shapes)}")
-    for key, name in dtypes.items():
-        if name not in BANK_DTYPES:
-            raise GalleryError(f"bank dtype of {key!r} is {name!r}; a gallery stores {BANK_DTYPES}")
-    return {k: np.dtype(dtypes[k]) for k in shapes}
+def _is_gallery_temp(path: Path) -> bool:
+    """A killed save's leftover: empty, or begun as an SQLite or .npz gallery."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    return head == b"" or head.startswith(SQLITE_MAGIC) or head.startswith(ZIP_MAGIC)
 
 
-def _short(fingerprint: str) -> str:
-    return fingerprint[:12]
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the temp files that killed saves of `path` left beside it, once no live process owns them."""
+    return remove_orphans(path.parent, _temp_pattern(path), _is_gallery_temp)
 
 
-def encode_thumbnail(frame: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
-    """JPEG of a BGR uint8 (HxWx3) or grey (HxW) frame, its longest side scaled to `size`."""
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
-        raise GalleryError(
-            f"a thumbnail needs an HxWx3 BGR or HxW grey uint8 frame, got {frame.dtype} {frame.shape}"
-        )
-    h, w = frame.shape[:2]
-    if h < 1 or w < 1:
-        raise GalleryError(f"cannot make a thumbnail of an empty frame {frame.shape}")
-    scale = size / max(h, w)
-    small = cv2.resize(
-        frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-    )
-    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])
-    if not ok:
-        raise GalleryError("OpenCV could not encode the thumbnail")
-    return buf.tobytes()
+def _new_revision() -> int:
+    return secrets.randbits(62) + 1  # never 0, the token of an empty bank slot
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class Gallery:
@@ -153,25 +165,38 @@ class Gallery:
             raise GalleryError("a gallery needs the model's fingerprint (a non-empty string)")
         self.fingerprint = fingerprint
         self.model_description = str(model_description)
-        self._feature_shape = _shape(feature_shape, "feature_shape")
-        self._bank_shapes: dict[str, tuple[int, ...]] = {}
+        self._feature_shape = check_shape(feature_shape, "feature_shape")
+        shapes: dict[str, tuple[int, ...]] = {}
         for key, shape in bank_shapes.items():
             if not isinstance(key, str) or not _BANK_NAME.match(key):
                 raise GalleryError(f"class-bank tensor name {key!r} is not an identifier")
-            self._bank_shapes[key] = _shape(shape, f"bank shape of {key!r}")
-        self._bank_dtypes = _bank_dtypes(bank_dtypes, self._bank_shapes)
+            shapes[key] = check_shape(shape, f"bank shape of {key!r}")
+        self._banks = BankSlots(shapes, check_bank_dtypes(bank_dtypes, shapes))
         # Row storage: the first self._count rows are live; the rest is spare capacity.
         self._count = 0
-        self._sums = np.zeros((0, *self._feature_shape), SUM_DTYPE)
+        self._ids = np.zeros(0, np.int64)  # the class's id in the file (enrolment order)
         self._counts = np.zeros(0, np.int64)
-        self._banks = {k: np.zeros((0, *s), self._bank_dtypes[k]) for k, s in self._bank_shapes.items()}
-        # Per-row metadata, in row order.
+        self._revisions = np.zeros(0, np.int64)  # token of the current feature sum
+        self._slots = np.zeros(0, np.int64)  # bank slot; -1: the bank is stale
+        self._weights = self._empty_weights()
         self._names: list[str] = []
         self._rows: dict[str, int] = {}
-        self._thumbs: list[bytes | None] = []
         self._created: list[str] = []
         self._updated: list[str] = []
-        self._bank_ready: list[bool] = []  # False between add_shots and set_bank: the bank is stale
+        # Held in memory: every class's sum and thumbnails without a file; with one, the changed ones.
+        self._sums: dict[int, np.ndarray] = {}
+        self._thumbs: dict[int, list[bytes]] = {}
+        self._dirty: set[int] = set()  # ids whose class row changed since the last save
+        self._removed: set[int] = set()  # ids removed since the last save
+        self._meta_dirty = True
+        self._next_id = 1
+        self._file: GalleryFile | None = None
+        self._legacy_path: Path | None = None  # the version 1 or 2 file this gallery was read from
+
+    def _empty_weights(self) -> np.ndarray | None:
+        if RANKING not in self._banks.shapes:
+            return None
+        return np.zeros((0, *self._banks.shapes[RANKING]), self._banks.dtypes[RANKING])
 
     # ----------------------------------------------------------------- reading
 
@@ -181,15 +206,25 @@ class Gallery:
 
     @property
     def bank_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._bank_shapes)
+        return dict(self._banks.shapes)
 
     @property
     def bank_dtypes(self) -> dict[str, str]:
-        return {k: d.name for k, d in self._bank_dtypes.items()}
+        return {k: d.name for k, d in self._banks.dtypes.items()}
 
     @property
     def capacity(self) -> int:
         return len(self._counts)
+
+    @property
+    def path(self) -> Path | None:
+        """The version 3 file this gallery saves to (None: not saved yet, or read from an old version)."""
+        return None if self._file is None else self._file.path
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether anything changed since the last save (or since it was read from an old version)."""
+        return bool(self._dirty or self._removed or self._meta_dirty)
 
     def __len__(self) -> int:
         return self._count
@@ -198,7 +233,7 @@ class Gallery:
         return isinstance(name, str) and name_key(name) in self._rows
 
     def __repr__(self) -> str:
-        return f"Gallery({self._count} classes, model {_short(self.fingerprint)})"
+        return f"Gallery({self._count} classes, model {short(self.fingerprint)})"
 
     @property
     def names(self) -> list[str]:
@@ -219,34 +254,104 @@ class Gallery:
         view.flags.writeable = False  # callers read; only Gallery methods may change rows
         return view
 
+    def shots(self, name: str) -> int:
+        """How many frames the class was enrolled from."""
+        return int(self._counts[self.index(name)])
+
+    def page(self, offset: int = 0, limit: int = 100) -> list[ClassInfo]:
+        """Classes `offset` to `offset + limit` in enrolment order (for lists that page through them)."""
+        if isinstance(offset, bool) or isinstance(limit, bool) or min(int(offset), int(limit)) < 0:
+            raise ValueError(f"offset and limit must be non-negative integers, got {offset!r}, {limit!r}")
+        rows = range(int(offset), min(self._count, int(offset) + int(limit)))
+        return [
+            ClassInfo(
+                self._names[r],
+                int(self._counts[r]),
+                self._created[r],
+                self._updated[r],
+                len(self._thumbnails_of(r)),
+            )
+            for r in rows
+        ]
+
+    def feature_sum(self, row: int) -> np.ndarray:
+        """One class's sum of support feature maps, float32 [*feature_shape] (read-only)."""
+        row = self._check_row(row)
+        class_id = int(self._ids[row])
+        total = self._sums.get(class_id)
+        if total is None:
+            total = self._file_sum(row)
+        view = total.view()
+        view.flags.writeable = False
+        return view
+
     @property
     def feature_sums(self) -> np.ndarray:
-        """[N, *feature_shape] sums of each class's support features (read-only view)."""
-        return self._view(self._sums, self._count)
+        """[N, *feature_shape] sums of every class (read-only; reads every sum a file holds)."""
+        out = np.zeros((self._count, *self._feature_shape), SUM_DTYPE)
+        for row in range(self._count):
+            out[row] = self.feature_sum(row)
+        out.flags.writeable = False
+        return out
 
     @property
     def counts(self) -> np.ndarray:
         """[N] shot counts (read-only view)."""
         return self._view(self._counts, self._count)
 
+    def class_weights(self) -> np.ndarray:
+        """[N, C] every class's `class_weight` (the shortlist's ranking vectors), in memory (read-only)."""
+        if self._weights is None:
+            raise GalleryError(f"this gallery's banks have no {RANKING!r} to rank classes by")
+        return self._view(self._weights, self._count)
+
+    def bank_rows(self, rows: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """{name: [len(rows), *shape]} the class banks of some rows, ready for the head (read-only)."""
+        slots = self._slots[: self._count][rows]
+        if np.any(slots < 0):
+            raise GalleryError(f"cannot use the class banks of {self.missing_banks[:5]}: they were not set")
+        out = self._banks.read(slots)
+        for array in out.values():
+            array.flags.writeable = False
+        return out
+
     def bank_arrays(self) -> dict[str, np.ndarray]:
-        """{name: [N, *shape] of bank_dtypes[name]} class-bank tensors, ready for the head (read-only)."""
-        return {k: self._view(a, self._count) for k, a in self._banks.items()}
+        """{name: [N, *shape] of bank_dtypes[name]} every class bank (read-only; a stale bank reads as
+        zeros). A view while the banks lie in memory in row order, else a copy: for small galleries and
+        tests; the Recognizer reads the rows it needs with `bank_rows`."""
+        slots = self._slots[: self._count]
+        if np.all(slots >= 0):
+            return self.bank_rows(slice(0, self._count))
+        out = {k: np.zeros((self._count, *s), self._banks.dtypes[k]) for k, s in self._banks.shapes.items()}
+        ready = np.flatnonzero(slots >= 0)
+        for key, array in self._banks.read(slots[ready]).items():
+            out[key][ready] = array
+        for array in out.values():
+            array.flags.writeable = False
+        return out
 
     def prototype(self, row: int) -> np.ndarray:
         """The class's mean support feature map, float32 [*feature_shape]."""
         row = self._check_row(row)
-        return (self._sums[row].astype(np.float64) / self._counts[row]).astype(np.float32)
+        return (self.feature_sum(row).astype(np.float64) / self._counts[row]).astype(np.float32)
 
-    def prototypes(self) -> np.ndarray:
-        """All prototypes, float32 [N, *feature_shape] (e.g. to recompute every bank)."""
-        n = self._count
-        scale = 1.0 / self._counts[:n].reshape((n,) + (1,) * len(self._feature_shape))
-        return (self._sums[:n].astype(np.float64) * scale).astype(np.float32)
+    def prototypes(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Prototypes of `rows` (default: all), float32 [len(rows), *feature_shape]."""
+        rows = range(self._count) if rows is None else rows
+        out = np.zeros((len(rows), *self._feature_shape), np.float32)
+        for i, row in enumerate(rows):
+            out[i] = self.prototype(row)
+        return out
 
     def thumbnail(self, name: str) -> bytes | None:
-        """The class's JPEG thumbnail, or None if it was enrolled without one."""
-        return self._thumbs[self.index(name)]
+        """The class's JPEG thumbnail (of its first enrolment), or None if it was enrolled without one."""
+        found = self._thumbnails_of(self.index(name))
+        return found[0] if found else None
+
+    def thumbnails(self, name: str) -> list[bytes]:
+        """The class's JPEG thumbnails: its first enrolment's, then those of the latest ones (at most
+        THUMBNAILS_KEPT in all)."""
+        return list(self._thumbnails_of(self.index(name)))
 
     def timestamps(self, name: str) -> tuple[str, str]:
         """(created, updated) as UTC ISO-8601 strings."""
@@ -255,8 +360,8 @@ class Gallery:
 
     @property
     def missing_banks(self) -> list[str]:
-        """Classes whose bank was not set since their last add_shots; save() refuses while any remain."""
-        return [n for n, ready in zip(self._names, self._bank_ready) if not ready]
+        """Classes whose bank is stale (not set since their last add_shots, or not in the cache)."""
+        return [self._names[r] for r in np.flatnonzero(self._slots[: self._count] < 0).tolist()]
 
     # ---------------------------------------------------------------- changing
 
@@ -266,12 +371,14 @@ class Gallery:
         feature_sum_delta: np.ndarray,
         n_shots: int,
         thumbnail_bgr: np.ndarray | None = None,
+        bank: Mapping[str, np.ndarray] | None = None,
     ) -> int:
         """Add `n_shots` support features (given as their sum) to a new or existing class; return its row.
 
-        The class's bank is stale afterwards: compute it from ``prototype(row)`` and call ``set_bank``.
-        A new class takes the thumbnail; an existing one keeps its first thumbnail unless it had none.
-        Everything is validated before anything changes, so a refused call leaves the gallery as it was.
+        With `bank` (the class bank computed from the new prototype) the class is complete; without,
+        its bank is stale: compute it from ``prototype(row)`` and call ``set_bank``. A new enrolment's
+        thumbnail is kept with the first one's. Everything is computed and checked before anything
+        changes, so a refused call leaves the gallery as it was.
         """
         name = validate_class_name(name)
         if isinstance(n_shots, bool) or not isinstance(n_shots, (int, np.integer)) or n_shots < 1:
@@ -284,19 +391,35 @@ class Gallery:
         if not np.all(np.isfinite(delta)):
             raise GalleryError(f"the features of {name!r} contain NaN or infinity")
         row = self._rows.get(name)
-        if int(n_shots) + (0 if row is None else int(self._counts[row])) > MAX_SHOTS:
+        count = int(n_shots) + (0 if row is None else int(self._counts[row]))
+        if count > MAX_SHOTS:
             raise GalleryError(f"class {name!r} would have more than {MAX_SHOTS} shots")
-        thumb = None if thumbnail_bgr is None else encode_thumbnail(thumbnail_bgr)
+        if row is None and self._count >= MAX_CLASSES:
+            raise GalleryError(f"a gallery holds at most {MAX_CLASSES} classes")
+        total = delta.astype(SUM_DTYPE) if row is None else self.feature_sum(row) + delta.astype(SUM_DTYPE)
+        check_feature_sum("enrolment", name, total, count)
+        checked = None if bank is None else self._checked_bank(bank)
+        thumbs = [] if row is None else list(self._thumbnails_of(row))
+        if thumbnail_bgr is not None:
+            thumbs.append(encode_thumbnail(thumbnail_bgr))
+            if len(thumbs) > THUMBNAILS_KEPT:
+                thumbs = [thumbs[0], *thumbs[len(thumbs) - THUMBNAILS_KEPT + 1 :]]
 
-        now = _now()
+        # Every check passed: from here on nothing fails but memory.
+        stamp = now()
         if row is None:
-            row = self._append_row(name, now)
-        self._sums[row] += delta.astype(SUM_DTYPE)
-        self._counts[row] += int(n_shots)
-        if self._thumbs[row] is None:
-            self._thumbs[row] = thumb
-        self._updated[row] = now
-        self._bank_ready[row] = False
+            row = self._append_row(name, stamp)
+        class_id = int(self._ids[row])
+        self._sums[class_id] = total
+        self._thumbs[class_id] = thumbs
+        self._counts[row] = count
+        self._revisions[row] = _new_revision()
+        self._updated[row] = stamp
+        self._dirty.add(class_id)
+        self._banks.retire(int(self._slots[row]))
+        self._slots[row] = -1
+        if checked is not None:
+            self._store_bank(row, checked)
         return row
 
     def set_bank(self, row: int, arrays: Mapping[str, np.ndarray], touch: bool = True) -> None:
@@ -305,23 +428,12 @@ class Gallery:
         `touch=False` keeps the class's update time (a bank recomputed from the same shots).
         """
         row = self._check_row(row)
-        if set(arrays) != set(self._bank_shapes):
-            raise GalleryError(f"set_bank needs exactly {sorted(self._bank_shapes)}, got {sorted(arrays)}")
-        checked = {}
-        for key, shape in self._bank_shapes.items():
-            value = np.asarray(arrays[key])
-            if value.shape == (1, *shape):  # a support.onnx output for one prototype
-                value = value[0]
-            if value.shape != shape:
-                raise GalleryError(f"bank tensor {key!r} has shape {value.shape}; expected {shape}")
-            if not np.all(np.isfinite(value)):
-                raise GalleryError(f"bank tensor {key!r} contains NaN or infinity")
-            checked[key] = value
-        for key, value in checked.items():
-            self._banks[key][row] = value
-        self._bank_ready[row] = True
+        checked = self._checked_bank(arrays)
+        self._banks.retire(int(self._slots[row]))
+        self._store_bank(row, checked)
         if touch:
-            self._updated[row] = _now()
+            self._updated[row] = now()
+            self._dirty.add(int(self._ids[row]))
 
     def reset_banks(
         self, bank_shapes: Mapping[str, Sequence[int]], bank_dtypes: Mapping[str, str] | None = None
@@ -331,29 +443,41 @@ class Gallery:
         Every row's bank becomes stale: recompute each from ``prototype(row)`` and call ``set_bank``.
         Names, shot counts, feature sums and thumbnails are kept.
         """
-        if set(bank_shapes) != set(self._bank_shapes):
+        if set(bank_shapes) != set(self._banks.shapes):
             raise GalleryError(
                 f"class-bank tensors {sorted(bank_shapes)} differ from this gallery's "
-                f"{sorted(self._bank_shapes)}"
+                f"{sorted(self._banks.shapes)}"
             )
-        shapes = {k: _shape(s, f"bank shape of {k!r}") for k, s in bank_shapes.items()}
-        dtypes = _bank_dtypes(bank_dtypes, shapes)
-        capacity = self.capacity
-        self._bank_shapes, self._bank_dtypes = shapes, dtypes
-        self._banks = {k: np.zeros((capacity, *s), dtypes[k]) for k, s in shapes.items()}
-        self._bank_ready = [False] * self._count
+        shapes = {k: check_shape(s, f"bank shape of {k!r}") for k, s in bank_shapes.items()}
+        dtypes = check_bank_dtypes(bank_dtypes, shapes)
+        self._banks.close()
+        self._banks = self._open_banks(shapes, dtypes)
+        self._slots[: self._count] = self._banks.bind(self._revisions[: self._count])
+        if RANKING in shapes:
+            self._weights = np.zeros((self.capacity, *shapes[RANKING]), dtypes[RANKING])
+        self._load_weights()
+        self._meta_dirty = True
 
     def remove(self, name: str) -> None:
         """Forget a class; later rows move up one, so enrolment order is kept."""
         row, n = self.index(name), self._count
+        class_id = int(self._ids[row])
+        self._banks.retire(int(self._slots[row]))
+        arrays = [self._ids, self._counts, self._revisions, self._slots]
+        if self._weights is not None:
+            arrays.append(self._weights)
         # Overlapping slice assignment is safe: numpy copies through a buffer when source and target overlap.
-        for array in (self._sums, self._counts, *self._banks.values()):
+        for array in arrays:
             array[row : n - 1] = array[row + 1 : n]
             array[n - 1] = 0
-        for meta in (self._names, self._thumbs, self._created, self._updated, self._bank_ready):
+        for meta in (self._names, self._created, self._updated):
             del meta[row]
         self._count = n - 1
         self._rows = {nm: i for i, nm in enumerate(self._names)}
+        self._sums.pop(class_id, None)
+        self._thumbs.pop(class_id, None)
+        self._dirty.discard(class_id)
+        self._removed.add(class_id)
 
     def rename(self, old: str, new: str) -> None:
         """Rename a class in place (same row, same data). GalleryError if `new` is another class."""
@@ -366,23 +490,50 @@ class Gallery:
         del self._rows[self._names[row]]
         self._names[row] = new
         self._rows[new] = row
-        self._updated[row] = _now()
+        self._updated[row] = now()
+        self._dirty.add(int(self._ids[row]))
+
+    def _checked_bank(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shapes = self._banks.shapes
+        if set(arrays) != set(shapes):
+            raise GalleryError(f"set_bank needs exactly {sorted(shapes)}, got {sorted(arrays)}")
+        checked = {}
+        for key, shape in shapes.items():
+            value = np.asarray(arrays[key])
+            if value.shape == (1, *shape):  # a support.onnx output for one prototype
+                value = value[0]
+            if value.shape != shape:
+                raise GalleryError(f"bank tensor {key!r} has shape {value.shape}; expected {shape}")
+            if not np.all(np.isfinite(value)):
+                raise GalleryError(f"bank tensor {key!r} contains NaN or infinity")
+            checked[key] = value.astype(self._banks.dtypes[key])
+            if not np.all(np.isfinite(checked[key])):  # float16 overflows beyond 65504
+                raise GalleryError(f"bank tensor {key!r} overflows {self._banks.dtypes[key].name}")
+        return checked
+
+    def _store_bank(self, row: int, checked: Mapping[str, np.ndarray]) -> None:
+        slot = self._banks.take()
+        self._banks.write(slot, checked, int(self._revisions[row]))
+        self._slots[row] = slot
+        if self._weights is not None:
+            self._weights[row] = checked[RANKING]
 
     def _check_row(self, row: int) -> int:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self._count:
             raise IndexError(f"row {row!r} is out of range for a gallery of {self._count} classes")
         return int(row)
 
-    def _append_row(self, name: str, now: str) -> int:
+    def _append_row(self, name: str, stamp: str) -> int:
         row = self._count
         self._reserve(row + 1)
         self._count = row + 1
+        self._ids[row] = self._next_id
+        self._next_id += 1
+        self._slots[row] = -1
         self._names.append(name)
         self._rows[name] = row
-        self._thumbs.append(None)
-        self._created.append(now)
-        self._updated.append(now)
-        self._bank_ready.append(False)
+        self._created.append(stamp)
+        self._updated.append(stamp)
         return row
 
     def _reserve(self, needed: int) -> None:
@@ -390,80 +541,168 @@ class Gallery:
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity, _MIN_CAPACITY)
+        self._ids, self._counts, self._revisions, self._slots = (
+            _grown(a, capacity, self._count) for a in (self._ids, self._counts, self._revisions, self._slots)
+        )
+        self._reserve_weights(capacity)
 
-        def grown(array: np.ndarray) -> np.ndarray:
-            bigger = np.zeros((capacity, *array.shape[1:]), array.dtype)
-            bigger[: self._count] = array[: self._count]
-            return bigger
+    def _reserve_weights(self, capacity: int) -> None:
+        if self._weights is not None and len(self._weights) < capacity:
+            self._weights = _grown(self._weights, capacity, self._count)
 
-        self._sums, self._counts = grown(self._sums), grown(self._counts)
-        self._banks = {k: grown(a) for k, a in self._banks.items()}
+    def _thumbnails_of(self, row: int) -> list[bytes]:
+        class_id = int(self._ids[row])
+        held = self._thumbs.get(class_id)
+        if held is not None or self._file is None:
+            return held or []
+        return self._file.read_thumbnails(self._record(row))
+
+    def _file_sum(self, row: int) -> np.ndarray:
+        if self._file is None:
+            raise GalleryError(f"the feature sum of {self._names[row]!r} is missing")
+        return self._file.read_sum(self._record(row))
+
+    def _record(self, row: int) -> ClassRecord:
+        return ClassRecord(
+            int(self._ids[row]),
+            self._names[row],
+            int(self._counts[row]),
+            int(self._revisions[row]),
+            self._created[row],
+            self._updated[row],
+        )
 
     # ------------------------------------------------------------------ saving
 
-    def _header(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "model_description": self.model_description,
-            "feature_shape": list(self._feature_shape),
-            "feature_dtype": SUM_DTYPE.name,
-            "bank_shapes": {k: list(s) for k, s in self._bank_shapes.items()},
-            "bank_dtypes": self.bank_dtypes,
-            "classes": [
-                {"name": nm, "shots": int(c), "created": cr, "updated": up}
-                for nm, c, cr, up in zip(self._names, self._counts, self._created, self._updated)
-            ],
-        }
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Save to the gallery's own file (default) or to `path`; return the file written.
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the gallery atomically to `path`: a crash leaves the old file or the new one, never a mix."""
+        - its own file (or `path` naming it): what changed since the last save, in one transaction;
+        - read from a version 1 or 2 file, and `path` is that file (or None): a version 3 file beside it
+          (`converted_path`), which this gallery saves to from then on; the old file is left in place;
+        - another `path` while it has a file: a consistent snapshot there; it keeps saving to its own;
+        - no file yet: a new file at `path`, which it saves to from then on.
+        Durable when it returns. Refused while a class's bank is stale (GalleryError).
+        """
         if self.missing_banks:
             raise GalleryError(
-                f"cannot save: the class bank of {self.missing_banks} was not set after add_shots"
+                f"cannot save: the class bank of {self.missing_banks[:5]} was not set after add_shots"
             )
-        target = Path(path)
-        header = json.dumps(self._header(), ensure_ascii=False).encode("utf-8")
-        if len(header) > MAX_HEADER_BYTES:
-            raise GalleryError(
-                f"the gallery header would be {len(header)} bytes; the limit is {MAX_HEADER_BYTES}"
+        target = Path(path) if path is not None else (self.path or self._legacy_path)
+        if target is None:
+            raise GalleryError("this gallery has no file yet: pass a path to save()")
+        if self._legacy_path is not None and _same_file(target, self._legacy_path):
+            target = converted_path(self._legacy_path)  # the old file is left as it is
+        if self._file is not None and _same_file(target, self._file.path):
+            self._file.commit(self._changes())
+            self._saved()
+            return self._file.path
+        if self._legacy_path is not None and target == converted_path(self._legacy_path):
+            if target.exists():
+                raise GalleryError(
+                    f"cannot convert {self._legacy_path}: {target} exists already (open that file instead)"
+                )
+            log.info(
+                "saving %s (version 1 or 2) as version %d in %s", self._legacy_path, FORMAT_VERSION, target
             )
-        thumbs = [t or b"" for t in self._thumbs]
-        offsets = np.zeros(self._count + 1, np.int64)
-        offsets[1:] = np.cumsum([len(t) for t in thumbs], dtype=np.int64)
-        n = self._count
-        arrays = {
-            "header": np.frombuffer(header, np.uint8),
-            "feature_sums": self._sums[:n],
-            "thumbnail_bytes": np.frombuffer(b"".join(thumbs), np.uint8),
-            "thumbnail_offsets": offsets,
-            **{_BANK_PREFIX + k: a[:n] for k, a in self._banks.items()},
-        }
-
-        def write(handle: IO[bytes]) -> None:
-            np.savez(handle, **arrays)
-
-        try:
-            real, _ = write_target(target)  # a symlink is saved through, to the file it names
-            _remove_stale_temps(real)
-            atomic_write_with(target, write)
-        except OSError as exc:
-            if exc.filename is not None or exc.errno is None:
-                raise  # names its path already
-            # A write error ("No space left on device") names no file; say which gallery was not saved.
-            raise OSError(exc.errno, f"cannot save the gallery {target}: {exc.strerror}") from exc
+        if self._file is not None:
+            return self._file.snapshot(target, self._changes())
+        remove_leftovers(target)
+        self._write_everything(target)
         return target
+
+    def _write_everything(self, target: Path) -> None:
+        """A new file holding every class; this gallery saves to it from then on."""
+        changes = Changes(meta=self._meta())
+        for row in range(self._count):
+            record = self._record(row)
+            changes.records.append(record)
+            changes.sums[record.id] = self._sums[record.id]
+            changes.thumbnails[record.id] = self._thumbs.get(record.id, [])
+        write_new(target, changes)
+        legacy = self._legacy_path
+        file = GalleryFile.open(target, self.fingerprint, self.model_description)
+        self._file = file
+        self._legacy_path = legacy  # a later save(old path) still means this file
+        self._saved()
+        self._move_banks_to_cache()
+
+    def _changes(self) -> Changes:
+        changes = Changes(meta=self._meta() if self._meta_dirty else {}, removed=sorted(self._removed))
+        rows = {int(i): r for r, i in enumerate(self._ids[: self._count].tolist())}
+        for class_id in sorted(self._dirty):
+            row = rows[class_id]
+            changes.records.append(self._record(row))
+            if class_id in self._sums:
+                changes.sums[class_id] = self._sums[class_id]
+            if class_id in self._thumbs:
+                changes.thumbnails[class_id] = self._thumbs[class_id]
+        return changes
+
+    def _meta(self) -> dict[str, object]:
+        return dict(
+            iter_meta(
+                self.fingerprint,
+                self.model_description,
+                self._feature_shape,
+                self._banks.shapes,
+                self._banks.dtypes,
+            )
+        )
+
+    def _saved(self) -> None:
+        """The file holds everything: forget what was held for it, free retired bank slots."""
+        self._dirty.clear()
+        self._removed.clear()
+        self._meta_dirty = False
+        self._sums.clear()
+        self._thumbs.clear()
+        self._banks.committed()
+        self._banks.sync()
+
+    def close(self) -> None:
+        """Checkpoint and close the file (a closed gallery is one file) and the bank cache. Unsaved
+        changes are not saved. The gallery is unusable for reading sums or thumbnails afterwards."""
+        if self._file is not None:
+            self._file.close()
+        self._banks.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check(self) -> list[str]:
+        """A full check of the file: SQLite's quick_check and every feature sum and thumbnail read and
+        checked (its cost grows with the file; `dmf-run --check-gallery`). [] when all is well."""
+        if self._file is None:
+            return []
+        problems = self._file.check()
+        for row in range(self._count):
+            try:
+                self._file.read_sum(self._record(row))
+                self._file.read_thumbnails(self._record(row))
+            except GalleryError as exc:
+                problems.append(str(exc))
+        return problems
 
     # ----------------------------------------------------------------- loading
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], expected_fingerprint: str, expected_description: str = ""
+        cls,
+        path: str | os.PathLike[str],
+        expected_fingerprint: str,
+        expected_description: str = "",
+        bank_shapes: Mapping[str, Sequence[int]] | None = None,
+        bank_dtypes: Mapping[str, str] | None = None,
     ) -> Gallery:
         """Open a gallery saved for the model `expected_fingerprint`; GalleryError on anything else.
 
-        The description is only used in messages (and kept for later saves if given).
+        `bank_shapes`/`bank_dtypes`: the banks the caller's bundle uses (default: those of the bundle
+        that saved it); rows whose bank is not cached in that layout are stale (`missing_banks`).
+        A version 1 or 2 file whose converted file (`converted_path`) exists opens that file.
         """
         path = Path(path)
         if not path.exists():  # follows links: a dangling link names the file a save will create
@@ -473,238 +712,137 @@ class Gallery:
                 f"gallery path {path} exists but is not a regular file (a folder, device or FIFO); "
                 "refusing to read or replace it"
             )
-        try:
-            with open(path, "rb") as handle:
-                if handle.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-                    raise GalleryError(f"{path} is not a {FORMAT} file (not an .npz archive)")
-                size = os.fstat(handle.fileno()).st_size
-                with zipfile.ZipFile(handle) as archive:
-                    npz = _Archive(archive, size)
-                    return cls._from_npz(path, npz, expected_fingerprint, expected_description)
-        except GalleryError:
-            raise
-        except (
-            OSError,
-            ValueError,
-            EOFError,
-            KeyError,
-            TypeError,
-            OverflowError,
-            zipfile.BadZipFile,
-            zlib.error,
-            struct.error,
-            NotImplementedError,
-            RecursionError,
-        ) as exc:
-            # Truncated, overwritten or hand-made files surface as any of these; all mean "corrupt".
-            raise GalleryError(f"{path} is corrupt or not a {FORMAT} file: {exc}") from exc
+        head = _read_head(path)
+        if head.startswith(ZIP_MAGIC):
+            newer = converted_path(path)
+            if newer.is_file():
+                log.info("%s was converted to %s; opening that", path, newer)
+                gallery = cls._load_file(
+                    newer, expected_fingerprint, expected_description, bank_shapes, bank_dtypes
+                )
+            else:
+                gallery = cls._load_legacy(path, expected_fingerprint, expected_description)
+            gallery._legacy_path = path
+            return gallery
+        if is_gallery_database(head):
+            return cls._load_file(path, expected_fingerprint, expected_description, bank_shapes, bank_dtypes)
+        if head.startswith(SQLITE_MAGIC):
+            raise GalleryError(f"{path} is not a {FORMAT} file (an SQLite database of another application)")
+        raise GalleryError(f"{path} is not a {FORMAT} file (neither an .npz archive nor a gallery database)")
 
     @classmethod
-    def _from_npz(cls, path: Path, npz: _Archive, fingerprint: str, description: str) -> Gallery:
-        header_array = _read_member(npz, "header", np.uint8, None, limit=MAX_HEADER_BYTES)
-        header = json.loads(header_array.tobytes().decode("utf-8"))
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise GalleryError(f"{path} is not a {FORMAT} file")
-        version = header.get("format_version")
-        if isinstance(version, bool) or version not in READ_VERSIONS:
-            raise GalleryError(
-                f"{path} has {FORMAT} version {version!r}; "
-                f"this runtime reads versions {' and '.join(map(str, READ_VERSIONS))}"
-            )
-        theirs = str(header.get("fingerprint"))
-        if theirs != fingerprint:
-            # Checked before shapes: another model is the likely cause and deserves the clearest message.
-            saved_by = header.get("model_description") or "(no description)"
-            open_model = description or "(no description)"
-            raise GalleryError(
-                f"{path} was enrolled with another model: it belongs to {saved_by!r} "
-                f"(fingerprint {_short(theirs)}), but the open model is {open_model!r} "
-                f"(fingerprint {_short(fingerprint)}). Enrol the classes again with this model, "
-                "or open the bundle the gallery was made with."
-            )
-        if header.get("feature_dtype") != SUM_DTYPE.name:
-            raise GalleryError(f"{path} stores feature sums as {header.get('feature_dtype')!r}")
-        if not isinstance(header.get("bank_shapes"), dict):
-            raise GalleryError(f"{path} has no valid bank_shapes")
-        gallery = cls(
-            fingerprint,
-            header.get("feature_shape"),
-            header["bank_shapes"],
-            description or str(header.get("model_description", "")),
-            header.get("bank_dtypes") if version >= 2 else None,
-        )
-        classes = header.get("classes")
-        if not isinstance(classes, list):
-            raise GalleryError(f"{path} has no class list")
-        n = len(classes)
-        # The class list is checked against the stored rows before it is walked.
-        stored = _member_header(npz, "feature_sums").shape
-        if n > MAX_CLASSES or stored[:1] != (n,):
-            raise GalleryError(
-                f"{path} lists {n} classes but stores feature sums of shape {stored} "
-                f"(and at most {MAX_CLASSES} classes are allowed)"
-            )
-        names, counts, created, updated = [], [], [], []
-        seen: set[str] = set()
-        for entry in classes:
-            if not isinstance(entry, dict):
-                raise GalleryError(f"{path} has a malformed class entry {str(entry)[:100]!r}")
-            name = validate_class_name(entry.get("name"))  # NFC: a gallery of older versions may hold NFD
-            if name in seen:
-                raise GalleryError(f"{path} has an invalid or duplicate class name {entry['name']!r}")
-            seen.add(name)
-            shots = entry.get("shots")
-            if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= MAX_SHOTS:
-                raise GalleryError(
-                    f"{path}: class {name!r} has an invalid shot count {str(shots)[:40]!r} "
-                    f"(1..{MAX_SHOTS})"
-                )
-            stamps = (entry.get("created"), entry.get("updated"))
-            if not all(isinstance(s, str) and len(s) <= 64 for s in stamps):
-                raise GalleryError(f"{path}: class {name!r} has invalid timestamps")
-            names.append(name)
-            counts.append(shots)
-            created.append(stamps[0])
-            updated.append(stamps[1])
-
-        sums = _read_member(npz, "feature_sums", SUM_DTYPE, (n, *gallery.feature_shape))
-        banks = {
-            k: _read_member(npz, _BANK_PREFIX + k, gallery._bank_dtypes[k], (n, *s))
-            for k, s in gallery._bank_shapes.items()
-        }
-        for what, array in (("feature_sums", sums), *banks.items()):
-            if not np.all(np.isfinite(array)):
-                raise GalleryError(f"{path}: {what} contains NaN or infinity")
-        blob = _read_member(npz, "thumbnail_bytes", np.uint8, None).tobytes()
-        offsets = _read_member(npz, "thumbnail_offsets", np.int64, (n + 1,))
-        if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
-            raise GalleryError(f"{path} has inconsistent thumbnail offsets")
-
+    def _load_legacy(cls, path: Path, fingerprint: str, description: str) -> Gallery:
+        old = read_legacy(path, fingerprint, description)
+        dtypes = {k: d.name for k, d in old.bank_dtypes.items()}
+        gallery = cls(fingerprint, old.feature_shape, old.bank_shapes, old.model_description, dtypes)
+        n = len(old.names)
         gallery._reserve(n)
-        gallery._count = n
-        gallery._sums[:n] = sums
-        gallery._counts[:n] = counts
-        for k, a in banks.items():
-            gallery._banks[k][:n] = a
-        gallery._names = names
-        gallery._rows = {nm: i for i, nm in enumerate(names)}
-        gallery._thumbs = [
-            _checked_thumbnail(path, name, blob[a:b])
-            for name, a, b in zip(names, offsets[:-1].tolist(), offsets[1:].tolist())
-        ]
-        gallery._created, gallery._updated = created, updated
-        gallery._bank_ready = [True] * n
+        for row in range(n):
+            gallery._append_row(old.names[row], old.created[row])
+            gallery._updated[row] = old.updated[row]
+            gallery._counts[row] = old.counts[row]
+            gallery._revisions[row] = _new_revision()
+            class_id = int(gallery._ids[row])
+            gallery._sums[class_id] = old.sums[row]
+            gallery._thumbs[class_id] = [] if old.thumbnails[row] is None else [old.thumbnails[row]]
+            gallery._dirty.add(class_id)
+            gallery._store_bank(row, {k: a[row] for k, a in old.banks.items()})
         return gallery
 
-
-class _Archive:
-    """An open gallery zip and the size of its file (what every declared size is checked against)."""
-
-    def __init__(self, archive: zipfile.ZipFile, size: int) -> None:
-        self.zip = archive
-        self.size = size
-
-
-class _Member(NamedTuple):
-    info: zipfile.ZipInfo
-    shape: tuple[int, ...]
-    fortran: bool
-    dtype: np.dtype
-    data_offset: int  # where the array data starts within the member
-
-
-def _member_header(npz: _Archive, key: str) -> _Member:
-    """One stored array's zip entry and .npy header, read without touching its data."""
-    try:
-        info = npz.zip.getinfo(key + ".npy")
-    except KeyError:
-        raise GalleryError(f"gallery file lacks the array {key!r}") from None
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise GalleryError(f"gallery array {key!r} is compressed; np.savez never writes that")
-    # Sizes in a zip are claims of the file itself: a stored member must lie within the archive.
-    if info.file_size != info.compress_size or info.header_offset + info.compress_size > npz.size:
-        raise GalleryError(
-            f"gallery array {key!r} declares {info.file_size} bytes, more than the {npz.size}-byte file holds"
-        )
-    with npz.zip.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            raise GalleryError(f"gallery array {key!r} has unsupported .npy version {version}")
-        return _Member(info, tuple(shape), bool(fortran), dtype, member.tell())
-
-
-def _read_member(
-    npz: _Archive, key: str, dtype: Any, shape: tuple[int, ...] | None, limit: int | None = None
-) -> np.ndarray:
-    """Read one array after checking its .npy header, so a lying file cannot make us allocate or unpickle.
-
-    `shape` None means any 1-D array (of at most `limit` bytes if given). The result has native byte order.
-    """
-    dtype = np.dtype(dtype)
-    info, got_shape, fortran, got_dtype, data_offset = _member_header(npz, key)
-    nbytes = math.prod(got_shape) * got_dtype.itemsize  # Python ints: no overflow
-    # A stored member holds its data: a header claiming more would make numpy allocate what the file lacks.
-    if min(got_shape, default=1) < 0 or data_offset + nbytes > info.file_size:
-        raise GalleryError(
-            f"gallery array {key!r} claims shape {got_shape}, more than its {info.file_size} bytes"
-        )
-    # Compare kind and size, not byte order: a big-endian writer is fine, an object array is not.
-    if (got_dtype.kind, got_dtype.itemsize) != (dtype.kind, dtype.itemsize):
-        raise GalleryError(f"gallery array {key!r} has dtype {got_dtype}; expected {dtype}")
-    if shape is None:
-        if len(got_shape) != 1 or (limit is not None and nbytes > limit):
-            raise GalleryError(
-                f"gallery array {key!r} has shape {got_shape}; expected 1-D"
-                + (f" of at most {limit} bytes" if limit is not None else "")
+    @classmethod
+    def _load_file(
+        cls,
+        path: Path,
+        fingerprint: str,
+        description: str,
+        bank_shapes: Mapping[str, Sequence[int]] | None,
+        bank_dtypes: Mapping[str, str] | None,
+    ) -> Gallery:
+        remove_leftovers(path)
+        file = GalleryFile.open(path, fingerprint, description)
+        try:
+            meta = file.meta
+            if bank_shapes is None:
+                bank_shapes = meta["bank_shapes"]
+                bank_dtypes = {k: d.name for k, d in meta["bank_dtypes"].items()}
+            gallery = cls(
+                fingerprint,
+                meta["feature_shape"],
+                bank_shapes,
+                description or meta["model_description"],
+                bank_dtypes,
             )
-    elif got_shape != shape:
-        raise GalleryError(
-            f"gallery array {key!r} has shape {got_shape}, inconsistent with the header's {shape}"
-        )
-    with npz.zip.open(info) as member:
-        member.seek(data_offset)
-        data = member.read(nbytes)
-    if len(data) != nbytes:
-        raise GalleryError(f"gallery array {key!r} is truncated")
-    array = np.frombuffer(data, got_dtype).reshape(got_shape, order="F" if fortran else "C")
-    return array.astype(dtype)  # native byte order, writable, C order
+            records = file.records()
+            n = len(records)
+            gallery._reserve(n)
+            for row, record in enumerate(records):
+                gallery._append_row(record.name, record.created)
+                gallery._updated[row] = record.updated
+                gallery._ids[row] = record.id
+                gallery._counts[row] = record.shots
+                gallery._revisions[row] = record.revision
+            gallery._next_id = 1 + max((r.id for r in records), default=0)
+            gallery._file = file
+            gallery._meta_dirty = (
+                gallery._banks.shapes != meta["bank_shapes"]
+                or gallery._banks.dtypes != meta["bank_dtypes"]
+                or gallery.model_description != meta["model_description"]
+            )
+            gallery._move_banks_to_cache()
+        except BaseException:
+            file.close()
+            raise
+        return gallery
+
+    # ------------------------------------------------------------- bank cache
+
+    def _open_banks(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype]) -> BankSlots:
+        """The bank cache beside the file, keyed by model and bank layout; in memory without one."""
+        if self._file is not None:
+            folder = bank_cache_folder(self._file.path) / cache_key(self.fingerprint, shapes, dtypes)
+            cached = CachedBankSlots.open(folder, shapes, dtypes)
+            if cached is not None:
+                return cached
+        return BankSlots(shapes, dtypes)
+
+    def _move_banks_to_cache(self) -> None:
+        """Use the file's bank cache: bind the rows it holds, copy in the fresh banks held in memory."""
+        old = self._banks
+        banks = self._open_banks(old.shapes, old.dtypes)
+        if not banks.persistent:
+            return  # no cache folder here: the banks stay in memory
+        n = self._count
+        held = np.flatnonzero(self._slots[:n] >= 0)
+        fresh = old.read(self._slots[:n][held]) if len(held) else {}
+        self._banks = banks
+        self._slots[:n] = banks.bind(self._revisions[:n])
+        for i, row in enumerate(held.tolist()):
+            if self._slots[row] < 0:
+                self._store_bank(row, {k: a[i] for k, a in fresh.items()})
+        old.close()
+        self._load_weights()
+        banks.sync()
+
+    def _load_weights(self) -> None:
+        """The ranking vectors of every row whose bank is cached, read once into memory."""
+        if self._weights is None or not self._count:
+            return
+        slots = self._slots[: self._count]
+        ready = np.flatnonzero(slots >= 0)
+        if len(ready):
+            every = self._banks.read_tensor(RANKING)
+            self._weights[ready] = every[slots[ready]]
 
 
-def _thumbnail_problem(data: bytes) -> str | None:
-    if len(data) > MAX_THUMBNAIL_BYTES:
-        return f"is {len(data)} bytes (the limit is {MAX_THUMBNAIL_BYTES})"
-    size = jpeg_size(data)
-    if size is None:
-        return "is not a JPEG image"
-    if min(size) < 1 or max(size) > MAX_THUMBNAIL_SIDE:
-        return f"is {size[0]}x{size[1]} pixels (the limit is {MAX_THUMBNAIL_SIDE} a side)"
-    return None
+def _grown(array: np.ndarray, capacity: int, count: int) -> np.ndarray:
+    bigger = np.zeros((capacity, *array.shape[1:]), array.dtype)
+    bigger[:count] = array[:count]
+    return bigger
 
 
-def _checked_thumbnail(path: Path, name: str, data: bytes) -> bytes | None:
-    if not data:
-        return None
-    problem = _thumbnail_problem(data)
-    if problem:
-        raise GalleryError(f"{path}: the thumbnail of {name!r} {problem}")
-    return data
-
-
-def decode_thumbnail(data: bytes | None) -> np.ndarray | None:
-    """A thumbnail as a BGR image; None when there is none or it is not a small JPEG.
-
-    Dimensions are read from the JPEG header first: a "thumbnail" of 10000x10000 pixels is never decoded.
-    """
-    if not data or _thumbnail_problem(data):
-        return None
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temp files that earlier saves to `target` left when killed (atomic_open's naming)."""
-    pattern = re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]+\.tmp\Z")
-    remove_stale(target.parent, pattern, STALE_TEMP_SECONDS)
+def _read_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(100)
+    except OSError as exc:
+        raise GalleryError(f"cannot read the gallery {path}: {exc}") from exc

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +25,13 @@ from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backen
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, UnknownClassError
 from dmf_deploy.runtime.gallery import (
     THUMBNAIL_SIZE,
+    ClassInfo,
     Gallery,
     GalleryError,
     GalleryNotFoundError,
     decode_thumbnail,
 )
+from dmf_deploy.runtime.gallery_checks import check_feature_sum
 from dmf_deploy.runtime.rwlock import ReadWriteLock
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -147,11 +149,28 @@ class Recognizer:
             if gallery is not None:
                 gallery_path = Path(gallery)
                 try:
-                    store = Gallery.load(gallery_path, manifest.fingerprint, describe_model(manifest))
+                    store = Gallery.load(
+                        gallery_path,
+                        manifest.fingerprint,
+                        describe_model(manifest),
+                        manifest.bank_shapes,
+                        manifest.bank_dtypes,
+                    )
                 except GalleryNotFoundError:
                     log.info("gallery %s does not exist yet; starting an empty one", gallery_path)
             if store is None:
                 store = new_gallery(manifest)
+            elif store.path is not None:
+                gallery_path = store.path  # a version 1 or 2 file's converted file, once there is one
+        if tuple(store.feature_shape) != tuple(manifest.feature_shape):
+            # The same fingerprint with other feature maps: a hand-made or damaged file. Refused here,
+            # not as an ONNX Runtime shape error at the first frame.
+            if not isinstance(gallery, Gallery):
+                store.close()
+            raise GalleryError(
+                f"the gallery {gallery_path or ''} stores feature maps of shape {list(store.feature_shape)}, "
+                f"but this bundle's are {list(manifest.feature_shape)}"
+            )
         return cls(
             root,
             manifest,
@@ -170,6 +189,22 @@ class Recognizer:
         with self._lock.read():
             return list(self.gallery.names)
 
+    def class_page(self, offset: int = 0, limit: int = 100) -> list[ClassInfo]:
+        """Classes `offset` to `offset + limit` in enrolment order: name, shots, created, updated and how
+        many thumbnails each has (for a list that pages through thousands of classes)."""
+        with self._lock.read():
+            return self.gallery.page(offset, limit)
+
+    def shots(self, name: str) -> int:
+        """How many frames the class was enrolled from (KeyError if there is no such class)."""
+        with self._lock.read():
+            return self.gallery.shots(name)
+
+    def thumbnails(self, name: str) -> list[bytes]:
+        """The class's JPEG thumbnails, its first enrolment's first (KeyError if there is no such class)."""
+        with self._lock.read():
+            return self.gallery.thumbnails(name)
+
     def preprocess(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """[B, 3, S, S] float32: exactly what the backbone is fed."""
         return preprocess_frames(frames, self.config.preprocess)
@@ -181,7 +216,7 @@ class Recognizer:
         """Exact DMF scores [B, len(classes)], columns in `classes` order."""
         feats = self.features(frames)
         with self._lock.read():
-            return self._head(feats, self.gallery.bank_arrays())
+            return self._head(feats, self.gallery.bank_rows, len(self.gallery))
 
     def classify(self, frame: np.ndarray | Sequence[np.ndarray]) -> Prediction | list[Prediction]:
         """One frame -> Prediction; a list of frames (or a [B,H,W,3] array) -> list of Predictions."""
@@ -227,19 +262,24 @@ class Recognizer:
         return Enrollment(self, validate_class_name(name))
 
     def _add_shots(self, name: str, delta: np.ndarray, shots: int, thumbnail: np.ndarray) -> None:
-        """Add `shots` shots whose features sum to `delta` (float64) to `name`; its bank, self-score."""
+        """Add `shots` shots whose features sum to `delta` (float64) to `name`, with its new bank.
+
+        Transactional: the new sum is checked and its bank computed and checked before the gallery
+        changes, so a refused enrolment (huge or non-finite features, a bank that overflows) changes
+        nothing and never blocks a later save.
+        """
         with self._lock.write():
             g = self.gallery
             if name in g:
                 row = g.index(name)
-                total, count = g.feature_sums[row] + delta, int(g.counts[row]) + shots
+                total, count = g.feature_sum(row) + delta, int(g.counts[row]) + shots
             else:
                 total, count = delta, shots
+            check_feature_sum("enrolment", name, total, count)
             prototype = (total / count).astype(np.float32)[None]
             bank = self.backend.run(SUPPORT, {"prototypes": prototype})
-            # Only now, with every result in hand, does the gallery change.
-            row = g.add_shots(name, delta, shots, thumbnail)
-            g.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
+            # Only now, with every result in hand, does the gallery change (add_shots checks the bank).
+            g.add_shots(name, delta, shots, thumbnail, bank={k: bank[k][0] for k in CLASS_BANK})
             self._smoothed = None
 
     def remove(self, name: str) -> RemovedClass:
@@ -247,7 +287,7 @@ class Recognizer:
         with self._lock.write():
             g = self.gallery
             row = g.index(name)
-            removed = RemovedClass(name, g.feature_sums[row].copy(), int(g.counts[row]), g.thumbnail(name))
+            removed = RemovedClass(name, g.feature_sum(row).copy(), int(g.counts[row]), g.thumbnail(name))
             g.remove(name)
             self._smoothed = None
         return removed
@@ -262,8 +302,8 @@ class Recognizer:
         with self._lock.write():
             if name in self.gallery:
                 raise GalleryError(f"cannot restore {name!r}: a class of that name exists again")
-            row = self.gallery.add_shots(name, removed.feature_sum, removed.count, picture)
-            self.gallery.set_bank(row, {k: bank[k][0] for k in CLASS_BANK})
+            bank_row = {k: bank[k][0] for k in CLASS_BANK}
+            self.gallery.add_shots(name, removed.feature_sum, removed.count, picture, bank=bank_row)
             self._smoothed = None
 
     def rename(self, old: str, new: str) -> None:
@@ -272,15 +312,33 @@ class Recognizer:
             self._smoothed = None
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the gallery atomically (to the path it was opened with, by default)."""
+        """Save the gallery; durable when it returns. Returns the file written.
+
+        With no path (or the gallery's own): what changed since the last save, in one transaction, in
+        time that does not grow with the class count; a gallery read from a version 1 or 2 file is
+        written as version 3 beside it (its `converted_path`). Another path: a consistent snapshot
+        there, and the recogniser keeps saving to its own file; a recogniser without a gallery file
+        yet saves to that path from then on.
+        """
         target = Path(path) if path is not None else self.gallery_path
         if target is None:
             raise ValueError("no gallery path: pass one to save() or to Recognizer.open(gallery=...)")
-        with self._lock.read():
+        with self._lock.write():  # readers never see the gallery between a change and its bookkeeping
             saved = self.gallery.save(target)
-        if self.gallery_path is None:
-            self.gallery_path = target
+            if self.gallery.path is not None:
+                self.gallery_path = self.gallery.path
         return saved
+
+    def close(self) -> None:
+        """Close the gallery's file (its WAL checkpointed: one file again). Unsaved changes are lost."""
+        with self._lock.write():
+            self.gallery.close()
+
+    def __enter__(self) -> Recognizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def explain(self, frame: np.ndarray, name: str) -> Explanation:
         """What the head aligned for one frame against the enrolled class `name` (runtime/explain.py):
@@ -301,7 +359,7 @@ class Recognizer:
                 raise UnknownClassError(f"no class named {name!r} is enrolled (enrolled: {known})")
             row = self.gallery.index(name)
             # explain.onnx is float32 whatever precision the bundle's own graphs and banks use.
-            bank = {k: v[row : row + 1].astype(np.float32) for k, v in self.gallery.bank_arrays().items()}
+            bank = {k: v.astype(np.float32) for k, v in self.gallery.bank_rows(slice(row, row + 1)).items()}
             jpeg = self.gallery.thumbnail(name)
         outputs = self._explainer.run(EXPLAIN, {"query_features": feats.astype(np.float32), **bank})
         return Explanation.from_outputs(name, self.config.preprocess, outputs, decode_thumbnail(jpeg))
@@ -311,19 +369,26 @@ class Recognizer:
         the gallery's), in the chunks `classify` runs it. For timing the head on its own (dmf-bench)."""
         if bank is None:
             with self._lock.read():
-                bank = self.gallery.bank_arrays()
-        return self._head(feats, bank)
+                return self._head(feats, self.gallery.bank_rows, len(self.gallery))
+        given = bank
+        return self._head(
+            feats, lambda rows: {k: given[k][rows] for k in CLASS_BANK}, len(bank["class_weight"])
+        )
 
     # ----- internals -------------------------------------------------------------------------------
-    def _head(self, feats: np.ndarray, bank: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(bank["class_weight"])
+    def _head(
+        self, feats: np.ndarray, bank_rows: Callable[[slice | np.ndarray], dict[str, np.ndarray]], n: int
+    ) -> np.ndarray:
+        """Exact scores [B, n] of the classes whose banks `bank_rows(rows)` gives, in chunks: only one
+        chunk's banks are in memory at a time."""
         out = np.empty((len(feats), n), np.float32)
         cfg = self.config
         pair_bytes = 36 * cfg.filter_channels * cfg.feature_size**2 * 4
         step = max(1, min(HEAD_CHUNK, HEAD_CHUNK_BYTES // (max(1, len(feats)) * pair_bytes)))
         for start in range(0, n, step):
             stop = min(start + step, n)
-            chunk = {k: np.ascontiguousarray(bank[k][start:stop]) for k in CLASS_BANK}
+            bank = bank_rows(slice(start, stop))
+            chunk = {k: np.ascontiguousarray(bank[k]) for k in CLASS_BANK}
             out[:, start:stop] = self.backend.run(HEAD, {"query_features": feats, **chunk})["scores"]
         return out
 
@@ -335,18 +400,21 @@ class Recognizer:
         return size if size and n > size else None
 
     def _classify_scores(self, feats: np.ndarray) -> np.ndarray:
-        """Exact scores, or exact on a shortlist ranked by <mean q, w> (-inf for the rest)."""
-        bank = self.gallery.bank_arrays()
-        n = len(bank["class_weight"])
+        """Exact scores, or exact on a shortlist ranked by <mean q, w> (-inf for the rest). With a
+        shortlist only the ranking vectors and the candidates' banks are read."""
+        g = self.gallery
+        n = len(g)
         size = self.shortlist_size(n)
         if size is None:
-            return self._head(feats, bank)
-        coarse = coarse_scores(feats, bank["class_weight"])
+            return self._head(feats, g.bank_rows, n)
+        coarse = coarse_scores(feats, g.class_weights())
         out = np.full((len(feats), n), -np.inf, np.float32)
         for i, row in enumerate(coarse):
             top = np.sort(np.argpartition(-row, size - 1)[:size])
-            sub = {k: bank[k][top] for k in CLASS_BANK}
-            out[i, top] = self._head(feats[i : i + 1], sub)[0]
+            sub = g.bank_rows(top)
+            out[i, top] = self._head(
+                feats[i : i + 1], lambda rows, sub=sub: {k: sub[k][rows] for k in CLASS_BANK}, size
+            )[0]
         return out
 
     def _smooth(self, names: tuple[str, ...], scores: np.ndarray) -> np.ndarray:
@@ -391,9 +459,11 @@ class Recognizer:
             )
             g.reset_banks(shapes, dtypes)
         stale = [g.index(name) for name in g.missing_banks]
+        if stale:
+            log.info("computing %d class banks missing from the cache", len(stale))
         for start in range(0, len(stale), BANK_BATCH):
             rows = stale[start : start + BANK_BATCH]
-            bank = self.backend.run(SUPPORT, {"prototypes": np.stack([g.prototype(r) for r in rows])})
+            bank = self.backend.run(SUPPORT, {"prototypes": g.prototypes(rows)})
             for i, row in enumerate(rows):
                 g.set_bank(row, {k: bank[k][i] for k in CLASS_BANK}, touch=False)
 

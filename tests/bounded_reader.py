@@ -38,7 +38,14 @@ def _reader(kind: str):
         return Manifest.read, BundleError  # the path is the bundle folder holding manifest.json
     from dmf_deploy.runtime.gallery import Gallery, GalleryError
 
-    return (lambda path: Gallery.load(path, FINGERPRINT)), GalleryError
+    def read_everything(path: str) -> None:
+        """Open, then read every sum and thumbnail (a version 3 file reads them only when asked)."""
+        with Gallery.load(path, FINGERPRINT) as gallery:
+            problems = gallery.check()
+            if problems:
+                raise GalleryError("; ".join(problems)[:500])
+
+    return read_everything, GalleryError
 
 
 def _serve(memory_mb: int, kind: str) -> None:

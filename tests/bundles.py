@@ -321,6 +321,54 @@ def assert_same(a: dict, b: dict) -> None:
         assert np.array_equal(a["banks"][key], b["banks"][key])
 
 
+def complete_banks(g: Gallery) -> Gallery:
+    """What the Recognizer does at open: compute the banks the gallery lacks (here with fake_bank)."""
+    for name in g.missing_banks:
+        row = g.index(name)
+        g.set_bank(row, fake_bank(g.prototype(row)), touch=False)
+    return g
+
+
+def saved(g: Gallery, path: Path) -> Path:
+    """Save and close: the file (one file, its WAL checkpointed) and its bank cache are free to reopen."""
+    g.save(path)
+    g.close()
+    return path
+
+
+def save_v2(g: Gallery, path: Path, version: int = 2) -> Path:
+    """Write `g` as dmf-deploy 0.2 wrote galleries (format version 2, one .npz; version 1 without
+    bank_dtypes): the runtime still reads them, and the hostile-file tests of that reader build on it."""
+    header = {
+        "format": "dmf-gallery",
+        "format_version": version,
+        "fingerprint": g.fingerprint,
+        "model_description": g.model_description,
+        "feature_shape": list(g.feature_shape),
+        "feature_dtype": "float32",
+        "bank_shapes": {k: list(s) for k, s in g.bank_shapes.items()},
+        "bank_dtypes": g.bank_dtypes,
+        "classes": [
+            {"name": n, "shots": int(c), "created": g.timestamps(n)[0], "updated": g.timestamps(n)[1]}
+            for n, c in zip(g.names, g.counts)
+        ],
+    }
+    if version == 1:
+        del header["bank_dtypes"]
+    thumbs = [g.thumbnail(n) or b"" for n in g.names]
+    offsets = np.zeros(len(g) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in thumbs], dtype=np.int64)
+    savez(
+        path,
+        header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+        feature_sums=np.asarray(g.feature_sums),
+        thumbnail_bytes=np.frombuffer(b"".join(thumbs), np.uint8),
+        thumbnail_offsets=offsets,
+        **{"bank." + k: np.asarray(a) for k, a in g.bank_arrays().items()},
+    )
+    return path
+
+
 def npz_members(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

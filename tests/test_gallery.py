@@ -1,6 +1,7 @@
-"""The Gallery: contiguous row storage, names, running means, and a file that survives kill -9.
+"""The Gallery: row storage, names, running means, and a file (SQLite, version 3) that survives kill -9.
 
-Real files and real processes only; nothing is mocked.
+Real files and real processes only; nothing is mocked. The version 2 reader's own hostile-file tests
+write 0.2's format with `save_v2` (tests/bundles.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import os
 import random
 import re
 import signal
+import sqlite3
+import stat
 import subprocess
 import sys
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from bundles import (  # tests/bundles.py
     FEATURE_SHAPE,
     FP,
     assert_same,
+    complete_banks,
     enroll,
     fake_bank,
     filled,
@@ -31,17 +36,22 @@ from bundles import (  # tests/bundles.py
     npz_members,
     read_header,
     rewrite,
+    save_v2,
+    saved,
     savez,
     snapshot,
 )
 
+from dmf_deploy.atomic import current_umask
 from dmf_deploy.names import InvalidClassName
 from dmf_deploy.runtime.gallery import (
     FORMAT,
     MAX_HEADER_BYTES,
+    THUMBNAILS_KEPT,
     Gallery,
     GalleryError,
     GalleryNotFoundError,
+    converted_path,
 )
 
 
@@ -54,49 +64,84 @@ def temp_files(folder: Path, name: str) -> list[Path]:
 
 def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
     g = filled(7)
-    path = g.save(tmp_path / "g.dmfg")
+    before = snapshot(g)
+    path = saved(g, tmp_path / "g.dmfg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.dmfg", "g.dmfg-banks"]  # closed: one file
     back = Gallery.load(path, FP)
     assert back.fingerprint == FP and back.model_description == "conv4 test model"
     assert back.feature_shape == FEATURE_SHAPE and back.bank_shapes == BANK_SHAPES
-    assert_same(snapshot(g), snapshot(back))
+    assert back.missing_banks == []  # the banks came from the cache beside the file
+    assert_same(before, snapshot(back))
     assert back.thumbnail("class 0") is not None and back.thumbnail("class 1") is None
-    for row in range(len(g)):
-        assert np.array_equal(g.prototype(row), back.prototype(row))
-    # The loaded gallery is fully usable: it saves the same content again, and grows.
+    for row in range(len(back)):
+        mean = before["sums"][row].astype(np.float64) / before["counts"][row]
+        assert np.array_equal(mean.astype(np.float32), back.prototype(row))
+    # The loaded gallery is fully usable: a snapshot elsewhere holds the same content, and it grows.
     back.save(tmp_path / "again.dmfg")
-    assert_same(snapshot(g), snapshot(Gallery.load(tmp_path / "again.dmfg", FP)))
+    again = Gallery.load(tmp_path / "again.dmfg", FP)
+    assert again.missing_banks == again.names  # a copy is the file alone: banks are derived data
+    assert_same(before, snapshot(complete_banks(again)))
     enroll(back, "one more", np.ones((1, *FEATURE_SHAPE), np.float32))
     assert back.names[-1] == "one more" and len(back) == 8
+    assert back.path == path  # the snapshot did not move it off its own file
 
 
 def test_empty_gallery_round_trips(tmp_path: Path) -> None:
-    new_gallery().save(tmp_path / "empty.dmfg")
+    saved(new_gallery(), tmp_path / "empty.dmfg")
     back = Gallery.load(tmp_path / "empty.dmfg", FP)
     assert len(back) == 0 and back.names == []
     assert all(a.shape == (0, *BANK_SHAPES[k]) for k, a in back.bank_arrays().items())
 
 
-def test_file_members_and_header(tmp_path: Path) -> None:
-    path = filled(3).save(tmp_path / "g.dmfg")
-    members = npz_members(path)
-    assert set(members) == {
-        "header",
-        "feature_sums",
-        "thumbnail_bytes",
-        "thumbnail_offsets",
-        "bank.support_offset",
-        "bank.tap_projections",
-        "bank.class_weight",
-    }
-    assert all(a.dtype != object for a in members.values())
-    header = read_header(path)
-    assert header["format"] == FORMAT and header["format_version"] == 2
-    assert header["fingerprint"] == FP and header["feature_shape"] == list(FEATURE_SHAPE)
-    assert [c["name"] for c in header["classes"]] == ["class 0", "class 1", "class 2"]
-    assert [c["shots"] for c in header["classes"]] == [1, 2, 3]
-    for c in header["classes"]:
-        assert datetime.fromisoformat(c["created"]).tzinfo == timezone.utc
-        assert c["created"] <= c["updated"]
+def test_the_file_is_an_sqlite_database_a_user_can_read(tmp_path: Path) -> None:
+    g = filled(3)
+    sums = np.array(g.feature_sums)
+    path = saved(g, tmp_path / "g.dmfg")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+    assert tables == ["classes", "meta", "sums", "thumbnails"]
+    assert db.execute("PRAGMA application_id").fetchone()[0] == 0x444D4647  # "DMFG"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    assert meta["format"] == FORMAT and meta["format_version"] == 3
+    assert meta["fingerprint"] == FP and meta["feature_shape"] == list(FEATURE_SHAPE)
+    rows = db.execute("SELECT id, name, shots, created, updated FROM classes ORDER BY id").fetchall()
+    assert [r[1] for r in rows] == ["class 0", "class 1", "class 2"] and [r[2] for r in rows] == [1, 2, 3]
+    for _, _, _, created, updated in rows:
+        assert datetime.fromisoformat(created).tzinfo == timezone.utc and created <= updated
+    # Feature sums are float32 little-endian blobs; no class bank is stored (they are derived).
+    for (class_id, *_), total in zip(rows, sums):
+        blob = db.execute("SELECT data FROM sums WHERE class_id = ?", (class_id,)).fetchone()[0]
+        assert np.array_equal(np.frombuffer(blob, "<f4").reshape(FEATURE_SHAPE), total)
+    assert db.execute("SELECT count(*) FROM thumbnails").fetchone()[0] == 2  # classes 0 and 2
+    db.close()
+
+
+def test_saves_write_only_what_changed_and_a_new_file_is_private(tmp_path: Path) -> None:
+    g = filled(40)
+    path = g.save(tmp_path / "new" / "folder" / "g.dmfg")
+    # Issue 29, item 8: a gallery holds pictures of camera frames: 0600, its new folders 0700.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 & ~current_umask()
+    for folder in (tmp_path / "new", tmp_path / "new" / "folder"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 & ~current_umask()
+    wal = Path(f"{path}-wal")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    frames_before = wal.stat().st_size
+    enroll(g, "one more", np.ones((1, *FEATURE_SHAPE), np.float32))
+    g.save()
+    # One class's sum (8x3x3 float32) and rows: a few pages of the log, not the 40 classes again.
+    written = wal.stat().st_size - frames_before
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    assert 0 < written <= 8 * (page + 24), written
+    assert db.execute("SELECT count(*) FROM classes").fetchone()[0] == 41  # a reader sees it at once
+    g.rename("class 3", "three")
+    g.remove("class 5")
+    g.save()
+    names = [r[0] for r in db.execute("SELECT name FROM classes ORDER BY id")]
+    assert names == g.names and "three" in names and "class 5" not in names
+    db.close()
+    g.close()
+    assert not wal.exists()  # closing checkpoints the log into the file
 
 
 def test_growth_doubles_capacity_and_keeps_every_row() -> None:
@@ -119,11 +164,14 @@ def test_growth_doubles_capacity_and_keeps_every_row() -> None:
 def test_accessors_are_read_only_views_not_copies() -> None:
     g = filled(3)
     a, b = g.bank_arrays()["tap_projections"], g.bank_arrays()["tap_projections"]
-    assert np.shares_memory(a, b) and np.shares_memory(g.feature_sums, g.feature_sums)
+    assert np.shares_memory(a, b) and np.shares_memory(g.feature_sum(1), g.feature_sum(1))
     with pytest.raises(ValueError):
         a[0] = 1.0
     with pytest.raises(ValueError):
         g.counts[0] = 5
+    with pytest.raises(ValueError):
+        g.feature_sum(0)[0] = 5  # held in memory, still read-only
+    assert not g.feature_sums.flags.writeable  # every sum, a copy (a file's are read from it)
 
 
 def test_duplicate_name_adds_shots_and_the_prototype_is_the_running_mean() -> None:
@@ -154,6 +202,24 @@ def test_more_shots_leave_the_bank_stale_until_set_bank(tmp_path: Path) -> None:
     g.save(tmp_path / "g.dmfg")
 
 
+def test_a_refused_enrolment_changes_nothing_and_later_saves_work(tmp_path: Path) -> None:
+    """Issue 29, item 6: a bank that fails its check must not leave the shot count moved."""
+    g = filled(2)
+    path = g.save(tmp_path / "g.dmfg")
+    before = snapshot(g)
+    bad_bank = fake_bank(g.prototype(0))
+    bad_bank["class_weight"] = np.full_like(bad_bank["class_weight"], np.nan)
+    with pytest.raises(GalleryError, match="NaN"):
+        g.add_shots("class 0", np.ones(FEATURE_SHAPE, np.float32), 1, bank=bad_bank)
+    with pytest.raises(GalleryError, match="beyond any backbone"):
+        g.add_shots("class 1", np.full(FEATURE_SHAPE, 3e38, np.float32), 1)  # finite, but absurd
+    assert_same(before, snapshot(g))
+    enroll(g, "new", np.ones((1, *FEATURE_SHAPE), np.float32))
+    g.save()
+    g.close()
+    assert Gallery.load(path, FP).names == ["class 0", "class 1", "new"]
+
+
 def test_reset_banks_keeps_the_classes_and_leaves_every_bank_to_recompute(tmp_path: Path) -> None:
     g = filled(3)
     before = snapshot(g)
@@ -175,8 +241,12 @@ def test_reset_banks_keeps_the_classes_and_leaves_every_bank_to_recompute(tmp_pa
     np.testing.assert_array_equal(
         g.bank_arrays()["tap_projections"], before["banks"]["tap_projections"].transpose(0, 1, 3, 4, 2)
     )
-    loaded = Gallery.load(g.save(tmp_path / "g.dmfg"), FP)
+    loaded = Gallery.load(saved(g, tmp_path / "g.dmfg"), FP)
     assert loaded.bank_shapes == channel_last and loaded.missing_banks == []
+    loaded.close()
+    # Opened for a bundle with the first layout: another cache, so every bank is recomputed, not misread.
+    first = Gallery.load(tmp_path / "g.dmfg", FP, bank_shapes=BANK_SHAPES)
+    assert first.bank_shapes == BANK_SHAPES and first.missing_banks == before["names"]
 
 
 def test_remove_compacts_rows_and_keeps_order() -> None:
@@ -277,9 +347,15 @@ def test_thumbnail_is_a_small_jpeg_of_the_frame() -> None:
     assert image.shape == (32, 64, 3)  # longest side 64, aspect kept
     assert image[..., 2].mean() > 240 and image[..., :2].mean() < 15
     assert g.thumbnail("grey")[:2] == b"\xff\xd8" and g.thumbnail("none") is None
-    # More shots keep the first thumbnail.
-    g.add_shots("red", np.ones(FEATURE_SHAPE), 1, np.zeros((64, 64, 3), np.uint8))
+    # More shots keep the first thumbnail, and the latest ones beside it (at most THUMBNAILS_KEPT).
+    for shade in range(1, 8):
+        g.add_shots("red", np.ones(FEATURE_SHAPE), 1, np.full((64, 64, 3), shade * 30, np.uint8))
     assert cv2.imdecode(np.frombuffer(g.thumbnail("red"), np.uint8), cv2.IMREAD_COLOR)[..., 2].mean() > 240
+    kept = [cv2.imdecode(np.frombuffer(t, np.uint8), cv2.IMREAD_COLOR) for t in g.thumbnails("red")]
+    assert len(kept) == THUMBNAILS_KEPT and kept[0][..., 2].mean() > 240
+    assert [round(k.mean() / 30) for k in kept[1:]] == [5, 6, 7]
+    assert g.page(0, 10)[0] == ("red", 8, *g.timestamps("red"), THUMBNAILS_KEPT)
+    assert [c.name for c in g.page(1, 1)] == ["grey"] and g.page(3, 5) == [] and g.shots("red") == 8
 
 
 # ------------------------------------------------------------------------------------------ bad files
@@ -293,33 +369,59 @@ def test_missing_file_is_a_clear_file_not_found(tmp_path: Path) -> None:
 
 def test_random_bytes_are_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
-    for i, prefix in enumerate([b"", b"PK\x03\x04", b"\x93NUMPY"]):
+    for i, prefix in enumerate([b"", b"PK\x03\x04", b"\x93NUMPY", b"SQLite format 3\x00"]):
         path = tmp_path / f"junk{i}.dmfg"
         path.write_bytes(prefix + rng.integers(0, 256, 20000, dtype=np.uint8).tobytes())
         with pytest.raises(GalleryError):
             Gallery.load(path, FP)
 
 
+def open_and_read_everything(path: Path) -> list[str]:
+    """Open a gallery and run its full check (every sum and thumbnail read); the problems found."""
+    with Gallery.load(path, FP) as g:
+        return g.check()
+
+
 @pytest.mark.parametrize("fraction", [0.5, 0.1, 0.9, 0.999])
 def test_truncated_file_is_refused(tmp_path: Path, fraction: float) -> None:
-    path = filled(5).save(tmp_path / "g.dmfg")
+    g = filled(5)
+    before = snapshot(g)
+    path = saved(g, tmp_path / "g.dmfg")
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
-    with pytest.raises(GalleryError, match="corrupt"):
-        Gallery.load(path, FP)
+    # Refused at open, or (where the cut lies in data that open does not read) found by the full check.
+    # Refused at open, found by the full check, or the cut held nothing (free space at the end of a page).
+    try:
+        problems = open_and_read_everything(path)
+    except GalleryError as exc:
+        assert "corrupt" in str(exc) or "malformed" in str(exc) or "not a" in str(exc)
+    else:
+        if not problems:
+            with Gallery.load(path, FP) as g:
+                assert_same(before, snapshot(g))
 
 
-def test_flipped_byte_in_array_data_is_refused(tmp_path: Path) -> None:
-    path = filled(5).save(tmp_path / "g.dmfg")
+@pytest.mark.parametrize("npz", [False, True])
+def test_flipped_byte_in_feature_sums_is_found(tmp_path: Path, npz: bool) -> None:
+    g = filled(5)
+    target = np.asarray(g.feature_sums)[3].astype("<f4").tobytes()  # SQLite keeps no checksum of its own
+    path = save_v2(g, tmp_path / "g.dmfg") if npz else saved(g, tmp_path / "g.dmfg")
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # inside the arrays; the zip CRC catches it
+    at = bytes(data).find(target)
+    assert at > 0
+    data[at + 5] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(GalleryError, match="corrupt"):
-        Gallery.load(path, FP)
+    with pytest.raises(GalleryError, match="corrupt|CRC"):
+        if npz:
+            Gallery.load(path, FP)  # the zip CRC
+        else:
+            Gallery.load(path, FP).feature_sum(3)
 
 
-def test_gallery_of_another_model_names_both_models(tmp_path: Path) -> None:
-    path = Gallery("f" * 64, FEATURE_SHAPE, BANK_SHAPES, "resnet12 miniImageNet").save(tmp_path / "g.dmfg")
+@pytest.mark.parametrize("npz", [False, True])
+def test_gallery_of_another_model_names_both_models(tmp_path: Path, npz: bool) -> None:
+    other = Gallery("f" * 64, FEATURE_SHAPE, BANK_SHAPES, "resnet12 miniImageNet")
+    path = save_v2(other, tmp_path / "g.dmfg") if npz else saved(other, tmp_path / "g.dmfg")
     with pytest.raises(GalleryError) as info:
         Gallery.load(path, FP, "conv4 omniglot")
     message = str(info.value)
@@ -327,22 +429,83 @@ def test_gallery_of_another_model_names_both_models(tmp_path: Path) -> None:
     assert "f" * 12 in message and FP[:12] in message
 
 
+def edit_database(path: Path, *statements: str) -> None:
+    """Change a gallery file as a hand-made or tampered one would be (the sqlite3 module, no checks)."""
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+HOSTILE_EDITS = {
+    "a trigger": "CREATE TRIGGER t AFTER INSERT ON classes BEGIN DELETE FROM sums; END",
+    "a view": "CREATE VIEW v AS SELECT * FROM classes",
+    "an index": "CREATE INDEX i ON classes (name)",
+    "another table": "CREATE TABLE extra (x)",
+    "a version 4": "UPDATE meta SET value = '4' WHERE key = 'format_version'",
+    "another format": """UPDATE meta SET value = '"dmf-bundle"' WHERE key = 'format'""",
+    "a missing field": "DELETE FROM meta WHERE key = 'feature_shape'",
+    "absurd feature shape": "UPDATE meta SET value = '[100000, 100000, 100000]' WHERE key = 'feature_shape'",
+    "other feature shape": "UPDATE meta SET value = '[8, 3, 4]' WHERE key = 'feature_shape'",
+    "a short sum": "UPDATE sums SET data = substr(data, 1, 10) WHERE class_id = 2",
+    "a text sum": "UPDATE sums SET data = 'x' WHERE class_id = 2",
+    "a class without a sum": "DELETE FROM sums WHERE class_id = 1",
+    "a sum without a class": "INSERT INTO sums VALUES (99, 0, zeroblob(288))",
+    "a text shot count": "UPDATE classes SET shots = 'many' WHERE id = 1",
+    "a huge shot count": f"UPDATE classes SET shots = {2**62} WHERE id = 1",
+    "a duplicate name": "UPDATE classes SET name = 'class 0' WHERE id = 2",
+    "a path as a name": "UPDATE classes SET name = '../evil' WHERE id = 2",
+    "a NUL in a name": "UPDATE classes SET name = 'a' || char(0) || 'b' WHERE id = 2",
+    "a zero revision": "UPDATE classes SET revision = 0 WHERE id = 2",
+    "a huge thumbnail": "UPDATE thumbnails SET jpeg = zeroblob(300000)",
+    "too many thumbnails": "INSERT INTO thumbnails SELECT class_id, seq + s, crc32, jpeg FROM thumbnails, "
+    "(SELECT 10 AS s UNION ALL SELECT 20 UNION ALL SELECT 30 UNION ALL SELECT 40)",
+    "another application": "PRAGMA application_id = 1",
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_EDITS))
+def test_tampered_databases_are_refused_at_open(tmp_path: Path, edit: str) -> None:
+    path = saved(filled(3), tmp_path / "g.dmfg")
+    edit_database(path, HOSTILE_EDITS[edit])
+    with pytest.raises(GalleryError):
+        Gallery.load(path, FP)
+    if edit == "a trigger":
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM sums").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "3e38"])
+def test_sums_out_of_range_are_refused_when_read(tmp_path: Path, value: str) -> None:
+    """Issue 29, item 6: finite but absurd sums (3e38) are refused at load, like NaN."""
+    path = saved(filled(3), tmp_path / "g.dmfg")
+    bad = np.full(FEATURE_SHAPE, float(value), "<f4").tobytes()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE sums SET data = ?, crc32 = ? WHERE class_id = 2", (bad, zlib.crc32(bad)))
+    db.commit()
+    db.close()
+    with Gallery.load(path, FP) as g:  # open reads no sum: it stays bounded by the class count
+        with pytest.raises(GalleryError, match="NaN|beyond any backbone"):
+            g.feature_sum(1)
+        assert g.check()
+
+
 def test_wrong_format_or_version_is_refused(tmp_path: Path) -> None:
-    path = filled(2).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(2), tmp_path / "g.dmfg")
     header = read_header(path)
     rewrite(path, {**header, "format_version": 3})
-    with pytest.raises(GalleryError, match="version 3; this runtime reads versions 1 and 2"):
+    with pytest.raises(GalleryError, match="version 3 in an .npz archive"):
         Gallery.load(path, FP)
     rewrite(path, {**header, "format": "dmf-bundle"})
     with pytest.raises(GalleryError, match="not a dmf-gallery"):
         Gallery.load(path, FP)
     np.save(tmp_path / "bare.npy", np.zeros(3))  # a valid numpy file, but no archive
-    with pytest.raises(GalleryError, match="not an .npz"):
+    with pytest.raises(GalleryError, match="not a dmf-gallery file"):
         Gallery.load(tmp_path / "bare.npy", FP)
 
 
 def test_arrays_inconsistent_with_the_header_are_refused(tmp_path: Path) -> None:
-    path = filled(3).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(3), tmp_path / "g.dmfg")
     good = npz_members(path)
     header = read_header(path)
     cases = [
@@ -369,7 +532,7 @@ def test_arrays_inconsistent_with_the_header_are_refused(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("bad", ["../evil", "", "a\x00b", "x" * 65, "class 0"])
 def test_invalid_or_duplicate_names_in_the_file_are_refused(tmp_path: Path, bad: str) -> None:
-    path = filled(2).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(2), tmp_path / "g.dmfg")
     header = read_header(path)
     header["classes"][1]["name"] = bad  # "class 0" duplicates row 0
     rewrite(path, header)
@@ -378,7 +541,7 @@ def test_invalid_or_duplicate_names_in_the_file_are_refused(tmp_path: Path, bad:
 
 
 def test_oversized_header_is_refused_before_parsing(tmp_path: Path) -> None:
-    path = filled(1).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(1), tmp_path / "g.dmfg")
     members = npz_members(path)
     members["header"] = np.full(MAX_HEADER_BYTES + 1, ord(" "), np.uint8)
     savez(path, **members)
@@ -408,7 +571,7 @@ def test_pickled_content_is_refused_and_never_unpickled(tmp_path: Path, where: s
 
         path.write_bytes(pickle.dumps(exploit))
     else:
-        filled(2).save(path)
+        save_v2(filled(2), path)
         members = npz_members(path)
         members[where] = np.array([exploit, exploit, exploit], dtype=object)
         savez(path, **members)  # np.savez pickles object arrays
@@ -420,60 +583,110 @@ def test_pickled_content_is_refused_and_never_unpickled(tmp_path: Path, where: s
 # ------------------------------------------------------------------------------- crash safety, no torch
 
 
-def test_stale_temp_files_are_cleaned_but_fresh_and_foreign_ones_kept(tmp_path: Path) -> None:
-    target = tmp_path / "g.dmfg"
-    old = tmp_path / ".g.dmfg.abc123xy.tmp"
-    fresh = tmp_path / ".g.dmfg.zz99zz99.tmp"
+def test_leftovers_of_killed_saves_are_cleaned_at_the_next_open_and_nothing_else(tmp_path: Path) -> None:
+    """Issue 29, item 8: a kill -9 leftover goes when it is provably a gallery temp file of this name
+    and no live process holds its lock; a live writer's file, another file's, and SQLite's -wal and
+    -shm (which hold acknowledged classes) are never touched."""
+    target = saved(filled(2), tmp_path / "g.dmfg")
+    sqlite_head = target.read_bytes()[:4096]
+    orphan = tmp_path / ".g.dmfg.abc123xy.tmp"
+    orphan.write_bytes(sqlite_head)
+    empty = tmp_path / ".g.dmfg.0000aaaa.tmp"
+    empty.write_bytes(b"")
+    not_ours = tmp_path / ".g.dmfg.zz99zz99.tmp"
+    not_ours.write_bytes(b"a user's own notes")
     foreign = tmp_path / ".other.dmfg.abc123xy.tmp"
-    for p in (old, fresh, foreign):
-        p.write_bytes(b"partial")
-    an_hour_ago = time.time() - 3600
-    os.utime(old, (an_hour_ago, an_hour_ago))
-    os.utime(foreign, (an_hour_ago, an_hour_ago))
-    filled(2).save(target)
-    assert not old.exists() and fresh.exists() and foreign.exists()
-    assert temp_files(tmp_path, "g.dmfg") == [fresh]
-    assert len(Gallery.load(target, FP)) == 2
+    foreign.write_bytes(sqlite_head)
+    live = tmp_path / ".g.dmfg.live1234.tmp"
+    live.write_bytes(sqlite_head)
+    kept_wal = tmp_path / "g.dmfg-wal"  # SQLite's: never ours to delete
+    kept_shm = tmp_path / "g.dmfg-shm"
+    long_ago = time.time() - 3600
+    for p in (orphan, empty, not_ours, foreign, live):
+        os.utime(p, (long_ago, long_ago))
+    # A live writer: another process holds the lock of its temp file, as every save's writer does.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1]); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(live),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with Gallery.load(target, FP) as g:
+            assert len(g) == 2
+            for p in (kept_wal, kept_shm):
+                p.write_bytes(b"") if not p.exists() else None
+            kept = {p.name for p in tmp_path.iterdir()}
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert not orphan.exists() and not empty.exists()
+    assert {not_ours.name, foreign.name, live.name, kept_wal.name, kept_shm.name} <= kept
+
+
+def test_a_fresh_leftover_is_kept_until_it_is_old_enough(tmp_path: Path) -> None:
+    """A temp file just made may not be locked yet by its writer: it is left for a later open."""
+    target = saved(filled(1), tmp_path / "g.dmfg")
+    fresh = tmp_path / ".g.dmfg.fresh123.tmp"
+    fresh.write_bytes(target.read_bytes()[:100])
+    Gallery.load(target, FP).close()
+    assert fresh.exists()
 
 
 KILL_FP = "kill-test-model"
-KILL_CAP = 48  # classes; then the child keeps adding shots to existing ones
-KILL_SHAPE = (64, 11, 11)  # resnet12-sized maps make each save a few MB, so kills land mid-write
+KILL_SHAPE = (64, 11, 11)  # ResNet-12-sized maps make each save a few hundred KB, so kills land mid-write
 
-# The child: open the gallery at argv[1] (or start one), report how many classes it found, then save
-# forever, one more class (or one more shot) per save. Class j's every shot is (j+1)*pattern, so a
-# consistent file has sums[j] == (j+1)*pattern*counts[j] and its bank is a fixed function of that.
+# The child: open the gallery at argv[1] (or start one), then enrol forever: class j gets one shot of
+# (j+1)*pattern, a bank that is a fixed function of its prototype, and a thumbnail when j % 3 == 0;
+# after each save returns it prints "ack j shots" (acknowledged: durable). Two rounds in three enrol a
+# new class, the third adds a shot to an earlier one. The file must hold every acknowledged class with
+# at least its acknowledged shots, and every row must be self-consistent (never half a change).
 CHILD = r"""
 import sys
 import numpy as np
 from dmf_deploy.runtime.gallery import Gallery, GalleryNotFoundError
 
-path, cap, fp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, fp = sys.argv[1], sys.argv[2]
 shape = (64, 11, 11)
 pattern = (np.arange(np.prod(shape)) % 97).reshape(shape).astype(np.float32)
 try:
     g = Gallery.load(path, fp)
 except GalleryNotFoundError:
     g = Gallery(fp, shape, {"support_offset": (18, 11, 11), "class_weight": (64,)}, "kill test")
+for name in g.missing_banks:  # what a Recognizer does at open: the bank cache may lag the file
+    row = g.index(name)
+    p = g.prototype(row)
+    g.set_bank(row, {"support_offset": p[:18], "class_weight": p.mean(axis=(1, 2))}, touch=False)
 print("ready", len(g), flush=True)
 frame = np.full((40, 40, 3), 7, np.uint8)
 i = 0
 while True:
-    j = len(g) if len(g) < cap else i % cap
+    j = len(g) if i % 3 or not len(g) else i % len(g)
     row = g.add_shots(f"class {j}", pattern * (j + 1), 1, frame if j % 3 == 0 else None)
     p = g.prototype(row)
     g.set_bank(row, {"support_offset": p[:18], "class_weight": p.mean(axis=(1, 2))})
     g.save(path)
+    print("ack", j, int(g.counts[row]), flush=True)
     i += 1
 """
 
 
-def check_kill_gallery(g: Gallery) -> None:
+def check_kill_gallery(g: Gallery, acknowledged: dict[int, int]) -> None:
+    """Every acknowledged class with at least its acknowledged shots; every row self-consistent."""
     pattern = (np.arange(np.prod(KILL_SHAPE)) % 97).reshape(KILL_SHAPE).astype(np.float32)
     assert g.names == [f"class {j}" for j in range(len(g))]
+    assert len(g) >= len(acknowledged)
     banks = g.bank_arrays()
     for j in range(len(g)):
-        assert np.array_equal(g.feature_sums[j], pattern * (j + 1) * g.counts[j]), f"row {j} is mixed"
+        assert g.counts[j] >= acknowledged.get(j, 1), f"class {j} lost acknowledged shots"
+        assert np.array_equal(g.feature_sum(j), pattern * (j + 1) * g.counts[j]), f"row {j} is mixed"
         p = g.prototype(j)
         assert np.array_equal(p, pattern * (j + 1))
         assert np.array_equal(banks["support_offset"][j], p[:18])
@@ -481,24 +694,20 @@ def check_kill_gallery(g: Gallery) -> None:
         assert (g.thumbnail(f"class {j}") is not None) == (j % 3 == 0)
 
 
-def test_kill_minus_9_during_saves_never_loses_saved_classes(tmp_path: Path) -> None:
-    """SIGKILL a saving process at random moments: the file always reopens with everything saved before.
-
-    A kill can leave at most one temp file beside the gallery (the save it interrupted); those
-    leftovers never accumulate beyond one per kill, and a later save removes them once stale.
-    """
-    rng = random.Random(20240611)
-    path = tmp_path / "g.dmfg"
-    rounds, budget_end = 14, time.monotonic() + 25.0
-    saved_before = 0  # classes the file held when the round started
-    kills = kills_mid_save = 0
-    for _ in range(rounds):
-        if time.monotonic() > budget_end:
+def kill_trials(folder: Path, trials: int, seconds: float, seed: int) -> tuple[int, int]:
+    """Kill an enrolling child at random moments; after each kill the file must reopen holding every
+    class and shot the child acknowledged. Returns (kills, acknowledged classes)."""
+    rng = random.Random(seed)
+    path = folder / "g.dmfg"
+    acknowledged: dict[int, int] = {}
+    kills = 0
+    end = time.monotonic() + seconds
+    for _ in range(trials):
+        if time.monotonic() > end:
             break
-        temps_before = len(temp_files(tmp_path, path.name))  # before the child can start a save
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path), str(KILL_CAP), KILL_FP],
-            cwd=tmp_path,
+            [sys.executable, "-c", CHILD, str(path), KILL_FP],
+            cwd=folder,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -506,40 +715,43 @@ def test_kill_minus_9_during_saves_never_loses_saved_classes(tmp_path: Path) -> 
         line = child.stdout.readline()
         if not line.startswith("ready"):
             child.kill()
-            pytest.fail(f"the saving child did not start: {line!r} {child.communicate()[1]}")
-        assert int(line.split()[1]) == saved_before  # it opened exactly what we verified last round
-        time.sleep(rng.uniform(0.0, 0.35))
+            pytest.fail(f"the enrolling child did not start: {line!r} {child.communicate()[1]}")
+        assert int(line.split()[1]) >= len(acknowledged)
+        time.sleep(rng.uniform(0.05, 0.4))
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+        for ack in child.stdout.read().split("\n"):  # what it acknowledged before it died
+            if ack.startswith("ack"):
+                _, j, shots = ack.split()
+                acknowledged[int(j)] = max(acknowledged.get(int(j), 0), int(shots))
         child.stdout.close()
         child.stderr.close()
         assert child.returncode == -signal.SIGKILL, "the child died before it was killed"
         kills += 1
+        if not acknowledged and not path.exists():
+            continue  # killed before its first save returned: nothing was promised yet
+        with Gallery.load(path, KILL_FP) as g:
+            for name in g.missing_banks:  # banks lag after a kill: recompute, as a Recognizer does
+                row = g.index(name)
+                p = g.prototype(row)
+                g.set_bank(row, {"support_offset": p[:18], "class_weight": p.mean(axis=(1, 2))}, touch=False)
+            check_kill_gallery(g, acknowledged)
+    return kills, len(acknowledged)
 
-        if saved_before == 0 and not path.exists():
-            continue  # killed before its first save finished: nothing was promised yet
-        g = Gallery.load(path, KILL_FP)
-        assert len(g) >= saved_before
-        check_kill_gallery(g)
-        saved_before = len(g)
-        temps = len(temp_files(tmp_path, path.name))
-        assert temps <= temps_before + 1  # one interrupted save, one leftover at most
-        kills_mid_save += temps - temps_before
 
-    assert kills > 10
-    assert saved_before >= 10, "the children made too little progress to test anything"
-    # At least one kill landed inside a save (else this test proved nothing about atomicity).
-    assert kills_mid_save >= 1
-    assert len(temp_files(tmp_path, path.name)) <= kills
+def test_kill_minus_9_while_enrolling_never_loses_an_acknowledged_class(tmp_path: Path) -> None:
+    """SIGKILL an enrolling child at random moments: every reopen is a valid gallery with every class
+    (and shot) whose save had returned. A few seconds here; benchmarks/gallery_scale.py --kill-trials 20
+    runs the long version."""
+    kills, acked = kill_trials(tmp_path, trials=8, seconds=12.0, seed=20240611)
+    assert kills >= 5
+    assert acked >= 5, "the children made too little progress to test anything"
 
-    # Leftovers are harmless, and the next save clears them once they are stale.
-    long_ago = time.time() - 3600
-    for leftover in temp_files(tmp_path, path.name):
-        os.utime(leftover, (long_ago, long_ago))
-    g = Gallery.load(path, KILL_FP)
-    g.save(path)
-    assert temp_files(tmp_path, path.name) == []
-    check_kill_gallery(Gallery.load(path, KILL_FP))
+
+@pytest.mark.slow
+def test_kill_minus_9_twenty_trials(tmp_path: Path) -> None:
+    kills, acked = kill_trials(tmp_path, trials=20, seconds=120.0, seed=7)
+    assert kills == 20 and acked >= 20
 
 
 def test_gallery_works_where_torch_is_absent(tmp_path: Path) -> None:
@@ -564,19 +776,26 @@ def test_gallery_works_where_torch_is_absent(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ format versions and bank dtypes
 
 
-def test_version_1_gallery_still_opens_with_float32_banks(tmp_path: Path) -> None:
-    """0.1.0 wrote version 1: the same members, a header without bank_dtypes (float32 banks)."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_versions_open_and_the_first_save_converts_beside_them(tmp_path: Path, version: int) -> None:
+    """0.1.0 wrote version 1 (no bank_dtypes: float32 banks), 0.2 version 2: both open; the first save
+    writes g.v3.dmfg beside the old file, which is left as it was, and later opens of g.dmfg open it."""
     g = filled(3)
-    path = g.save(tmp_path / "g.dmfg")
-    header = read_header(path)
-    assert header["format_version"] == 2 and header["bank_dtypes"] == dict.fromkeys(BANK_SHAPES, "float32")
-    del header["bank_dtypes"]
-    rewrite(path, {**header, "format_version": 1})
+    path = save_v2(g, tmp_path / "g.dmfg", version=version)
+    original = path.read_bytes()
     loaded = Gallery.load(path, FP)
     assert loaded.names == g.names and loaded.bank_dtypes == dict.fromkeys(BANK_SHAPES, "float32")
-    for key, array in g.bank_arrays().items():
-        np.testing.assert_array_equal(loaded.bank_arrays()[key], array)
-    assert read_header(loaded.save(path))["format_version"] == 2  # saved again: version 2
+    assert loaded.path is None and loaded.unsaved
+    assert_same(snapshot(g), snapshot(loaded))
+    written = loaded.save()  # no path: its own, the old file's converted name
+    assert written == converted_path(path) == tmp_path / "g.v3.dmfg"
+    assert path.read_bytes() == original
+    enroll(loaded, "after", np.ones((1, *FEATURE_SHAPE), np.float32))
+    assert loaded.save(path) == written  # saving to the old path means its own file now
+    loaded.close()
+    assert path.read_bytes() == original
+    again = Gallery.load(path, FP)
+    assert again.path == written and again.names == [*g.names, "after"] and again.missing_banks == []
 
 
 def test_float16_banks_are_stored_and_loaded_as_float16(tmp_path: Path) -> None:
@@ -584,18 +803,19 @@ def test_float16_banks_are_stored_and_loaded_as_float16(tmp_path: Path) -> None:
     g = Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, "half banks", dtypes)
     row = g.add_shots("a", np.ones(FEATURE_SHAPE, np.float32), 1)
     g.set_bank(row, fake_bank(g.prototype(row)))
-    assert g.bank_arrays()["tap_projections"].dtype == np.float16
-    loaded = Gallery.load(g.save(tmp_path / "g.dmfg"), FP)
+    taps = g.bank_arrays()["tap_projections"].copy()
+    assert taps.dtype == np.float16
+    loaded = Gallery.load(saved(g, tmp_path / "g.dmfg"), FP)
     assert loaded.bank_dtypes == dtypes
     assert {k: a.dtype.name for k, a in loaded.bank_arrays().items()} == dtypes
-    np.testing.assert_array_equal(loaded.bank_arrays()["tap_projections"], g.bank_arrays()["tap_projections"])
+    np.testing.assert_array_equal(loaded.bank_arrays()["tap_projections"], taps)
 
 
 @pytest.mark.parametrize(
     "bank_dtypes", ["float32", {"class_weight": "float32"}, dict.fromkeys(BANK_SHAPES, "float64")]
 )
 def test_bad_bank_dtypes_are_refused(tmp_path: Path, bank_dtypes) -> None:
-    path = filled(2).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(2), tmp_path / "g.dmfg")
     rewrite(path, {**read_header(path), "bank_dtypes": bank_dtypes})
     with pytest.raises(GalleryError, match="bank_dtypes|bank dtype"):
         Gallery.load(path, FP)

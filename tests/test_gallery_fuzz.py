@@ -1,8 +1,10 @@
 """Property-based fuzzing of the gallery reader: any bytes give a Gallery or a GalleryError, never
-another exception, within 1 s of CPU and 256 MB of memory (checked in a child with a memory limit).
+another exception, within 1 s of CPU and 256 MB of memory (checked in a child with a memory limit that
+opens each file and reads every sum and thumbnail in it).
 
-Three kinds of input: arbitrary bytes; a real gallery file with bytes changed, cut or inserted; and a
-well-formed archive whose JSON header holds arbitrary values. Example counts are modest (the CI machine
+Input: arbitrary bytes (bare, or after a zip or SQLite magic); a real gallery file, version 3 (SQLite)
+or version 2 (.npz, 0.2's), with bytes changed, cut or inserted; and a well-formed version 2 archive
+whose JSON header holds arbitrary values. Example counts are modest (the CI machine
 has 2 cores); Hypothesis is derandomised so a CI failure reproduces locally.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bounded_reader import BoundedReader
-from bundles import apply_edits, byte_edits, filled, json_values, npz_members, savez
+from bundles import apply_edits, byte_edits, filled, json_values, npz_members, save_v2, saved, savez
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +44,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def good_file(workdir: Path) -> Path:
-    return filled(3).save(workdir / "good.dmfg")
+    return save_v2(filled(3), workdir / "good.dmfg")
+
+
+@pytest.fixture(scope="module")
+def good_database(workdir: Path) -> Path:
+    return saved(filled(3), workdir / "good3.dmfg")
 
 
 def check(reader: BoundedReader, path: Path, data: bytes) -> None:
@@ -53,7 +60,13 @@ def check(reader: BoundedReader, path: Path, data: bytes) -> None:
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=4096), st.binary(max_size=4096).map(lambda b: b"PK\x03\x04" + b)))
+@given(
+    data=st.one_of(
+        st.binary(max_size=4096),
+        st.binary(max_size=4096).map(lambda b: b"PK\x03\x04" + b),
+        st.binary(max_size=4096).map(lambda b: b"SQLite format 3\x00" + b),
+    )
+)
 def test_arbitrary_bytes(reader: BoundedReader, workdir: Path, data: bytes) -> None:
     check(reader, workdir / "bytes.dmfg", data)
 
@@ -64,6 +77,14 @@ def test_mutated_gallery(
     reader: BoundedReader, workdir: Path, good_file: Path, edits: list[tuple[str, float, bytes]]
 ) -> None:
     check(reader, workdir / "mutated.dmfg", apply_edits(good_file.read_bytes(), edits))
+
+
+@FUZZ
+@given(edits=byte_edits())
+def test_mutated_database(
+    reader: BoundedReader, workdir: Path, good_database: Path, edits: list[tuple[str, float, bytes]]
+) -> None:
+    check(reader, workdir / "mutated3.dmfg", apply_edits(good_database.read_bytes(), edits))
 
 
 json_value = json_values(allow_nan=False)

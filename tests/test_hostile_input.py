@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import cv2
 import numpy as np
 import pytest
 from bounded_reader import BoundedReader
-from bundles import FP, enroll, filled, new_gallery, read_header, rewrite
+from bundles import FP, enroll, filled, new_gallery, read_header, rewrite, save_v2
 
 from dmf_deploy.atomic import NotARegularFile, atomic_write_bytes
 from dmf_deploy.preprocess import InvalidFrame
@@ -190,7 +193,8 @@ def test_a_failed_write_names_the_gallery(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert str(path) in done.stdout and "File too large" in done.stdout
+    # SQLite reports the failed write as an I/O error (SQLITE_IOERR_WRITE or SQLITE_FULL), not by errno.
+    assert str(path) in done.stdout and re.search("disk I/O error|full", done.stdout), done.stdout
     assert not path.exists()
 
 
@@ -207,7 +211,7 @@ def test_junk_file_is_not_a_gallery_with_no_pickle_advice(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("shots", [10**30, 2**63 - 1, MAX_SHOTS + 1, 0, -1, 1.5])
 def test_absurd_shot_counts_are_refused(tmp_path: Path, shots: object) -> None:
-    path = filled(2).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(2), tmp_path / "g.dmfg")
     header = read_header(path)
     header["classes"][1]["shots"] = shots
     rewrite(path, header)
@@ -233,7 +237,7 @@ def test_absurd_feature_shapes_are_refused(tmp_path: Path, shape: tuple[int, ...
 def test_member_declaring_more_than_the_archive_holds_is_refused(
     tmp_path: Path, reader: BoundedReader
 ) -> None:
-    members = raw_members(filled(2).save(tmp_path / "g.dmfg"))
+    members = raw_members(save_v2(filled(2), tmp_path / "g.dmfg"))
     claimed = 0xFFFF_FF00  # ~4 GiB of thumbnails, in a file of a few KB
     members["thumbnail_bytes.npy"] = npy_claiming((claimed,), "u1", b"\xff" * 64)
     path = write_zip(tmp_path / "liar.dmfg", members)
@@ -270,7 +274,7 @@ def test_thumbnail_bomb_is_refused_at_load_and_never_decoded(tmp_path: Path) -> 
     bomb = jpeg_claiming(10000, 10000)
     assert jpeg_size(bomb) == (10000, 10000)
     assert decode_thumbnail(bomb) is None  # decoding would allocate 300 MB in the window
-    path = filled(1, thumbs=False).save(tmp_path / "g.dmfg")
+    path = save_v2(filled(1, thumbs=False), tmp_path / "g.dmfg")
     rewrite(
         path,
         thumbnail_bytes=np.frombuffer(bomb, np.uint8),
@@ -280,6 +284,18 @@ def test_thumbnail_bomb_is_refused_at_load_and_never_decoded(tmp_path: Path) -> 
         Gallery.load(path, FP)
     small = jpeg_claiming(MAX_THUMBNAIL_SIDE, 16)
     assert decode_thumbnail(small).shape == (16, MAX_THUMBNAIL_SIDE, 3)
+
+
+def test_thumbnail_bomb_in_a_version_3_file_is_refused_when_read(tmp_path: Path, reader) -> None:
+    bomb = jpeg_claiming(10000, 10000)
+    path = filled(1).save(tmp_path / "g.dmfg")
+    db = sqlite3.connect(path)
+    db.execute("UPDATE thumbnails SET jpeg = ?, crc32 = ?", (bomb, zlib.crc32(bomb)))
+    db.commit()
+    db.close()
+    with Gallery.load(path, FP) as g, pytest.raises(GalleryError, match="10000x10000"):
+        g.thumbnail("class 0")
+    assert_refused_in_bounds(reader, path, "10000x10000")
 
 
 # ---------------------------------------------------------------------------------- names and frames

@@ -88,6 +88,19 @@ def parse_names(text: str | None) -> list[str]:
     return names
 
 
+def parse_shortlist(text: str) -> int | str | None:
+    """--shortlist: a class count, 'auto' or 'exact' (None)."""
+    if text in ("auto", "exact"):
+        return None if text == "exact" else text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise click.BadParameter(f"{text!r} is not a class count (1 or more), 'auto' or 'exact'")
+    return size
+
+
 def resolve_bundle(bundle: str | None) -> Path:
     if bundle is not None and not is_demo_name(bundle):
         return Path(bundle)
@@ -103,7 +116,7 @@ def open_recognizer(
     bundle: Path,
     backend: str,
     gallery: Path,
-    shortlist: int | None,
+    shortlist: int | str | None,
     threshold: float | None,
     smoothing: float,
     gallery_is_default: bool,
@@ -171,8 +184,11 @@ def open_recognizer(
 )
 @click.option(
     "--shortlist",
-    type=click.IntRange(min=1),
-    help="Run the full DMF head only on the K classes ranked best by a cheap score.",
+    default="auto",
+    show_default=True,
+    callback=lambda _ctx, _param, value: parse_shortlist(value),
+    help="K: run the full DMF head only on the K classes ranked best by a cheap score; 'auto' (the "
+    "library's default): exact up to 128 classes, a shortlist of 32 beyond; 'exact': every class.",
 )
 @click.option("--names", "names_text", help="Comma-separated class names that `n` takes in turn.")
 @click.option("--headless", is_flag=True, help="No window: commands on stdin, JSON lines on stdout.")
@@ -208,7 +224,7 @@ def main(
     sensitivity: float | None,
     threshold: float | None,
     smoothing: float,
-    shortlist: int | None,
+    shortlist: int | str | None,
     names_text: str | None,
     headless: bool,
     max_frames: int | None,

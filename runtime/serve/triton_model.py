@@ -23,7 +23,9 @@ Tensors cross the stub by DLPack and text as UTF-8 bytes, never through the stub
 conversions: Triton 2.51's Python stub is built against numpy 1.x, and with numpy 2 those read inputs as
 zeros and send empty outputs, silently. DLPack works with either numpy.
 
-Every change (enroll, remove, rename) is saved to the gallery file atomically before it is answered.
+Every change (enroll, remove, rename) is saved to the gallery file before it is answered: one SQLite
+transaction holding only that change, durable when it commits, so its cost does not grow with the
+gallery and a restart keeps every acknowledged class.
 Errors are answered as Triton errors whose message starts with the name of the error
 (``InvalidFrame: ...``), which `dmf_deploy.runtime.serve.remote.RemoteRecognizer` raises again as that error.
 A client's mistake (a bad frame, name, op, or an unknown class) is an INVALID_ARG error (HTTP 400);
@@ -298,7 +300,7 @@ class TritonPythonModel:
         elif op == "rename":
             rec.rename(_name_parameter(params, "name"), _name_parameter(params, "new_name"))
         if op != "classes":
-            rec.save()  # atomic: temp file, fsync, rename
+            rec.save()  # this change alone, in one durable transaction
         rows = Rows(rec.classes, 1)
         if op == "save":
             rows.message[0] = str(self.gallery_path)

@@ -147,7 +147,7 @@ def first_rows(full: Gallery, manifest: Manifest, n: int) -> Gallery:
     gallery = new_gallery(manifest)
     banks = full.bank_arrays()
     for row in range(n):
-        new = gallery.add_shots(full.names[row], full.feature_sums[row], int(full.counts[row]), None)
+        new = gallery.add_shots(full.names[row], full.feature_sum(row), int(full.counts[row]), None)
         gallery.set_bank(new, {k: banks[k][row] for k in CLASS_BANK})
     return gallery
 

@@ -1,12 +1,14 @@
 """The console's one window onto the gallery: every read of class data goes through here.
 
 The frame loop's thread takes a `ClassSnapshot` whenever the Session's version changes (an enrolment,
-a rename, a removal, from the console, the terminal or the window); web requests read only snapshots,
-so they never touch the live gallery, never wait for the loop, and page through thousands of classes
-cheaply. Taking one costs a pass over the names (no image is decoded or copied).
+a rename, a removal, from the console, the terminal or the window); web requests page through
+snapshots, so they never wait for the loop and page through thousands of classes cheaply. Taking one
+costs a pass over the names and shot counts. Thumbnails are read when a page asks for one
+(`Recognizer.thumbnails`, under the recogniser's lock; the gallery file is SQLite and keeps them on
+disk), so a gallery of 10,000 classes is not read whole at every change.
 
 The gallery accessors used, and only here: `Recognizer.gallery.names`, `.counts` and
-`.thumbnail(name)` (JPEG bytes or None). A gallery with another storage needs only this module changed.
+`Recognizer.thumbnails(name)`. A gallery with another storage needs only this module changed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class ClassSnapshot:
     names: tuple[str, ...] = ()  # enrolment order
     shots: tuple[int, ...] = ()
     _rows: dict[str, int] = field(default_factory=dict)
-    _thumbnails: tuple[bytes | None, ...] = ()
+    _rec: Recognizer | None = None  # where thumbnails are read from
 
     def __len__(self) -> int:
         return len(self.names)
@@ -35,8 +37,14 @@ class ClassSnapshot:
         return self._rows.get(name_key(name))
 
     def thumbnail(self, name: str) -> bytes | None:
-        row = self.find(name)
-        return None if row is None else self._thumbnails[row]
+        """The class's first thumbnail (JPEG), or None: no such class (any more), or no thumbnail."""
+        if self.find(name) is None or self._rec is None:
+            return None
+        try:
+            thumbnails = self._rec.thumbnails(self.names[self.find(name)])
+        except KeyError:  # removed or renamed since the snapshot
+            return None
+        return thumbnails[0] if thumbnails else None
 
 
 def take_snapshot(rec: Recognizer, version: int) -> ClassSnapshot:
@@ -48,5 +56,5 @@ def take_snapshot(rec: Recognizer, version: int) -> ClassSnapshot:
         names,
         tuple(int(c) for c in gallery.counts),
         {name_key(n): i for i, n in enumerate(names)},
-        tuple(gallery.thumbnail(n) for n in names),
+        rec,
     )
