@@ -37,12 +37,13 @@ import numpy as np
 from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
+from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.commands import CommandFeed, Session
 from dmf_deploy.runtime.app.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
 from dmf_deploy.runtime.app.overlay import View, Window, class_strip, render
 from dmf_deploy.runtime.app.sources import SourceError, open_source
 from dmf_deploy.runtime.backends import BACKENDS
-from dmf_deploy.runtime.gallery import GalleryError
+from dmf_deploy.runtime.gallery import Gallery, GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -57,6 +58,23 @@ def default_gallery_path(fingerprint: str) -> Path:
     else:
         root = Path(user_data_dir("dmf-deploy"))
     return root / "galleries" / f"{fingerprint[:16]}.dmfg"
+
+
+def other_model_galleries(gallery: Path, fingerprint: str) -> list[str]:
+    """What to tell a user whose default gallery is new while galleries of other models sit beside it
+    (the demo model changed, or another bundle was used): they are kept, and how to use them."""
+    lines = []
+    for other in sorted(gallery.parent.glob("*.dmfg")):
+        if other == gallery:
+            continue
+        try:
+            Gallery.load(other, fingerprint)  # reads the header; another model's is refused right there
+        except GalleryError as exc:
+            if "another model" in str(exc):
+                lines.append(f"this model starts with an empty gallery ({gallery}), and it kept {exc}")
+        except OSError:
+            continue
+    return lines
 
 
 def no_display() -> bool:
@@ -104,6 +122,7 @@ def open_recognizer(
     smoothing: float,
     gallery_is_default: bool,
     sensitivity: float | None = None,
+    roi: Roi | None = None,
 ) -> Recognizer:
     try:
         return Recognizer.open(
@@ -114,6 +133,7 @@ def open_recognizer(
             threshold=threshold,
             smoothing=smoothing,
             sensitivity=sensitivity,
+            roi=roi,
         )
     except GalleryError as exc:
         hint = (
@@ -170,6 +190,13 @@ def open_recognizer(
     type=click.IntRange(min=1),
     help="Run the full DMF head only on the K classes ranked best by a cheap score.",
 )
+@click.option(
+    "--roi",
+    "roi_text",
+    metavar="X,Y,W,H",
+    help="Guide box, fractions of the frame (e.g. 0.25,0.1,0.5,0.8): drawn in the window, and the only "
+    "region the model sees. Default: the whole frame, through the bundle's own rule.",
+)
 @click.option("--names", "names_text", help="Comma-separated class names that `n` takes in turn.")
 @click.option("--headless", is_flag=True, help="No window: commands on stdin, JSON lines on stdout.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
@@ -204,6 +231,7 @@ def main(
     threshold: float | None,
     smoothing: float,
     shortlist: int | None,
+    roi_text: str | None,
     names_text: str | None,
     headless: bool,
     max_frames: int | None,
@@ -233,6 +261,10 @@ def main(
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera N or --source PATH|URI")
     names = parse_names(names_text)
+    try:
+        roi = Roi.of(roi_text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--roi") from None
     if not headless and no_display():
         raise AppError(
             "no display to open the window on (DISPLAY is not set): use --headless, "
@@ -247,8 +279,19 @@ def main(
             raise AppError(str(exc)) from exc
     gallery_path = gallery
     rec = open_recognizer(
-        bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default, sensitivity
+        bundle_path,
+        backend,
+        gallery_path,
+        shortlist,
+        threshold,
+        smoothing,
+        gallery_is_default,
+        sensitivity,
+        roi,
     )
+    if gallery_is_default and not rec.classes:
+        for line in other_model_galleries(gallery_path, rec.manifest.fingerprint):
+            click.echo(f"dmf-run: {line}", err=True)
     stopping = threading.Event()  # set by a signal: a stream's reconnect wait ends at once
     try:
         frames = open_source(
@@ -265,7 +308,7 @@ def main(
 
     # In the window a video file plays at its own frame rate (a person presses keys on its frames).
     rate = None if max_speed or headless else getattr(frames, "frame_rate", None)
-    output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description, rate)
+    output: Output = JsonLinesOutput() if headless else Window(names, shots, frames.description, rate, roi)
     commands = None
     if headless and sys.stdin is not None:
         # File sources with piped stdin: each line read when it is due (reproducible runs).
