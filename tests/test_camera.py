@@ -350,3 +350,69 @@ def test_the_simulator_covers_the_ranges_the_release_promises():
     assert cond.cast_max == 0.07 and cond.scale_range == (0.3, 1.0) and cond.rotation_max == 15.0
     assert cond.jpeg_quality == 75 and set(cond.active()) == set(FACTORS)
     assert math.isclose(cond.defocus_max * 480, 2.4)
+
+
+# ----- the live app ---------------------------------------------------------------------------------
+def _clip(path: Path, frames: list[np.ndarray]) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, (640, 480))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_dmf_run_keeps_another_models_default_gallery_and_says_so(tmp_path):
+    """A user's default gallery belongs to one model; when the demo model changes, dmf-run starts a new
+    one beside it, never deletes the old one, and names it with what to do."""
+    from bundles import dmf_run_command
+
+    from dmf_deploy.manifest import read_manifest
+    from dmf_deploy.runtime import Recognizer
+
+    data = tmp_path / "data"
+    folder = data / "dmf-deploy" / "galleries"
+    old = Recognizer.open(DEMO_0_1_0, backend="onnxruntime")
+    old.enroll("ring", [on_paper(letter(160, 8), 230, 20, (200, 150))])
+    kept = folder / f"{read_manifest(DEMO_0_1_0).fingerprint[:16]}.dmfg"
+    old.save(kept)
+    before = kept.read_bytes()
+    clip = _clip(tmp_path / "clip.avi", [on_paper(letter(160, 8), 200, 40, (200, 150))] * 3)
+    proc = subprocess.run(
+        [*dmf_run_command(), "--source", str(clip), "--headless", "--bundle", "demo"],
+        input="quit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "XDG_DATA_HOME": str(data)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(kept) in proc.stderr and "another model" in proc.stderr and "--bundle" in proc.stderr
+    assert kept.read_bytes() == before  # untouched
+
+
+def test_headless_run_with_a_roi_classifies_only_the_box(tmp_path):
+    from bundles import dmf_run_command, parse_lines
+
+    card = on_paper(letter(160, 8), 210, 30, (420, 150))
+    noisy = card.copy()
+    noisy[:, :300] = np.random.default_rng(1).integers(0, 256, (480, 300, 3), dtype=np.uint8)
+    clip = _clip(tmp_path / "clip.avi", [card] * 3 + [noisy] * 3)
+    proc = subprocess.run(
+        [
+            *dmf_run_command(),
+            "--source",
+            str(clip),
+            "--headless",
+            "--roi",
+            "0.5,0,0.5,1",
+            "--gallery",
+            str(tmp_path / "g.dmfg"),
+        ],
+        input="enroll A 3\nwait 3\nquit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    preds, _ = parse_lines(proc.stdout)
+    assert [p["label"] for p in preds] == ["A"] * 3  # clutter outside the box never reaches the model

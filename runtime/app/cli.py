@@ -71,7 +71,11 @@ def other_model_galleries(gallery: Path, fingerprint: str) -> list[str]:
             Gallery.load(other, fingerprint)  # reads the header; another model's is refused right there
         except GalleryError as exc:
             if "another model" in str(exc):
-                lines.append(f"this model starts with an empty gallery ({gallery}), and it kept {exc}")
+                lines.append(
+                    f"this model starts with an empty gallery ({gallery}); the one beside it is kept: "
+                    f"{str(exc).split('. Enrol')[0]}. To use it, enrol its classes again here, or run "
+                    f"the bundle it was made with: dmf-run --bundle DIR --gallery {other}"
+                )
         except OSError:
             continue
     return lines
