@@ -18,6 +18,9 @@ EXPORTABLE_SOLVERS = (*FIXED_SOLVERS, "exact")  # an adaptive solver's step coun
 # within float32 rounding (docs/solvers.md), so more steps buy nothing.
 DEFAULT_STEPS = 8
 RESIZE_RULES = ("stretch", "center-crop")
+# "none": the whole frame by the resize rule; "drawing": find the drawing in a camera frame and redraw it
+# black on white, framed as in training (dmf_deploy/drawing.py).
+LOCATE_RULES = ("none", "drawing")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,6 +67,7 @@ class PreprocessConfig:
     crop_from: int | None = None
     interpolation: str = "linear"  # cv2.INTER_LINEAR
     scale: float = 1.0 / 255.0
+    locate: str = "none"  # one of LOCATE_RULES; "drawing" replaces the resize rule and crop_from
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -74,6 +78,10 @@ class PreprocessConfig:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
         if self.crop_from is not None and self.crop_from < self.image_size:
             raise ValueError(f"crop_from must be >= image_size {self.image_size}, got {self.crop_from}")
+        if self.locate not in LOCATE_RULES:
+            raise ValueError(f"locate must be one of {LOCATE_RULES}, got {self.locate!r}")
+        if self.locate != "none" and self.crop_from is not None:
+            raise ValueError("locate='drawing' frames the drawing itself; it takes no crop_from")
         if self.interpolation not in ("linear", "area"):
             raise ValueError(f"interpolation must be 'linear' or 'area', got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -146,6 +154,8 @@ class ModelConfig:
         data["preprocess"]["std"] = list(self.preprocess.std)
         if self.preprocess.crop_from is None:
             del data["preprocess"]["crop_from"]  # manifests and fingerprints of models without it unchanged
+        if self.preprocess.locate == "none":
+            del data["preprocess"]["locate"]  # likewise for every model that takes the whole frame
         if self.dynamic_sampling:
             del data["dynamic_sampling"]  # likewise for every model with the paper's sampling
         return data

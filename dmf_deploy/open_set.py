@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.manifest import CLASS_BANK, HEAD, SUPPORT, BundleError, Manifest, sha256_file
 from dmf_deploy.packaged import DEMO_BUNDLE
 
@@ -35,6 +36,7 @@ class GraphRunner(Protocol):
     """What runs a bundle's graphs by name: the runtime's backends, or export's own ONNX Runtime sessions."""
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
 
 OPEN_SET_FORMAT = "dmf-open-set"
 OPEN_SET_VERSION = 1
@@ -123,8 +125,21 @@ def frame_contrast(frame: np.ndarray, size: int) -> float:
     grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
     # INTER_AREA averages pixel noise away as a camera's optics would; the model's own resize may not.
     small = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-    detail = np.abs(small - cv2.GaussianBlur(small, (0, 0), CONTRAST_BLUR_SIGMA))
+    return _detail(small)
+
+
+def _detail(grey: np.ndarray) -> float:
+    detail = np.abs(grey - cv2.GaussianBlur(grey, (0, 0), CONTRAST_BLUR_SIGMA))
     return float(np.percentile(detail, CONTRAST_PERCENTILE))
+
+
+def gate_contrast(frame: np.ndarray, view: np.ndarray, config: PreprocessConfig) -> float:
+    """The contrast gate's measure. A model that finds the drawing (locate="drawing") is gated on what
+    it sees, the drawing redrawn black on white (blank paper redraws all white); any other on the
+    checked frame itself (`frame_contrast`), as before."""
+    if config.locate == "drawing":
+        return _detail(cv2.cvtColor(view, cv2.COLOR_BGR2GRAY).astype(np.float32))
+    return frame_contrast(frame, config.image_size)
 
 
 def own_scores(

@@ -1,19 +1,24 @@
 """The one preprocessing function shared by training, export and the runtime.
 
 A frame is HxWx3 uint8 in BGR order (OpenCV's) or HxW uint8 grey, of any size. It is resized by the
-model's rule, converted to RGB, scaled to [0, 1] and normalised with the model's mean and std.
+model's rule (or, with `locate="drawing"`, the drawing in it is found and redrawn: dmf_deploy/drawing.py),
+converted to RGB, scaled to [0, 1] and normalised with the model's mean and std.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from dmf_deploy.config import PreprocessConfig
+from dmf_deploy.drawing import locate_drawing
 from dmf_deploy.image_size import FORMATS, image_size
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
@@ -51,7 +56,10 @@ def check_frame(frame: object, index: int | None = None) -> np.ndarray:
 
 
 def resize_frame(bgr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """A checked BGR frame -> image_size x image_size BGR uint8, by the model's rule."""
     size = config.image_size
+    if config.locate == "drawing":
+        return locate_drawing(bgr, size)
     nw, nh, left, top = resize_box(bgr.shape, config)
     bgr = cv2.resize(bgr, (nw, nh), interpolation=_INTERPOLATION[config.interpolation])
     return bgr[top : top + size, left : left + size]
@@ -82,8 +90,8 @@ def preprocess_frame(frame: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return normalize(resize_frame(check_frame(frame), config), config)
 
 
-def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed."""
+def checked_frames(frames: Sequence[np.ndarray] | np.ndarray, roi: Roi | None = None) -> list[np.ndarray]:
+    """Every frame checked (HxWx3 BGR uint8) and cut to `roi`; InvalidFrame naming what is wrong."""
     refuse_none(frames)
     if isinstance(frames, np.ndarray) and frames.ndim != 4:
         if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 3)):
@@ -99,11 +107,76 @@ def preprocess_frames(frames: Sequence[np.ndarray] | np.ndarray, config: Preproc
         )
     if len(frames) == 0:
         raise InvalidFrame("no frames given")
+    checked = [check_frame(frame, i) for i, frame in enumerate(frames)]
+    return checked if roi is None else [roi.crop(frame) for frame in checked]
+
+
+def preprocess_frames(
+    frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig, roi: Roi | None = None
+) -> np.ndarray:
+    """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed. `roi`: the region
+    of each frame the model sees (None: the whole frame)."""
+    views = [resize_frame(frame, config) for frame in checked_frames(frames, roi)]
+    return stack_inputs(views, config)
+
+
+def stack_inputs(views: Sequence[np.ndarray], config: PreprocessConfig) -> np.ndarray:
+    """Model views (S x S BGR uint8, from resize_frame) -> [B, 3, S, S] float32."""
     size = config.image_size
-    out = np.empty((len(frames), 3, size, size), dtype=np.float32)
-    for i, frame in enumerate(frames):
-        out[i] = normalize(resize_frame(check_frame(frame, i), config), config)
+    out = np.empty((len(views), 3, size, size), dtype=np.float32)
+    for i, view in enumerate(views):
+        out[i] = normalize(view, config)
     return out
+
+
+@dataclass(frozen=True)
+class Roi:
+    """A region of the frame, in fractions of its width and height: the guide box a card is held in."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+
+    def __post_init__(self) -> None:
+        values = (self.x, self.y, self.w, self.h)
+        if not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise ValueError(f"roi needs four finite numbers (x, y, w, h), got {values!r}")
+        if self.x < 0 or self.y < 0 or self.w <= 0 or self.h <= 0:
+            raise ValueError(f"roi x, y must be >= 0 and w, h > 0 (fractions of the frame), got {values}")
+        if self.x + self.w > 1 + 1e-9 or self.y + self.h > 1 + 1e-9:
+            raise ValueError(f"roi must lie inside the frame: x + w and y + h at most 1, got {values}")
+
+    @classmethod
+    def of(cls, value: Roi | Sequence[float] | str | None) -> Roi | None:
+        """A Roi from (x, y, w, h), "x,y,w,h" or a Roi; None stays None. ValueError when malformed."""
+        if value is None or isinstance(value, Roi):
+            return value
+        if isinstance(value, str):
+            parts = value.split(",")
+            try:
+                value = [float(p) for p in parts]
+            except ValueError:
+                raise ValueError(
+                    f"roi must be four numbers x,y,w,h (fractions of the frame), got {value!r}"
+                ) from None
+        if isinstance(value, np.ndarray) or not isinstance(value, Sequence) or len(value) != 4:
+            raise ValueError(f"roi must be four numbers x, y, w, h (fractions of the frame), got {value!r}")
+        return cls(*value)
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in pixels of a width x height frame, at least 2 x 2 pixels."""
+        left = min(int(round(self.x * width)), width - 2)
+        top = min(int(round(self.y * height)), height - 2)
+        right = max(left + 2, min(width, int(round((self.x + self.w) * width))))
+        bottom = max(top + 2, min(height, int(round((self.y + self.h) * height))))
+        return left, top, right, bottom
+
+    def crop(self, frame: np.ndarray) -> np.ndarray:
+        left, top, right, bottom = self.box(frame.shape[1], frame.shape[0])
+        return frame[top:bottom, left:right]
 
 
 class ImageFileError(ValueError):

@@ -96,14 +96,14 @@ def _polyline_wobble(points: np.ndarray, rng: np.random.Generator, amount: float
     return dense
 
 
-def render_symbol(
+def symbol_ink(
     strokes: Sequence[Sequence[Point]],
     rng: np.random.Generator,
     size: int = FRAME_SIZE,
     jitter: float = 1.0,
     stroke_width: float = 0.05,
 ) -> np.ndarray:
-    """One hand-drawn-looking instance of a symbol: HxWx3 uint8 BGR, dark ink on a lit white card."""
+    """One hand-drawn instance of a symbol as ink coverage: size x size uint8, 255 = full ink."""
     angle = rng.normal(0.0, 0.10) * jitter
     scale = 0.78 * (1 + rng.normal(0.0, 0.06) * jitter)
     shear = rng.normal(0.0, 0.10) * jitter
@@ -124,7 +124,20 @@ def render_symbol(
         pts = pts @ lin.T + offset
         fixed = np.round(pts * size * (1 << shift_bits)).astype(np.int32)
         cv2.polylines(ink, [fixed], False, 255, width, cv2.LINE_AA, shift_bits)
+    return ink
 
+
+def render_symbol(
+    strokes: Sequence[Sequence[Point]],
+    rng: np.random.Generator,
+    size: int = FRAME_SIZE,
+    jitter: float = 1.0,
+    stroke_width: float = 0.05,
+) -> np.ndarray:
+    """One hand-drawn-looking instance of a symbol: HxWx3 uint8 BGR, dark ink on a lit white card,
+    filmed close up (what INT8 calibration renders; dmf-demo films `symbol_ink` through
+    dmf_deploy.camera_sim instead)."""
+    ink = symbol_ink(strokes, rng, size, jitter, stroke_width)
     # The card: white (a well-exposed camera saturates paper, as Omniglot's scans are white) with a
     # slight vignette; dark-grey ink; camera blur and sensor noise. The paper stays white: the demo
     # model only ever saw white backgrounds (benchmarks/README.md, "The demo's symbols").

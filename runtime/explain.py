@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 
 from dmf_deploy.config import PreprocessConfig
+from dmf_deploy.drawing import drawing_view_matrix
 from dmf_deploy.manifest import BundleError
-from dmf_deploy.preprocess import check_frame, resize_box, resize_frame
+from dmf_deploy.preprocess import Roi, check_frame, resize_box, resize_frame
 from dmf_deploy.runtime.gallery import GalleryError
 
 FIGURE_WIDTH, FIGURE_HEIGHT = 640, 384  # `render`'s image: two 300 px panels, a title and a legend
@@ -69,6 +70,7 @@ class Explanation:
     contributions: np.ndarray  # float32 [h, w]: each position's term of the score (their mean)
     aligned: np.ndarray  # float32 [h, w]: L2 norm over channels of the aligned query feature
     thumbnail: np.ndarray | None = None  # the class's first enrolment thumbnail, BGR
+    roi: Roi | None = None  # the region of the frame the recogniser sees (None: all of it)
 
     @classmethod
     def from_outputs(
@@ -77,6 +79,7 @@ class Explanation:
         preprocess: PreprocessConfig,
         outputs: dict[str, np.ndarray],
         thumbnail: np.ndarray | None = None,
+        roi: Roi | None = None,
     ) -> Explanation:
         """From explain.onnx's outputs for one query and one class ([1, 1, ...] each)."""
         contributions = outputs["contributions"][0, 0].astype(np.float32)
@@ -90,6 +93,7 @@ class Explanation:
             contributions,
             outputs["aligned"][0, 0].astype(np.float32),
             thumbnail,
+            roi,
         )
 
     @property
@@ -146,11 +150,16 @@ class Explanation:
 
     def heat_image(self, frame: np.ndarray) -> np.ndarray:
         """The frame as preprocessed (S x S, BGR) with the contribution heat map blended over it."""
-        image = resize_frame(check_frame(frame), self.preprocess)
+        image = resize_frame(self.view_frame(frame), self.preprocess)
         size = self.preprocess.image_size
         heat = cv2.resize(normalised(self.contributions), (size, size), interpolation=cv2.INTER_LINEAR)
         colours = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
         return cv2.addWeighted(image, 1 - HEAT_ALPHA, colours, HEAT_ALPHA, 0)
+
+    def view_frame(self, frame: np.ndarray) -> np.ndarray:
+        """The checked frame, cut to the recogniser's roi: what its preprocessing starts from."""
+        checked = check_frame(frame)
+        return checked if self.roi is None else self.roi.crop(checked)
 
     def support_image(self, support: np.ndarray | None) -> np.ndarray | None:
         """The support (given, or the thumbnail) as the model saw it: S x S BGR."""
@@ -182,13 +191,32 @@ def _text(image: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.5
 
 
 # ----- on dmf-run's window ---------------------------------------------------------------------------
-def frame_affine(frame_shape: tuple[int, ...], preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) per axis (x, y) with frame pixel = scale * preprocessed pixel + shift: the inverse
-    of the preprocessing resize and crop (`resize_box`)."""
-    h, w = frame_shape[:2]
-    nw, nh, left, top = resize_box(frame_shape, preprocess)
-    ratio = np.array([w / nw, h / nh], np.float64)
-    return ratio, (np.array([left, top], np.float64) + 0.5) * ratio - 0.5
+def frame_affine(frame: np.ndarray, preprocess: PreprocessConfig, roi: Roi | None = None) -> np.ndarray:
+    """2x3 affine matrix M with frame pixel = M @ (x, y, 1) for a preprocessed pixel (x, y): the
+    inverse of the roi cut and of the preprocessing (`resize_box`; for locate="drawing", the square
+    the drawing was redrawn from, found in this checked BGR frame and turned with its card)."""
+    h, w = frame.shape[:2]
+    left, top = 0, 0
+    if roi is not None:
+        left, top, right, bottom = roi.box(w, h)
+        frame = frame[top:bottom, left:right]
+    size = preprocess.image_size
+    if preprocess.locate == "drawing":
+        matrix = drawing_view_matrix(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), size)
+        if matrix is None:  # no drawing: the view is blank, any square will do
+            side = min(frame.shape[:2])
+            matrix = np.array([[side / size, 0, 0], [0, side / size, 0]], np.float64)
+    else:
+        nw, nh, crop_left, crop_top = resize_box(frame.shape, preprocess)
+        ratio = np.array([frame.shape[1] / nw, frame.shape[0] / nh], np.float64)
+        shift = (np.array([crop_left, crop_top], np.float64) + 0.5) * ratio - 0.5
+        matrix = np.array([[ratio[0], 0, shift[0]], [0, ratio[1], shift[1]]], np.float64)
+    matrix[:, 2] += (left, top)
+    return matrix
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
 
 
 def draw_live(
@@ -199,25 +227,25 @@ def draw_live(
     pointer: tuple[float, float] | None = None,
 ) -> int:
     """Draw the explanation on dmf-run's video `area` (the frame letterboxed into it; `to_area` maps
-    frame pixels to area pixels as (scale, shift) per axis). The heat map covers the frame; the query
-    position under `pointer` (area pixels; None or off the frame: the best one) is marked in green,
-    and an inset of the class thumbnail in the area's bottom-right corner shows its sampled points in
-    red. Returns the position shown."""
-    scale_f, shift_f = frame_affine(frame.shape, explanation.preprocess)
-    scale = scale_f * to_area[0]
-    shift = shift_f * to_area[0] + to_area[1]  # area pixel = scale * preprocessed pixel + shift
+    frame pixels to area pixels as (scale, shift) per axis). The heat map covers what the model saw,
+    where it lies in the frame; the query position under `pointer` (area pixels; None or off the
+    view: the best one) is marked in green, and an inset of the class thumbnail in the area's
+    bottom-right corner shows its sampled points in red. Returns the position shown."""
+    to_frame = frame_affine(frame, explanation.preprocess, explanation.roi)
+    matrix = to_frame * np.asarray(to_area[0], np.float64)[:, None]  # area = scale * frame + shift
+    matrix[:, 2] += to_area[1]
     size = explanation.preprocess.image_size
     position = explanation.best_position
     if pointer is not None:
-        x, y = (np.asarray(pointer, np.float64) - shift) / scale
+        inverse = cv2.invertAffineTransform(matrix)
+        x, y = _apply(inverse, np.asarray(pointer, np.float64))
         if -0.5 <= x <= size - 0.5 and -0.5 <= y <= size - 0.5:
             position = explanation.position_at(x, y)
-    matrix = np.array([[scale[0], 0, shift[0]], [0, scale[1], shift[1]]], np.float64)
     height, width = area.shape[:2]
     heat = cv2.warpAffine(explanation.heat_image(frame), matrix, (width, height), flags=cv2.INTER_LINEAR)
     inside = cv2.warpAffine(np.full((size, size), 255, np.uint8), matrix, (width, height)) > 0
     area[inside] = heat[inside]
-    _dot(area, scale * explanation.query_points[position] + shift, QUERY_COLOUR)
+    _dot(area, _apply(matrix, explanation.query_points[position]), QUERY_COLOUR)
     support = explanation.support_image(None)
     if support is not None and height > LIVE_THUMB and width > LIVE_THUMB:
         inset = cv2.resize(support, (LIVE_THUMB, LIVE_THUMB), interpolation=cv2.INTER_LINEAR)

@@ -18,9 +18,17 @@ import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, EXPLAIN, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.names import validate_class_name
-from dmf_deploy.open_set import frame_contrast, load_open_set, own_scores, refusal
+from dmf_deploy.open_set import gate_contrast, load_open_set, own_scores, refusal
 from dmf_deploy.packaged import resolve_bundle_path
-from dmf_deploy.preprocess import InvalidFrame, check_frame, preprocess_frames, refuse_none
+from dmf_deploy.preprocess import (
+    InvalidFrame,
+    Roi,
+    checked_frames,
+    preprocess_frames,
+    refuse_none,
+    resize_frame,
+    stack_inputs,
+)
 from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backend
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, UnknownClassError
 from dmf_deploy.runtime.gallery import (
@@ -86,8 +94,10 @@ class Recognizer:
         threshold: float | None = None,
         smoothing: float = 0.0,
         sensitivity: float | None = None,
+        roi: Roi | tuple[float, float, float, float] | None = None,
     ) -> None:
         self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
+        self.roi = Roi.of(roi)
         self.config = manifest.model
         self.gallery_path = gallery_path
         count = isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist >= 0
@@ -118,6 +128,7 @@ class Recognizer:
         smoothing: float = 0.0,
         threads: int | None = None,
         sensitivity: float | None = None,
+        roi: Roi | tuple[float, float, float, float] | None = None,
     ) -> Recognizer:
         """Verify the bundle (sha256 of every graph), create every session, and load or start a gallery.
 
@@ -128,7 +139,10 @@ class Recognizer:
         `sensitivity`: the fraction of known frames the open-set rule may call unknown, as measured
         when the bundle's rule was fitted (0 to 0.5; None: the bundle's default, 0.05). Higher refuses
         more unknown frames. `threshold`: an absolute score instead (blank frames stay unknown).
+        `roi`: (x, y, w, h) in fractions of the frame, the region the model sees (a guide box the
+        card is held in); None: the whole frame, through the bundle's recorded preprocessing.
         """
+        roi = Roi.of(roi)  # a malformed roi fails before the bundle is read
         root = resolve_bundle_path(bundle)
         manifest = Manifest.read(root)
         runner = open_backend(root, manifest, backend, threads)
@@ -181,6 +195,7 @@ class Recognizer:
             threshold=threshold,
             smoothing=smoothing,
             sensitivity=sensitivity,
+            roi=roi,
         )
 
     # ----- reading ---------------------------------------------------------------------------------
@@ -206,8 +221,8 @@ class Recognizer:
             return self.gallery.thumbnails(name)
 
     def preprocess(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """[B, 3, S, S] float32: exactly what the backbone is fed."""
-        return preprocess_frames(frames, self.config.preprocess)
+        """[B, 3, S, S] float32: exactly what the backbone is fed (each frame cut to `roi` first)."""
+        return preprocess_frames(frames, self.config.preprocess, self.roi)
 
     def features(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         return self.backend.run(BACKBONE, {"images": self.preprocess(frames)})["features"]
@@ -222,8 +237,10 @@ class Recognizer:
         """One frame -> Prediction; a list of frames (or a [B,H,W,3] array) -> list of Predictions."""
         # Any array but a 4-D batch is one frame, so that a bad one (HxWx4, 1-D) is refused as such.
         single = isinstance(frame, np.ndarray) and frame.ndim != 4
-        frames = [frame] if single else frame
-        feats = self.features(frames)
+        pre = self.config.preprocess
+        frames = checked_frames([frame] if single else frame, self.roi)
+        views = [resize_frame(f, pre) for f in frames]
+        feats = self.backend.run(BACKBONE, {"images": stack_inputs(views, pre)})["features"]
         with self._lock.read():
             names = tuple(self.gallery.names)
             if not names:
@@ -232,8 +249,7 @@ class Recognizer:
                 return empty if single else [empty] * len(feats)
             scores = self._classify_scores(feats)
         scores = self._smooth(names, scores)
-        size = self.config.preprocess.image_size
-        contrast = [frame_contrast(check_frame(f), size) for f in frames]
+        contrast = [gate_contrast(f, v, pre) for f, v in zip(frames, views)]
         # The frame's own score divides the best one; an absolute threshold has no use for it.
         own = own_scores(self.backend, feats) if self.threshold is None else np.ones(len(feats))
         predictions = [self._decide(names, *args) for args in zip(scores, contrast, own)]
@@ -254,7 +270,8 @@ class Recognizer:
         if len(frames) == 0:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
         feats = self.features(frames)  # validates every frame before anything changes
-        self._add_shots(name, feats.astype(np.float64).sum(axis=0), len(feats), check_frame(frames[0]))
+        first = checked_frames(frames[:1], self.roi)[0]
+        self._add_shots(name, feats.astype(np.float64).sum(axis=0), len(feats), first)
 
     def enrollment(self, name: str) -> Enrollment:
         """Enrol `name` frame by frame: `e.add(frame)` computes each frame's features as it comes,
@@ -362,7 +379,9 @@ class Recognizer:
             bank = {k: v.astype(np.float32) for k, v in self.gallery.bank_rows(slice(row, row + 1)).items()}
             jpeg = self.gallery.thumbnail(name)
         outputs = self._explainer.run(EXPLAIN, {"query_features": feats.astype(np.float32), **bank})
-        return Explanation.from_outputs(name, self.config.preprocess, outputs, decode_thumbnail(jpeg))
+        return Explanation.from_outputs(
+            name, self.config.preprocess, outputs, decode_thumbnail(jpeg), roi=self.roi
+        )
 
     def head_scores(self, feats: np.ndarray, bank: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The exact head alone: [B, N] scores of backbone features against a class bank (default:
@@ -483,7 +502,7 @@ class Enrollment:
         features = self.rec.features([frame])[0].astype(np.float64)
         self._sum = features if self._sum is None else self._sum + features
         if self._thumbnail is None:
-            self._thumbnail = _shrink(check_frame(frame), THUMBNAIL_SIZE)
+            self._thumbnail = _shrink(checked_frames([frame], self.rec.roi)[0], THUMBNAIL_SIZE)
         self.shots += 1
 
     def commit(self) -> None:

@@ -109,7 +109,7 @@ def test_script_enrols_the_first_frames_and_shuffles_the_second_pass():
     assert again == script
     a = next(demo.render_frames(script, seed=7))
     b = next(demo.render_frames(again, seed=7))
-    assert (a == b).all() and a.shape == (demo.FRAME_SIZE, demo.FRAME_SIZE, 3) and a.dtype == "uint8"
+    assert (a == b).all() and a.shape == (demo.FRAME_SIZE[1], demo.FRAME_SIZE[0], 3) and a.dtype == "uint8"
 
 
 @pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")

@@ -294,24 +294,29 @@ def test_cli_hostile_inputs_are_named_errors(tmp_path, old_bundle):
     assert not out.exists()  # no figure from a failed run
 
 
+@pytest.mark.parametrize("roi", [None, (0.1, 0.2, 0.5, 0.7)])
 @pytest.mark.parametrize(
     "rule", [{"resize": "stretch"}, {"resize": "center-crop"}, {"resize": "center-crop", "crop_from": 40}]
 )
-def test_frame_affine_inverts_the_preprocessing_resize(rule):
+def test_frame_affine_inverts_the_preprocessing_resize(rule, roi):
     """dmf-run draws the points on the live frame through `frame_affine`. A frame whose pixels hold
     their own x (or y) coordinate, resized by the preprocessing, must hold at each preprocessed pixel
     the frame coordinate that `frame_affine` maps it to (linear and area resampling keep a ramp linear)."""
     from dmf_deploy.config import PreprocessConfig
-    from dmf_deploy.preprocess import resize_frame
+    from dmf_deploy.preprocess import Roi, resize_frame
     from dmf_deploy.runtime.explain import frame_affine
 
     config = PreprocessConfig(image_size=32, **rule)
+    roi = Roi.of(roi)
     h, w = 90, 160
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    scale, shift = frame_affine((h, w, 3), config)
+    matrix = frame_affine(np.zeros((h, w, 3), np.uint8), config, roi)
+    assert matrix[0, 1] == matrix[1, 0] == 0  # no rotation without locate="drawing"
+    scale, shift = np.diag(matrix), matrix[:, 2]
     inner = slice(2, 30)  # border pixels read clamped samples
     for axis, ramp in enumerate((xs, ys)):
-        resized = resize_frame(np.dstack([ramp] * 3), config)[:, :, 0]
+        frame = np.dstack([ramp] * 3)
+        resized = resize_frame(frame if roi is None else roi.crop(frame), config)[:, :, 0]
         grid = np.mgrid[0:32, 0:32].astype(np.float64)[1 - axis]  # the preprocessed x (or y)
         expected = scale[axis] * grid + shift[axis]
         # cv2's fixed-point interpolation weights: ~1/32 of a frame pixel at most.

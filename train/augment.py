@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dmf_deploy.camera_sim import CameraConditions, render_card_frame
 from dmf_deploy.config import PreprocessConfig
 from dmf_deploy.preprocess import check_frame, normalize, resize_frame
 
@@ -52,6 +53,10 @@ class AugmentConfig:
     affine: float = 0.0  # strength: rotation up to 15 deg x a, shear 0.3 x a, scale 1 +- 0.2 x a per axis
     elastic: float = 0.0  # smooth random displacement, amplitude as a fraction of the image side
     stroke: float = 0.0  # probability of thickening or thinning dark strokes by a 2x2 or 3x3 min/max filter
+    # Probability that the (distorted) image becomes a simulated webcam frame of it on a card, every
+    # factor of dmf_deploy.camera_sim drawn, before the crop: the frames the runtime will see.
+    camera: float = 0.0
+    camera_size: tuple[int, int] = (320, 240)  # (width, height): half a webcam's, to train faster
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -63,6 +68,8 @@ class AugmentConfig:
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must lie in [0, 1], got {self.erase_prob}")
         # Bounded so that a warp stays a warp: affine 2 still scales each axis by at least 0.6.
+        if not 0 <= self.camera <= 1:
+            raise ValueError(f"camera must lie in [0, 1], got {self.camera}")
         if not (0 <= self.affine <= 2 and 0 <= self.elastic <= 0.1 and 0 <= self.stroke <= 1):
             raise ValueError(
                 f"affine must lie in [0, 2], elastic in [0, 0.1] and stroke in [0, 1]; got "
@@ -79,7 +86,7 @@ class AugmentConfig:
         return cls(**overrides)
 
     def without(self, *names: str) -> AugmentConfig:
-        """A copy with the named steps off: crop, hflip, color, erase, handwriting."""
+        """A copy with the named steps off: crop, hflip, color, erase, handwriting, camera."""
         off: dict[str, Any] = {}
         for name in names:
             if name == "crop":
@@ -92,6 +99,8 @@ class AugmentConfig:
                 off["erase_prob"] = 0.0
             elif name == "handwriting":
                 off.update(affine=0.0, elastic=0.0, stroke=0.0)
+            elif name == "camera":
+                off["camera"] = 0.0
             else:
                 raise ValueError(f"unknown augmentation step {name!r}")
         return replace(self, **off)
@@ -228,6 +237,8 @@ def make_example(
     cfg = augment or AugmentConfig()
     if cfg.stroke or cfg.affine or cfg.elastic:
         bgr = handwriting(bgr, cfg, rng)
+    if cfg.camera and rng.uniform() < cfg.camera:
+        bgr = render_card_frame(bgr, rng, CameraConditions(), size=cfg.camera_size)
     img = random_crop(bgr, preprocess_config, cfg, rng)
     if cfg.hflip and rng.uniform() < 0.5:
         img = cv2.flip(img, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from dmf_deploy.config import BACKBONES, SOLVERS, PreprocessConfig
+from dmf_deploy.config import BACKBONES, LOCATE_RULES, SOLVERS, PreprocessConfig
 
 from .datasets import KINDS
 from .fewshot import SPLITS
@@ -100,6 +100,18 @@ def main() -> None:
 )
 @click.option(
     "--stroke", type=click.FloatRange(0, 1), default=None, help="Probability of a stroke-width change."
+)
+@click.option(
+    "--camera",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Probability that a training image becomes a simulated webcam frame (0: off).",
+)
+@click.option(
+    "--locate",
+    type=click.Choice(LOCATE_RULES),
+    default=None,
+    help='Frame rule: "drawing" finds the drawing in a camera frame; "none" takes the whole frame.',
 )
 @click.option(
     "--init", default=None, help='Checkpoint whose weights training starts from ("demo": the packaged one).'

@@ -87,7 +87,9 @@ def model_config(settings: TrainSettings, num_classes: int) -> ModelConfig:
     return ModelConfig(
         backbone=settings.backbone,
         widths=widths,
-        preprocess=PreprocessConfig(image_size=settings.image_size, crop_from=settings.eval_crop_from),
+        preprocess=PreprocessConfig(
+            image_size=settings.image_size, crop_from=settings.eval_crop_from, locate=settings.locate
+        ),
         groups=settings.groups,
         kernel=settings.kernel,
         dynamic_sampling=settings.dynamic_sampling,
@@ -110,6 +112,7 @@ def augment_config(settings: TrainSettings, dataset: FewShotDataset) -> AugmentC
         affine=settings.affine,
         elastic=settings.elastic,
         stroke=settings.stroke,
+        camera=settings.camera,
     )
 
 
@@ -419,12 +422,15 @@ def cpu_has_bf16() -> bool:
 def initial_weights(ckpt: str, config: ModelConfig) -> DMFNet:
     """The checkpoint `ckpt` ("demo": the packaged one) that training starts from: weights only, a fresh
     optimizer and schedule. It must build the network `config` builds, global classifier included;
-    the solver and its steps may differ."""
+    the solver and its steps may differ, and so may the preprocessing's `locate` rule (fine-tuning a
+    model for camera frames)."""
     try:
         model = load_checkpoint(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"--init {ckpt}: {exc}") from exc
     ours, theirs = config.to_dict(), model.config.to_dict()
+    for side in (ours, theirs):
+        side["preprocess"].pop("locate", None)
     differ = sorted(
         key
         for key in set(ours) | set(theirs)

@@ -56,6 +56,8 @@ class TrainSettings:
     affine: float = 0.0  # handwriting distortions (train.augment.AugmentConfig): affine strength,
     elastic: float = 0.0  # elastic amplitude (fraction of the image side),
     stroke: float = 0.0  # probability of a stroke-width change
+    camera: float = 0.0  # probability that a training image becomes a simulated webcam frame
+    locate: str = "none"  # the model's frame rule (PreprocessConfig.locate): "drawing" for camera frames
     init: str | None = None  # checkpoint whose weights training starts from ("demo": the packaged one)
     within_alphabet: bool = False  # Omniglot: draw each training episode from one alphabet
     seed: int = 0
@@ -152,6 +154,21 @@ PRESETS: dict[str, TrainSettings] = {
         elastic=0.02,
         stroke=0.3,
         workers=0,
+    ),
+    # Its third stage, the 0.3 demo model: from the second stage's weights, half the images become
+    # simulated webcam frames (dmf_deploy.camera_sim), and the model finds the drawing in the frame.
+    "omniglot-demo-camera": _OMNIGLOT_DEMO.replace(
+        episodes_per_epoch=400,
+        epochs=6,
+        warmup_epochs=0,
+        lr=0.03,
+        affine=0.7,
+        elastic=0.02,
+        stroke=0.3,
+        camera=0.6,
+        locate="drawing",
+        val_episodes=40,
+        workers=1,
     ),
     "glyphs-smoke": TrainSettings(
         dataset="glyphs",

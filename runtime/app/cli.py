@@ -40,13 +40,14 @@ from dmf_deploy.atomic import check_writable
 from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
+from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.commands import CommandFeed, Session
 from dmf_deploy.runtime.app.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
 from dmf_deploy.runtime.app.overlay import View, Window, class_strip, render
 from dmf_deploy.runtime.app.sources import SourceError, open_source
 from dmf_deploy.runtime.app.web.options import start_web, web_options, web_settings
 from dmf_deploy.runtime.backends import BACKENDS
-from dmf_deploy.runtime.gallery import GalleryError
+from dmf_deploy.runtime.gallery import Gallery, GalleryError
 from dmf_deploy.runtime.recognizer import Recognizer
 
 log = logging.getLogger("dmf_deploy.runtime")
@@ -61,6 +62,27 @@ def default_gallery_path(fingerprint: str) -> Path:
     else:
         root = Path(user_data_dir("dmf-deploy"))
     return root / "galleries" / f"{fingerprint[:16]}.dmfg"
+
+
+def other_model_galleries(gallery: Path, fingerprint: str) -> list[str]:
+    """What to tell a user whose default gallery is new while galleries of other models sit beside it
+    (the demo model changed, or another bundle was used): they are kept, and how to use them."""
+    lines = []
+    for other in sorted(gallery.parent.glob("*.dmfg")):
+        if other == gallery:
+            continue
+        try:
+            Gallery.load(other, fingerprint)  # reads the header; another model's is refused right there
+        except GalleryError as exc:
+            if "another model" in str(exc):
+                lines.append(
+                    f"this model starts with an empty gallery ({gallery}); the one beside it is kept: "
+                    f"{str(exc).split('. Enrol')[0]}. To use it, enrol its classes again here, or run "
+                    f"the bundle it was made with: dmf-run --bundle DIR --gallery {other}"
+                )
+        except OSError:
+            continue
+    return lines
 
 
 def no_display() -> bool:
@@ -121,6 +143,7 @@ def open_recognizer(
     smoothing: float,
     gallery_is_default: bool,
     sensitivity: float | None = None,
+    roi: Roi | None = None,
 ) -> Recognizer:
     try:
         return Recognizer.open(
@@ -131,6 +154,7 @@ def open_recognizer(
             threshold=threshold,
             smoothing=smoothing,
             sensitivity=sensitivity,
+            roi=roi,
         )
     except GalleryError as exc:
         hint = (
@@ -190,6 +214,13 @@ def open_recognizer(
     help="K: run the full DMF head only on the K classes ranked best by a cheap score; 'auto' (the "
     "library's default): exact up to 128 classes, a shortlist of 32 beyond; 'exact': every class.",
 )
+@click.option(
+    "--roi",
+    "roi_text",
+    metavar="X,Y,W,H",
+    help="Guide box, fractions of the frame (e.g. 0.25,0.1,0.5,0.8): drawn in the window, and the only "
+    "region the model sees. Default: the whole frame, through the bundle's own rule.",
+)
 @click.option("--names", "names_text", help="Comma-separated class names that `n` takes in turn.")
 @click.option("--headless", is_flag=True, help="No window: commands on stdin, JSON lines on stdout.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
@@ -225,6 +256,7 @@ def main(
     threshold: float | None,
     smoothing: float,
     shortlist: int | str | None,
+    roi_text: str | None,
     names_text: str | None,
     headless: bool,
     max_frames: int | None,
@@ -259,6 +291,10 @@ def main(
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera N or --source PATH|URI")
     names = parse_names(names_text)
+    try:
+        roi = Roi.of(roi_text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--roi") from None
     console_settings, webhook_url = web_settings(web, web_token, web_cert, web_key, webhook)
     window = not headless and not (console_settings is not None and no_display())  # --web: no screen needed
     if window and no_display():
@@ -279,8 +315,19 @@ def main(
     except OSError as exc:
         raise AppError(f"the gallery {exc}; pass a --gallery that can be written") from None
     rec = open_recognizer(
-        bundle_path, backend, gallery_path, shortlist, threshold, smoothing, gallery_is_default, sensitivity
+        bundle_path,
+        backend,
+        gallery_path,
+        shortlist,
+        threshold,
+        smoothing,
+        gallery_is_default,
+        sensitivity,
+        roi,
     )
+    if gallery_is_default and not rec.classes:
+        for line in other_model_galleries(gallery_path, rec.manifest.fingerprint):
+            click.echo(f"dmf-run: {line}", err=True)
     stopping = threading.Event()  # set by a signal: a stream's reconnect wait ends at once
     try:
         frames = open_source(
@@ -299,11 +346,11 @@ def main(
     rate = None if max_speed or headless else getattr(frames, "frame_rate", None)
     output: Output | None = JsonLinesOutput() if headless else None
     if window:
-        output = Window(names, shots, frames.description, rate)
+        output = Window(names, shots, frames.description, rate, roi)
 
     # ----- the web console and the webhook (issue [W], runtime/app/web/): started here, stopped at exit -
     web_parts = start_web(console_settings, webhook_url, rec, gallery_path, frames.description, shots)
-    output = web_parts.wrap(output, frame_rate=None if window else rate)
+    output = web_parts.wrap(output, frame_rate=None if window else rate, roi=roi)
     # ---------------------------------------------------------------------------------------------------
     commands = None
     if headless and sys.stdin is not None:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.names import InvalidClassName, validate_class_name
+from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.commands import Event, Session
 from dmf_deploy.runtime.app.loop import TOP_K, RunResult, Stats
 from dmf_deploy.runtime.explain import Explanation, ExplanationUnavailable, draw_live
@@ -48,6 +49,7 @@ BAR = (200, 160, 60)
 BAR_BEST = (90, 220, 90)
 BAR_UNKNOWN = (105, 105, 105)  # grey: on an unknown frame the bars are not confidence
 CURRENT = (0, 215, 255)  # BGR yellow
+GUIDE = (255, 200, 80)  # BGR light blue: the --roi guide box
 
 WINDOW = "dmf-run"
 STATUS_SECONDS = 4.0
@@ -88,6 +90,7 @@ class View:
     source: str = ""
     explanation: Explanation | None = None  # `e`: what the model aligned for the predicted class
     pointer: tuple[int, int] | None = None  # the mouse over the video, window pixels
+    roi: Roi | None = None  # the guide box: the region of the frame the model sees (--roi)
 
 
 def ascii_text(text: str) -> str:
@@ -122,10 +125,23 @@ def render(frame: np.ndarray, view: View) -> np.ndarray:
     if view.explanation is not None:
         to_video = letterbox_affine(frame.shape, VIDEO_WIDTH, video_h)
         draw_live(canvas[:video_h, :VIDEO_WIDTH], view.explanation, frame, to_video, view.pointer)
+    if view.roi is not None:
+        draw_guide_box(canvas[:video_h, :VIDEO_WIDTH], view.roi, frame.shape)
     draw_panel(canvas[:video_h, VIDEO_WIDTH:], view)
     draw_strip(canvas[video_h : video_h + STRIP_HEIGHT], view)
     draw_status(canvas[video_h + STRIP_HEIGHT :], view)
     return canvas
+
+
+def draw_guide_box(video: np.ndarray, roi: Roi, frame_shape: tuple[int, ...]) -> None:
+    """The --roi region drawn on the letterboxed video: where to hold the card."""
+    scale, shift = letterbox_affine(frame_shape, video.shape[1], video.shape[0])
+    left, top, right, bottom = roi.box(frame_shape[1], frame_shape[0])
+    (x0, y0), (x1, y1) = (
+        (np.array([[left, top], [right - 1, bottom - 1]]) * scale + shift).round().astype(int)
+    )
+    cv2.rectangle(video, (int(x0), int(y0)), (int(x1), int(y1)), GUIDE, 2, cv2.LINE_AA)
+    put(video, "hold the card here", (int(x0) + 6, max(14, int(y0) - 6)), 0.45, GUIDE)
 
 
 def letterbox(frame: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -272,9 +288,16 @@ class Window:
 
     holds_last_frame = True
 
-    def __init__(self, names: list[str], shots: int, source: str, frame_rate: float | None = None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        shots: int,
+        source: str,
+        frame_rate: float | None = None,
+        roi: Roi | None = None,
+    ) -> None:
         self.names = list(names)  # --names: taken in turn by `n`, so no typing is needed
-        self.view = View(shots_target=shots, source=source)
+        self.view = View(shots_target=shots, source=source, roi=roi)
         self.frame_rate = frame_rate  # a video file's own rate: frames are shown at it; None: at once
         self._next_frame = time.monotonic()
         self.status_until = 0.0

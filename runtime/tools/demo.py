@@ -5,9 +5,12 @@
     dmf-demo --camera 0            # the live window (dmf-run) on the demo model
 
 The demo model was trained on handwritten Omniglot characters (the Latin alphabet held out), so the
-video shows hand-drawn-looking capital letters and digits: dark ink on a white card, each frame
-redrawn with its own stroke wobble, slant, size, position, stroke width, ink tone, vignette, blur and
-sensor noise. The letters come from the small stroke font of `dmf_deploy.symbols`.
+video shows hand-drawn-looking capital letters and digits, each frame redrawn with its own stroke
+wobble, slant, size and stroke width (the small stroke font of `dmf_deploy.symbols`), on a card held in
+front of a webcam: 640x480 frames in which the card is grey or off-white paper, smaller than the frame,
+anywhere in it, tilted and turned, under uneven tinted light, out of focus, noisy and JPEG-compressed,
+on a cluttered background (dmf_deploy.camera_sim, every factor on). So the accuracy it prints is the
+one a user gets from a camera, not from a studio shot.
 
 Why letters: through the demo bundle they separate as well as the best random-stroke glyphs, and
 they mean something to a viewer (benchmarks/README.md, "The demo's symbols", has the accuracies).
@@ -38,8 +41,9 @@ import click
 import cv2
 import numpy as np
 
+from dmf_deploy.camera_sim import FRAME_SIZE, render_card_frame
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed
-from dmf_deploy.symbols import FRAME_SIZE, STROKE_FONT, render_symbol
+from dmf_deploy.symbols import STROKE_FONT, symbol_ink
 
 if TYPE_CHECKING:
     from dmf_deploy.runtime import Recognizer
@@ -89,19 +93,24 @@ def make_script(classes: int, shots: int, frames_per_class: int, seed: int) -> S
     return Script(symbols, tuple(labels), enroll)
 
 
-def render_frames(script: Script, seed: int, size: int = FRAME_SIZE) -> Iterator[np.ndarray]:
+def render_frames(script: Script, seed: int, size: tuple[int, int] = FRAME_SIZE) -> Iterator[np.ndarray]:
+    """Frame i: symbol `labels[i]` drawn by hand on a card, filmed by a simulated webcam."""
     for index, symbol in enumerate(script.labels):
-        yield render_symbol(STROKE_FONT[symbol], np.random.default_rng([seed, 1, index]), size)
+        rng = np.random.default_rng([seed, 1, index])
+        drawing = 255 - symbol_ink(STROKE_FONT[symbol], rng)
+        yield render_card_frame(drawing, rng, size=size)
 
 
 def video_codec(path: Path) -> str:
     return "MJPG" if path.suffix.lower() == ".avi" else "mp4v"
 
 
-def write_video(path: Path, frames: Iterator[np.ndarray], size: int, on_frame: Tick = None) -> int:
-    """Write the frames with cv2.VideoWriter; returns how many were written."""
+def write_video(
+    path: Path, frames: Iterator[np.ndarray], size: tuple[int, int], on_frame: Tick = None
+) -> int:
+    """Write the frames (size = (width, height)) with cv2.VideoWriter; returns how many were written."""
     codec = video_codec(path)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), FPS, (size, size))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), FPS, size)
     if not writer.isOpened():
         raise click.ClickException(
             f"OpenCV cannot write {codec} video to {path}; try --out with a .avi (MJPG) or .mp4 (mp4v) name"
@@ -325,7 +334,7 @@ def main(
         with progress("recognising", script.recognised) as bar:
             result = recognise_video(rec, video, script, lambda: bar.update(1))
         kept = "kept" if out is not None else "temporary; --out keeps it"
-        size = f"{FRAME_SIZE}x{FRAME_SIZE}"
+        size = f"{FRAME_SIZE[0]}x{FRAME_SIZE[1]}"
         click.echo(f"video: {video} ({written} frames, {size}, {FPS} fps, {video_codec(video)}; {kept})")
         plural = "s" if shots > 1 else ""
         click.echo(

@@ -38,10 +38,11 @@ class ClassSnapshot:
 
     def thumbnail(self, name: str) -> bytes | None:
         """The class's first thumbnail (JPEG), or None: no such class (any more), or no thumbnail."""
-        if self.find(name) is None or self._rec is None:
+        row = self.find(name)
+        if row is None or self._rec is None:
             return None
         try:
-            thumbnails = self._rec.thumbnails(self.names[self.find(name)])
+            thumbnails = self._rec.thumbnails(self.names[row])
         except KeyError:  # removed or renamed since the snapshot
             return None
         return thumbnails[0] if thumbnails else None

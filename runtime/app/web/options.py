@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.web.settings import (
     TOKEN_ENV,
     ConsoleSettings,
@@ -79,13 +80,15 @@ class WebParts:
         self.console = None
         self.outputs: list[Output] = []
 
-    def wrap(self, output: Output | None, frame_rate: float | None = None) -> Output:
+    def wrap(self, output: Output | None, frame_rate: float | None = None, roi: Roi | None = None) -> Output:
         """The loop's output with the console's and the webhook's beside it. `frame_rate`: a video
-        file's own rate, at which the console plays it when no window does (None: as fast as it goes)."""
+        file's own rate, at which the console plays it when no window does (None: as fast as it goes).
+        `roi`: the guide box (--roi), drawn on the live view as in the window."""
         from dmf_deploy.runtime.app.web.output import Tee
 
         if self.console is not None:
             self.console.output.frame_rate = frame_rate
+            self.console.output.guide_box = None if roi is None else (roi.x, roi.y, roi.w, roi.h)
         outputs = ([output] if output is not None else []) + self.outputs
         assert outputs, "no output: the command line asks for a window, --headless or --web"
         return outputs[0] if len(outputs) == 1 else Tee(*outputs)

@@ -1,0 +1,219 @@
+"""Find the drawing in a camera frame, and redraw it as dark ink on white, framed as in training.
+
+A webcam sees a card somewhere in the frame, smaller than the frame, on grey paper under uneven,
+tinted light. The model was trained on black-on-white scans whose character fills about two thirds of
+the image. This module is the `locate="drawing"` rule of `PreprocessConfig`:
+
+1. Ink is what is darker than the paper around it. A morphological closing with a disc wider than a
+   stroke removes the strokes and leaves the local paper brightness; ink contrast is
+   (paper - pixel) / paper, which no paper grey, light gradient, vignette or colour cast changes.
+   The closing leaves the straight edges of large shapes (the card, a desk) unchanged, so only thin
+   dark things respond.
+2. The strongest cluster of ink, weighted by how bright the paper under it is, is the drawing
+   (clutter around the card is rarely on the brightest surface).
+3. A square around the cluster, its side the drawing's larger side / DRAWING_FILL, is redrawn:
+   ink contrast over the drawing's own ink level, so that ink is black and paper white; contrast at
+   the level of paper texture and noise is cut to white.
+
+A frame with no ink (blank paper, a dark or uniform frame) gives a white image, which the open-set
+rule's contrast gate refuses. Searching runs on a copy whose short side is SEARCH_SIDE pixels, so the
+cost does not depend on the camera's resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+SEARCH_SIDE = 160  # short side of the frame while searching for ink
+STROKE_KERNEL = 0.07  # closing disc, as a fraction of the searched short side (11 px): wider than a stroke
+MIN_INK = 0.12  # ink contrast below this is paper texture, sensor noise or shading
+# A frame whose strongest ink is fainter than this holds no drawing. Pen on paper under a webcam
+# measures 0.49 at the 1st percentile (the simulator's ranges: ink 20-80 on paper 180-240, every
+# factor on); empty scenes (a blank card, a desk, a hand, a dark room) 0.30-0.39 at the median. A
+# light pencil line (40% darker than its paper or less) is therefore not a drawing to this rule.
+MIN_DRAWING_INK = 0.4
+INK_SHARE = 0.35  # of the strongest ink's contrast: fainter pixels are not ink
+DRAWING_FILL = 0.65  # the drawing's larger side over the output's side (Omniglot's median)
+REDRAW_SCALE = 2  # the crop is redrawn at this multiple of the output size, then averaged down
+REDRAW_KERNEL = 0.1  # closing disc while redrawing, as a fraction of the crop's side
+CARD_SHARE = 0.7  # the card: pixels at least this bright, relative to the paper under the drawing
+CARD_FILL = 0.8  # the card region must fill this share of its minimum-area rectangle to set the angle
+PAPER_SHARE = 0.8  # ink counts only on paper at least this bright, relative to the drawing's own
+PAPER_FLOOR = 48.0  # grey level: darker "paper" is not paper (a dark room has no ink on it)
+
+
+@dataclass(frozen=True)
+class DrawingBox:
+    """The drawing's box in frame pixels: its centre, its size along the card's axes, and the card's
+    rotation in degrees (0: the card upright; the drawing is upright on its card)."""
+
+    cx: float
+    cy: float
+    width: float
+    height: float
+    angle: float = 0.0
+
+    @property
+    def side(self) -> float:
+        return max(self.width, self.height)
+
+
+def _square(side: int) -> np.ndarray:
+    # A square rather than a disc: OpenCV runs it as two fast 1-D passes, and strokes go either way.
+    side = max(3, side | 1)
+    return np.ones((side, side), np.uint8)
+
+
+def _quantiles(values: np.ndarray, *qs: float) -> list[float]:
+    flat = values.ravel()
+    ks = [min(len(flat) - 1, int(q * len(flat))) for q in qs]
+    part = np.partition(flat, ks)
+    return [float(part[k]) for k in ks]
+
+
+def _shrink(grey: np.ndarray) -> tuple[np.ndarray, float]:
+    """A copy whose short side is about SEARCH_SIDE, and the scale from frame to copy. Large frames
+    shrink by a whole factor (edge rows cut to a multiple of it): OpenCV's fast area average."""
+    h, w = grey.shape
+    factor = min(h, w) // SEARCH_SIDE
+    if factor >= 2:
+        return cv2.resize(
+            grey[: h - h % factor, : w - w % factor], (w // factor, h // factor), interpolation=cv2.INTER_AREA
+        ), 1.0 / factor
+    scale = SEARCH_SIDE / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_LINEAR), scale
+
+
+def ink_contrast(grey: np.ndarray, kernel_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(contrast, paper): (paper - pixel) / paper in [0, 1], and the paper brightness, float32."""
+    paper = cv2.morphologyEx(grey, cv2.MORPH_CLOSE, _square(kernel_side)).astype(np.float32)
+    contrast = (paper - grey.astype(np.float32)) / np.maximum(paper, PAPER_FLOOR)
+    return contrast, paper
+
+
+def find_drawing(grey: np.ndarray) -> DrawingBox | None:
+    """The drawing's box in a grey uint8 frame of any size, or None when the frame holds no ink."""
+    small, scale = _shrink(grey)
+    contrast, paper = ink_contrast(small, round(STROKE_KERNEL * SEARCH_SIDE))
+    strongest = float(contrast.max(initial=0.0))
+    if strongest < MIN_DRAWING_INK:
+        return None
+    ink = (contrast >= max(MIN_INK, INK_SHARE * strongest)).astype(np.uint8)
+    # Strokes of one drawing lie within a disc's width of each other: merge them into clusters.
+    merged = cv2.dilate(ink, _square(round(STROKE_KERNEL * SEARCH_SIDE)))
+    count, labels = cv2.connectedComponents(merged, connectivity=8)
+    if count < 2:
+        return None
+    brightness = paper / max(_quantiles(paper, 0.95)[0], PAPER_FLOOR)
+    weight = np.where(ink > 0, contrast * brightness**2, 0.0)
+    score = np.bincount(labels.ravel(), weights=weight.ravel(), minlength=count)
+    score[0] = 0.0
+    best = int(score.argmax())
+    chosen = (labels == best) & (ink > 0)
+    # Clutter next to the card can join the drawing's cluster; it lies on a darker surface than the
+    # drawing's paper, so ink on paper much darker than the cluster's typical paper is left out.
+    typical = float(np.median(paper[chosen]))
+    on_paper = paper >= PAPER_SHARE * typical
+    ys, xs = np.nonzero(chosen & on_paper)
+    if len(xs) == 0:
+        return None
+    angle = card_angle(small >= CARD_SHARE * typical, xs, ys)
+    # The box along the card's axes: ink coordinates turned back by the card's rotation.
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    u = (xs + 0.5 - cx) * c + (ys + 0.5 - cy) * s
+    v = -(xs + 0.5 - cx) * s + (ys + 0.5 - cy) * c
+    mu, mv = (u.min() + u.max()) / 2, (v.min() + v.max()) / 2
+    centre_x, centre_y = cx + mu * c - mv * s, cy + mu * s + mv * c
+    width, height = u.max() - u.min() + 1, v.max() - v.min() + 1
+    return DrawingBox(centre_x / scale, centre_y / scale, width / scale, height / scale, angle)
+
+
+def card_angle(card: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
+    """The rotation (degrees, -45..45) of the card the ink at (xs, ys) lies on: the minimum-area
+    rectangle of the bright region (`card`, a mask of the frame as searched) around the ink. 0 when the
+    card is not seen whole (it touches the frame's edge, so the frame's edge would set the angle) or
+    is not rectangular enough to trust. (Not the closing's paper map: the closing fills the narrow
+    dark wedges at a turned card's corners and squares the card up.)"""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(card.astype(np.uint8), connectivity=8)
+    label = int(np.bincount(labels[ys, xs], minlength=count)[1:].argmax()) + 1 if count > 1 else 0
+    if label == 0:
+        return 0.0
+    left, top, width, height, area = stats[label]
+    h, w = card.shape
+    if left == 0 or top == 0 or left + width >= w or top + height >= h:
+        return 0.0
+    contours, _ = cv2.findContours(
+        (labels == label).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    (_, _), (rw, rh), angle = cv2.minAreaRect(max(contours, key=cv2.contourArea))
+    if rw * rh <= 0 or area / (rw * rh) < CARD_FILL:
+        return 0.0
+    return float((angle + 45.0) % 90.0 - 45.0)
+
+
+def view_matrix(box: DrawingBox, size: int) -> np.ndarray:
+    """2x3 affine: view pixel (x, y, 1) of the size x size redrawn image -> frame pixel. The view is
+    the square of side box.side / DRAWING_FILL around the drawing, turned with its card."""
+    k = max(box.side / DRAWING_FILL, 4.0) / size  # frame pixels per view pixel
+    c, s = math.cos(math.radians(box.angle)), math.sin(math.radians(box.angle))
+    half = (size - 1) / 2
+    # frame = centre + R @ (k * (view - half)), pixel centres at integers on both sides.
+    return np.array(
+        [
+            [k * c, -k * s, box.cx - 0.5 - k * (c * half - s * half)],
+            [k * s, k * c, box.cy - 0.5 - k * (s * half + c * half)],
+        ],
+        np.float64,
+    )
+
+
+def drawing_view_matrix(grey: np.ndarray, size: int) -> np.ndarray | None:
+    """`view_matrix` of the drawing `locate_drawing` finds in a grey frame; None: no drawing."""
+    box = find_drawing(grey)
+    return None if box is None else view_matrix(box, size)
+
+
+def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
+    """size x size uint8: the square around `box`, ink black on white; all white for no box."""
+    if box is None:
+        return np.full((size, size), 255, np.uint8)
+    side_out = size * REDRAW_SCALE
+    matrix = view_matrix(box, side_out)
+    k = math.hypot(matrix[0, 0], matrix[1, 0])  # frame pixels per crop pixel
+    factor = int(k)
+    if factor >= 2:  # shrink by a whole factor first: an area average, as a camera's optics would
+        h, w = grey.shape
+        grey = cv2.resize(
+            grey[: h - h % factor, : w - w % factor], (w // factor, h // factor), interpolation=cv2.INTER_AREA
+        )
+        matrix = matrix / factor
+        matrix[:, 2] += (1 - factor) / (2 * factor)  # pixel centres of the shrunk frame
+    # The square may reach past the frame: the frame's edge pixels repeat there.
+    crop = cv2.warpAffine(
+        grey,
+        matrix,
+        (side_out, side_out),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    contrast, _ = ink_contrast(crop, round(REDRAW_KERNEL * side_out))
+    # Ink level: the strongest 1% of the crop. Paper texture and sensor noise sit below twice the
+    # upper quartile (strokes cover well under a quarter of the crop): that much is cut to white.
+    quartile, level = _quantiles(contrast, 0.75, 0.99)
+    level = max(level, MIN_INK)
+    floor = min(2.0 * max(quartile, 0.0) + 0.02, level / 2)
+    white = 255.0 * (1.0 - np.clip((contrast - floor) / (level - floor), 0.0, 1.0))
+    return cv2.resize(white, (size, size), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
+
+
+def locate_drawing(bgr: np.ndarray, size: int) -> np.ndarray:
+    """A checked HxWx3 BGR frame -> size x size x 3 BGR: the drawing, black on white, centred."""
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    white = redraw(grey, find_drawing(grey), size)
+    return cv2.cvtColor(white, cv2.COLOR_GRAY2BGR)
