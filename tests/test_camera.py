@@ -416,3 +416,40 @@ def test_headless_run_with_a_roi_classifies_only_the_box(tmp_path):
     assert proc.returncode == 0, proc.stderr
     preds, _ = parse_lines(proc.stdout)
     assert [p["label"] for p in preds] == ["A"] * 3  # clutter outside the box never reaches the model
+
+
+# ----- the packaged demo model under the camera ------------------------------------------------------
+OMNIGLOT_DIR = Path(
+    __import__("os").environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot")
+)
+CAMERA_FIGURES = REPO / "benchmarks" / "camera-test.json"  # benchmarks/camera.py --split test --json
+
+
+@pytest.mark.skipif(not (OMNIGLOT_DIR / "images_background_small1.zip").is_file(), reason="no Omniglot data")
+def test_camera_frames_through_the_packaged_bundle():
+    """Held-out characters (Korean, Latin) as webcam frames with every factor on, enrolled and
+    recognised through the public Recognizer on the packaged bundle: 20-way 1-shot within one
+    alphabet, 600 queries (800 frames). The accuracy must reach the benchmark's all-factors figure
+    minus its 95% interval (the benchmark, 300 episodes of the same protocol, wrote CAMERA_FIGURES)."""
+    import json
+
+    from dmf_deploy.runtime import Recognizer
+    from dmf_deploy.train.datasets import open_dataset
+    from dmf_deploy.train.episodes import EpisodeSampler
+
+    figures = {r["condition"]: r for r in json.loads(CAMERA_FIGURES.read_text())["accuracy"]}
+    bound = 1 - figures["all factors"]["error"] - figures["all factors"]["ci95"]
+    ds = open_dataset("omniglot", OMNIGLOT_DIR, "test")
+    rng = np.random.default_rng(2026)
+    right = total = 0
+    for episode in EpisodeSampler(ds, 20, 1, 3, 10, seed=2026, within_alphabet=True):
+        rec = Recognizer.open("demo", backend="onnxruntime")
+        for c in range(20):
+            shot = int(episode.support_indices[episode.support_labels == c][0])
+            rec.enroll(f"c{c}", [render_card_frame(ds.load(shot), rng)])
+        queries = [render_card_frame(ds.load(int(i)), rng) for i in episode.query_indices]
+        predicted = rec.scores(queries).argmax(axis=1)
+        right += int((predicted == episode.query_labels).sum())
+        total += len(queries)
+    assert total == 600
+    assert right / total >= bound, f"{right}/{total} right; the benchmark's bound is {bound:.3f}"
