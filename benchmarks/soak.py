@@ -12,12 +12,19 @@ latency p50/p99 in the first and the last window of `--window` seconds; how many
 and that the saved gallery reopens with the classes the loop holds. A leak shows as RSS growing with
 time; a slowdown (a gallery that fragments, caches that grow) as p99 drifting between the windows.
 
-    python benchmarks/soak.py [--minutes 10] [--threads 1] [--classes 40] [--churn-every 10]
+With `--trace FILE` it also writes one CSV row every `--trace-every` seconds: time, RSS, the bytes
+glibc's malloc holds in use and in its arenas (mallinfo2), and how many objects Python's garbage
+collector tracks. A leak grows the in-use bytes or the object count; an allocator that settles grows
+only the arena until it levels off. `benchmarks/soak_plot.py` draws the curve from that file.
+
+    python benchmarks/soak.py [--minutes 10] [--threads 1] [--classes 40] [--churn-every 10] [--trace FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +43,25 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
+        + ("fordblks", "keepcost")
+    ]
+
+
+def malloc_mb() -> tuple[float, float]:
+    """(bytes in use, bytes held by malloc's arenas and mmaps) in MB; NaN where glibc lacks mallinfo2."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return float("nan"), float("nan")
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, (info.arena + info.hblkhd) / 2**20
 
 
 def strokes(rng: np.random.Generator, seed: int, size: int = 160) -> np.ndarray:
@@ -61,7 +87,13 @@ def main() -> None:
     parser.add_argument("--churn-every", type=int, default=10, help="frames between gallery operations")
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of the first and last window")
+    parser.add_argument("--trace", type=Path, help="CSV of RSS, malloc and Python objects against time")
+    parser.add_argument("--trace-every", type=float, default=10.0, help="seconds between trace rows")
     args = parser.parse_args()
+    trace = args.trace.open("w", buffering=1) if args.trace else None
+    if trace:
+        trace.write("seconds,frames,classes,rss_mb,malloc_in_use_mb,malloc_held_mb,python_objects\n")
+    next_trace = 0.0
 
     rng = np.random.default_rng(0)
     rec = Recognizer.open("demo", backend="onnxruntime", threads=args.threads)
@@ -77,6 +109,13 @@ def main() -> None:
         frame_index = 0
         cycle = ["enroll", "more shots", "enrollment", "rename", "save"]
         while (now := time.perf_counter()) < end:
+            if trace and now - start >= next_trace:
+                in_use, held = malloc_mb()
+                trace.write(
+                    f"{now - start:.1f},{frame_index},{len(live)},{rss_mb():.2f},{in_use:.2f},{held:.2f},"
+                    f"{len(gc.get_objects())}\n"
+                )
+                next_trace += args.trace_every
             if base_rss is None and now - start >= WARMUP_S:
                 base_rss = peak_rss = rss_mb()
             elif base_rss is not None and frame_index % 50 == 0:
