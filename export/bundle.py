@@ -171,7 +171,7 @@ def export_bundle(
     except CohortError as exc:
         raise ExportError(f"--cohort: {exc}") from exc
     out = Path(out_dir).absolute()
-    _check_destination(out, force)
+    # Inputs before outputs: a wrong --ckpt or --calib is the mistake to name, not an existing --out.
     if precision == "int8":
         require_calibration(ckpt, calibration)
     ckpt_path = resolve_checkpoint(ckpt)
@@ -180,6 +180,7 @@ def export_bundle(
     calib_images, calib = None, None
     if precision == "int8":
         calib_images, calib = load_calibration(calibration, model.config.preprocess)
+    _check_destination(out, force)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from dmf_deploy.cli_support import CliError, DmfCommand, require_extra, version_option
 from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
-from dmf_deploy.manifest import DEFAULT_OPSET
+from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dmf-export", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-export")
 @click.option("--ckpt", required=True, help='Checkpoint path (ours or an official .pth.tar), or "demo".')
 @click.option(
     "--out",
@@ -32,7 +35,13 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option(
     "--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(min=1), help="Solver steps."
 )
-@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
+@click.option(
+    "--opset",
+    default=DEFAULT_OPSET,
+    show_default=True,
+    type=click.IntRange(MIN_OPSET, MAX_OPSET),  # checked while parsing, before the checkpoint loads
+    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (20+ renamed GridSample's modes; TensorRT misreads them).",
+)
 @click.option(
     "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
 )
@@ -100,6 +109,7 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     type=click.Path(path_type=Path),
     help="Also write a Triton model repository here.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr (errors and the report stay).")
 def main(
     ckpt: str,
     out_dir: Path,
@@ -121,8 +131,10 @@ def main(
     opt_batch: int | None,
     workspace: int,
     triton_dir: Path | None,
+    quiet: bool,
 ) -> None:
     """Export a DMF checkpoint to a bundle: backbone.onnx, support.onnx, head.onnx, manifest.json."""
+    require_extra("export", "rich", "torch", "onnx", "onnxruntime")
     from rich.console import Console
 
     from dmf_deploy.checkpoint import CheckpointError
@@ -133,14 +145,12 @@ def main(
     started = time.perf_counter()
 
     def progress(message: str) -> None:
+        if quiet:
+            return
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {message}")
 
     def fail(message: str) -> None:
-        # soft_wrap: an error is one line, not broken mid-sentence at the terminal width; no markup
-        # parsing of paths in it.
-        console.print("[red]error:[/red] ", end="")
-        console.print(message, soft_wrap=True, markup=False, highlight=False)
-        sys.exit(2)
+        raise CliError(message, exit_code=2)  # one line: dmf-export: error: MESSAGE
 
     if trt:  # checked first: a missing TensorRT must not cost a whole export before failing
         from dmf_deploy.tensorrt_support import tensorrt_import_reason
@@ -152,7 +162,7 @@ def main(
         fail(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
     reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
-        with console.status("exporting..."):
+        with console.status("exporting...") if not quiet else contextlib.nullcontext():
             path = export_bundle(
                 ckpt,
                 out_dir,
