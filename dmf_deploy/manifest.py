@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,6 +327,8 @@ class Manifest:
     def read(cls, bundle: str | os.PathLike[str]) -> Manifest:
         """Load and validate a bundle's manifest; raise BundleError naming the problem."""
         root = Path(bundle)
+        if root.is_file():
+            raise BundleError(_not_a_folder(root))
         if not root.is_dir():
             raise BundleError(f"bundle folder {root} does not exist")
         path = root / MANIFEST_NAME
@@ -353,6 +356,28 @@ class Manifest:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"{source} is not valid JSON: {exc}") from exc
         return _parse(raw, source)
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why a file given as a bundle is refused, and for a checkpoint how to make the bundle from it."""
+    if _looks_like_checkpoint(path):
+        return (
+            f"{path} is a checkpoint (what training writes), not a bundle folder: export it first with "
+            f"`dmf-export --ckpt {path} --out bundle/`, then use bundle/"
+        )
+    return f"{path} is a file, not a bundle folder (dmf-export writes a bundle folder)"
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """torch.save's output without torch: a zip holding a data.pkl, or a legacy pickle (0x80)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
