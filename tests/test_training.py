@@ -17,9 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from optional_imports import torchvision_or_skip
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+torchvision_or_skip()
 pytest.importorskip("torchdiffeq")
 pytest.importorskip("matplotlib")
 
