@@ -222,6 +222,8 @@ class Manifest:
     calibration: Calibration | None = None
     target: str = "gather"
     open_set: Mapping[str, Any] | None = None
+    # The INT8 gate's figure: top-1 agreement with float32, its interval, query count and domain.
+    int8_check: Mapping[str, Any] | None = None
 
     # ----- derived -----
     @property
@@ -310,6 +312,7 @@ class Manifest:
             else {"images": self.calibration.images, "sha256": self.calibration.sha256},
             "target": self.target,
             "open_set": None if self.open_set is None else dict(self.open_set),
+            "int8_check": None if self.int8_check is None else dict(self.int8_check),
             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
             "engines": {k: e.to_dict() for k, e in self.engines.items()},
         }
@@ -555,6 +558,7 @@ def _parse(raw: Any, source: str) -> Manifest:
         calibration=calibration,
         target=r.choice(raw, "target", "", TARGETS, "gather"),
         open_set=r.get(raw, "open_set", "", dict, None),
+        int8_check=r.get(raw, "int8_check", "", dict, None),
     )
 
 
