@@ -11,6 +11,7 @@ import click
 
 from dmf_deploy.cli_support import CliError, DmfCommand, require_extra, version_option
 from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
+from dmf_deploy.export.int8_parity import HOLDOUT_EVERY, MIN_AGREEMENT
 from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
@@ -57,7 +58,16 @@ from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
     "calibration",
     default=None,
     type=click.Path(path_type=Path),
-    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set).",
+    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set); every "
+    f"{HOLDOUT_EVERY}th is held out to measure INT8's agreement with float32.",
+)
+@click.option(
+    "--int8-min-agreement",
+    type=click.FloatRange(0.0, 1.0),
+    default=MIN_AGREEMENT,
+    show_default=True,
+    help="--precision int8: the top-1 agreement with the float32 backbone the export needs, measured on "
+    "images held out from --calib (and --cohort's).",
 )
 @click.option(
     "--target",
@@ -119,6 +129,7 @@ def main(
     force: bool,
     precision: str,
     calibration: Path | None,
+    int8_min_agreement: float,
     target: str | None,
     bank_dtype: str,
     cohort: Path | None,
@@ -179,6 +190,7 @@ def main(
                 target=target or ("tensorrt" if trt else "onnxruntime"),  # --trt implies --target tensorrt
                 bank_dtype=bank_dtype,
                 explain=explain,
+                int8_min_agreement=int8_min_agreement,
             )
     except (ExportError, CheckpointError) as exc:
         fail(str(exc))
