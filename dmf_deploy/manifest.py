@@ -42,6 +42,19 @@ EXPLAIN = "explain"  # optional graph: what the head aligned (`explain_io`); bun
 CLASS_BANK = ("support_offset", "tap_projections", "class_weight")
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 19, 18
 
+
+def opset_problem(opset: int) -> str | None:
+    """Why a bundle cannot use `opset` (None when it can): checked by dmf-export before any work."""
+    if opset >= 20:
+        return (
+            f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
+            f"silently samples with nearest (NVIDIA/TensorRT#4646); use {MIN_OPSET}..{MAX_OPSET}"
+        )
+    if opset < MIN_OPSET:
+        return f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
+    return None
+
+
 PRECISIONS = ("fp32", "int8")
 TARGETS = ("gather", "gridsample")  # the head's sampling form
 TENSOR_DTYPES = ("float32", "float16", "int8")

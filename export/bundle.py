@@ -36,13 +36,12 @@ from dmf_deploy.manifest import (
     FORMAT,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    MAX_OPSET,
-    MIN_OPSET,
     PRECISIONS,
     Calibration,
     Manifest,
     explain_io,
     graph_io,
+    opset_problem,
     sha256_file,
 )
 from dmf_deploy.packaged import is_demo_name
@@ -80,15 +79,9 @@ def validate_export_args(solver: str, steps: int, opset: int, kernel: int) -> So
             f"{solver} cannot be exported: its step count depends on the data. Use the fixed-step "
             "'dopri5' with --steps (8 reaches ~1e-6 of exact), or 'exact' for k = 1"
         )
-    if opset >= 20:
-        raise ExportError(
-            f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
-            f"silently samples with nearest (NVIDIA/TensorRT#4646); use {MIN_OPSET}..{MAX_OPSET}"
-        )
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(
-            f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
-        )
+    problem = opset_problem(opset)
+    if problem:
+        raise ExportError(problem)
     return checked
 
 

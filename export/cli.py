@@ -12,7 +12,14 @@ import click
 from dmf_deploy.cli_support import CliError, DmfCommand, require_extra, version_option
 from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
 from dmf_deploy.export.int8_parity import HOLDOUT_EVERY, MIN_AGREEMENT
-from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, opset_problem
+
+
+def checked_opset(opset: int) -> int:
+    problem = opset_problem(opset)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--opset")
+    return opset
 
 
 @click.command("dmf-export", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +47,8 @@ from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
     "--opset",
     default=DEFAULT_OPSET,
     show_default=True,
-    type=click.IntRange(MIN_OPSET, MAX_OPSET),  # checked while parsing, before the checkpoint loads
+    type=int,
+    callback=lambda _ctx, _param, opset: checked_opset(opset),  # while parsing: before the checkpoint loads
     help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (20+ renamed GridSample's modes; TensorRT misreads them).",
 )
 @click.option(
