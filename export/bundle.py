@@ -128,7 +128,10 @@ def load_calibration(
 
 
 def agreement_images(
-    held_out: AgreementImages, cohort: Cohort | None, preprocess: PreprocessConfig, calibration: Any
+    held_out: AgreementImages,
+    cohort: Cohort | None,
+    preprocess: PreprocessConfig,
+    calibration: str | os.PathLike[str] | None,
 ) -> AgreementImages:
     """The INT8 gate's images: those held out of calibration, and the cohort's when there is one."""
     parts, domains = [held_out.images], [held_out.domain] if len(held_out.images) else []
