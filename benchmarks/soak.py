@@ -12,14 +12,24 @@ latency p50/p99 in the first and the last window of `--window` seconds; how many
 and that the saved gallery reopens with the classes the loop holds. A leak shows as RSS growing with
 time; a slowdown (a gallery that fragments, caches that grow) as p99 drifting between the windows.
 
-    python benchmarks/soak.py [--minutes 10] [--threads 1] [--classes 40] [--churn-every 10]
+With `--trace FILE` it also writes one CSV row every `--trace-every` seconds: time, frames, RSS, the
+bytes glibc's malloc holds in use and in its main arena (mallinfo2), how many objects Python's garbage
+collector tracks, and how many blocks Python's own small-object allocator (pymalloc, outside malloc's
+figures) has handed out. A leak grows one of these with the frames; an allocator that settles grows
+only RSS or the held bytes, and levels off. `benchmarks/soak_plot.py` draws the curve from that file.
+
+    python benchmarks/soak.py [--minutes 10] [--threads 1] [--classes 40] [--churn-every 10] [--trace FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import cv2
@@ -36,6 +46,25 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
+        + ("fordblks", "keepcost")
+    ]
+
+
+def malloc_mb() -> tuple[float, float]:
+    """(bytes in use, bytes held by malloc's arenas and mmaps) in MB; NaN where glibc lacks mallinfo2."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return float("nan"), float("nan")
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, (info.arena + info.hblkhd) / 2**20
 
 
 def strokes(rng: np.random.Generator, seed: int, size: int = 160) -> np.ndarray:
@@ -61,12 +90,24 @@ def main() -> None:
     parser.add_argument("--churn-every", type=int, default=10, help="frames between gallery operations")
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of the first and last window")
+    parser.add_argument("--trace", type=Path, help="CSV of RSS, malloc and Python objects against time")
+    parser.add_argument("--trace-every", type=float, default=10.0, help="seconds between trace rows")
     args = parser.parse_args()
+    trace = args.trace.open("w", buffering=1) if args.trace else None
+    if trace:
+        trace.write(
+            "seconds,frames,classes,rss_mb,malloc_in_use_mb,malloc_held_mb,python_objects,python_blocks\n"
+        )
+    next_trace = 0.0
 
     rng = np.random.default_rng(0)
     rec = Recognizer.open("demo", backend="onnxruntime", threads=args.threads)
     ops = {"enroll": 0, "enrollment": 0, "more shots": 0, "rename": 0, "remove": 0, "save": 0}
-    latencies: list[tuple[float, float]] = []  # (seconds since start, classify ms)
+    # Classify latencies of the first and the last --window seconds only: a record of every frame grew
+    # by ~136 bytes a frame (a tuple of two floats), which was the +21 MB in 10 minutes (issue 33).
+    first: list[float] = []  # classify ms
+    last: deque[tuple[float, float]] = deque()  # (seconds since start, classify ms)
+    classified = 0
     live: list[str] = []  # enrolled classes, oldest first
     next_seed = 0
     with tempfile.TemporaryDirectory(prefix="dmf-soak-") as tmp:
@@ -77,6 +118,13 @@ def main() -> None:
         frame_index = 0
         cycle = ["enroll", "more shots", "enrollment", "rename", "save"]
         while (now := time.perf_counter()) < end:
+            if trace and now - start >= next_trace:
+                in_use, held = malloc_mb()
+                trace.write(
+                    f"{now - start:.1f},{frame_index},{len(live)},{rss_mb():.2f},{in_use:.2f},{held:.2f},"
+                    f"{len(gc.get_objects())},{sys.getallocatedblocks()}\n"
+                )
+                next_trace += args.trace_every
             if base_rss is None and now - start >= WARMUP_S:
                 base_rss = peak_rss = rss_mb()
             elif base_rss is not None and frame_index % 50 == 0:
@@ -85,7 +133,13 @@ def main() -> None:
             frame = strokes(rng, int(seed.split("-")[0]))
             t0 = time.perf_counter()
             rec.classify(frame)
-            latencies.append((t0 - start, 1000 * (time.perf_counter() - t0)))
+            ms, seconds_in = 1000 * (time.perf_counter() - t0), t0 - start
+            classified += 1
+            if seconds_in < args.window:
+                first.append(ms)
+            last.append((seconds_in, ms))
+            while last[0][0] < seconds_in - args.window:
+                last.popleft()
             frame_index += 1
             if frame_index % args.churn_every:
                 continue
@@ -122,18 +176,18 @@ def main() -> None:
         reopened = Recognizer.open("demo", backend="onnxruntime", gallery=gallery, threads=args.threads)
         assert reopened.classes == rec.classes == live, "the saved gallery is not what the loop holds"
 
-    first = [ms for t, ms in latencies if t < args.window]
-    last = [ms for t, ms in latencies if t >= seconds - args.window]
+    last_ms = [ms for _, ms in last]
     base_rss = final_rss if base_rss is None else base_rss
     peak_rss = final_rss if peak_rss is None else max(peak_rss, final_rss)
-    print(f"soak: {seconds / 60:.1f} min, {len(latencies)} frames classified, {args.threads} thread(s)")
+    print(f"soak: {seconds / 60:.1f} min, {classified} frames classified, {args.threads} thread(s)")
     counts = ", ".join(f"{k} {v}" for k, v in ops.items())
     print(f"operations: {counts}; {len(live)} classes at the end")
     print(
         f"RSS: {base_rss:.1f} MB after {WARMUP_S:.0f} s warm-up, {final_rss:.1f} MB at the end "
         f"(growth {final_rss - base_rss:+.1f} MB), peak {peak_rss:.1f} MB"
     )
-    p50, p99 = (percentile(first, 50), percentile(last, 50)), (percentile(first, 99), percentile(last, 99))
+    p50 = (percentile(first, 50), percentile(last_ms, 50))
+    p99 = (percentile(first, 99), percentile(last_ms, 99))
     print(
         f"classify ms, first {args.window:.0f} s: p50 {p50[0]:.2f}, p99 {p99[0]:.2f}; "
         f"last {args.window:.0f} s: p50 {p50[1]:.2f}, p99 {p99[1]:.2f} (p99 drift {p99[1] - p99[0]:+.2f} ms)"

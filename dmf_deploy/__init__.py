@@ -11,7 +11,7 @@ from typing import Any
 
 from dmf_deploy.config import ModelConfig, PreprocessConfig
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"  # as pyproject.toml says (tests/test_cli_conventions.py checks)
 
 _LAZY = {
     "DMFNet": "dmf_deploy.model",

@@ -92,10 +92,17 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
 
 
 def _read(path: Path) -> Any:
-    if not zipfile.is_zipfile(path) and tarfile.is_tarfile(path):
+    if zipfile.is_zipfile(path):
+        pass  # torch.save's format since PyTorch 1.6
+    elif tarfile.is_tarfile(path):
         raise CheckpointError(
             f"{path} is in PyTorch's legacy tar format, which safe loading (weights_only=True) cannot "
             "read; re-save it with a current PyTorch from a source you trust"
+        )
+    elif not _starts_like_torch_save(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: PyTorch writes a zip archive (or, before 1.6, a pickle), and "
+            f"this file starts as neither; --ckpt wants {WANTED}"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -106,8 +113,28 @@ def _read(path: Path) -> Any:
                 "(or it is truncated mid-record); only tensors and plain containers are accepted"
             ) from exc
         raise _unreadable(path, exc) from exc
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, IndexError, struct.error) as exc:
+    except (
+        EOFError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        LookupError,
+        struct.error,
+    ) as exc:
         raise _unreadable(path, exc) from exc
+
+
+def _starts_like_torch_save(path: Path) -> bool:
+    """Whether the file starts as torch.save's output does: a zip entry (a truncated zip still does) or
+    the PROTO opcode 0x80 of a protocol-2+ pickle (the legacy format). Text, images and the like do not,
+    and torch.load would fail on them with unrelated errors (KeyError: 101, pop from empty list)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> DMFNet:

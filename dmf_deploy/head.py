@@ -159,7 +159,9 @@ class DMFHead(nn.Module):
         atol: float = 1e-2,
     ) -> torch.Tensor:
         """The paper read literally: everything recomputed per (query, class) pair. Reference only."""
-        from torchvision.ops import deform_conv2d
+        from dmf_deploy.torchvision_check import import_torchvision
+
+        deform_conv2d = import_torchvision().ops.deform_conv2d  # one line if torchvision is another torch's
 
         q, c, h, w = query.shape
         n = prototypes.shape[0]

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,19 @@ GRAPH_NAMES = (BACKBONE, SUPPORT, HEAD)
 EXPLAIN = "explain"  # optional graph: what the head aligned (`explain_io`); bundles are valid without it
 CLASS_BANK = ("support_offset", "tap_projections", "class_weight")
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 19, 18
+
+
+def opset_problem(opset: int) -> str | None:
+    """Why a bundle cannot use `opset` (None when it can): checked by dmf-export before any work."""
+    if opset >= 20:
+        return (
+            f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
+            f"silently samples with nearest (NVIDIA/TensorRT#4646); use {MIN_OPSET}..{MAX_OPSET}"
+        )
+    if opset < MIN_OPSET:
+        return f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
+    return None
+
 
 PRECISIONS = ("fp32", "int8")
 TARGETS = ("gather", "gridsample")  # the head's sampling form
@@ -221,6 +235,8 @@ class Manifest:
     calibration: Calibration | None = None
     target: str = "gather"
     open_set: Mapping[str, Any] | None = None
+    # The INT8 gate's figure: top-1 agreement with float32, its interval, query count and domain.
+    int8_check: Mapping[str, Any] | None = None
 
     # ----- derived -----
     @property
@@ -309,6 +325,7 @@ class Manifest:
             else {"images": self.calibration.images, "sha256": self.calibration.sha256},
             "target": self.target,
             "open_set": None if self.open_set is None else dict(self.open_set),
+            "int8_check": None if self.int8_check is None else dict(self.int8_check),
             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
             "engines": {k: e.to_dict() for k, e in self.engines.items()},
         }
@@ -326,6 +343,8 @@ class Manifest:
     def read(cls, bundle: str | os.PathLike[str]) -> Manifest:
         """Load and validate a bundle's manifest; raise BundleError naming the problem."""
         root = Path(bundle)
+        if root.is_file():
+            raise BundleError(_not_a_folder(root))
         if not root.is_dir():
             raise BundleError(f"bundle folder {root} does not exist")
         path = root / MANIFEST_NAME
@@ -353,6 +372,28 @@ class Manifest:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"{source} is not valid JSON: {exc}") from exc
         return _parse(raw, source)
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why a file given as a bundle is refused, and for a checkpoint how to make the bundle from it."""
+    if _looks_like_checkpoint(path):
+        return (
+            f"{path} is a checkpoint (what training writes), not a bundle folder: export it first with "
+            f"`dmf-export --ckpt {path} --out bundle/`, then use bundle/"
+        )
+    return f"{path} is a file, not a bundle folder (dmf-export writes a bundle folder)"
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """torch.save's output without torch: a zip holding a data.pkl, or a legacy pickle (0x80)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
@@ -530,6 +571,7 @@ def _parse(raw: Any, source: str) -> Manifest:
         calibration=calibration,
         target=r.choice(raw, "target", "", TARGETS, "gather"),
         open_set=r.get(raw, "open_set", "", dict, None),
+        int8_check=r.get(raw, "int8_check", "", dict, None),
     )
 
 

@@ -29,9 +29,11 @@ from dmf_deploy.atomic import (
 from dmf_deploy.bundle_head import BANK_DTYPES, HEAD_FORMS
 from dmf_deploy.checkpoint import load_checkpoint_with_metadata, resolve_checkpoint
 from dmf_deploy.config import DEFAULT_STEPS, PreprocessConfig, Solver
-from dmf_deploy.export.cohort import CohortError, bundle_rule, read_cohort, write_rule
+from dmf_deploy.export.cohort import Cohort, CohortError, bundle_rule, read_cohort, write_rule
 from dmf_deploy.export.explain import check_explain, export_explain, with_explain_parity
 from dmf_deploy.export.graphs import export_all
+from dmf_deploy.export.int8_parity import HOLDOUT_EVERY, MIN_AGREEMENT, AgreementImages, manifest_record
+from dmf_deploy.export.int8_parity import MAX_IMAGES as MAX_AGREEMENT_IMAGES
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.manifest import (
     BACKBONE,
@@ -40,13 +42,12 @@ from dmf_deploy.manifest import (
     FORMAT,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    MAX_OPSET,
-    MIN_OPSET,
     PRECISIONS,
     Calibration,
     Manifest,
     explain_io,
     graph_io,
+    opset_problem,
     sha256_file,
 )
 from dmf_deploy.packaged import is_demo_name
@@ -84,15 +85,9 @@ def validate_export_args(solver: str, steps: int, opset: int, kernel: int) -> So
             f"{solver} cannot be exported: its step count depends on the data. Use the fixed-step "
             "'dopri5' with --steps (8 reaches ~1e-6 of exact), or 'exact' for k = 1"
         )
-    if opset >= 20:
-        raise ExportError(
-            f"opset {opset} is refused: opset 20 renamed GridSample's modes and TensorRT's parser then "
-            f"silently samples with nearest (NVIDIA/TensorRT#4646); use {MIN_OPSET}..{MAX_OPSET}"
-        )
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(
-            f"opset {opset} is too old: GridSample needs 16+, and bundles use {MIN_OPSET}..{MAX_OPSET}"
-        )
+    problem = opset_problem(opset)
+    if problem:
+        raise ExportError(problem)
     return checked
 
 
@@ -115,18 +110,51 @@ def require_calibration(ckpt: str | os.PathLike[str], calibration: str | os.Path
 
 def load_calibration(
     calibration: str | os.PathLike[str] | None, preprocess: PreprocessConfig
-) -> tuple[np.ndarray, Calibration]:
-    """The preprocessed calibration images of an INT8 export and their record: the folder's, or
-    without one (the demo model) the package's own rendered set."""
-    from dmf_deploy.export.quantize import CalibrationError, demo_calibration_frames, read_calibration_folder
+) -> tuple[np.ndarray, Calibration, AgreementImages]:
+    """The preprocessed calibration images of an INT8 export, their record, and the images held out
+    for the INT8 gate: the folder's, or without one (the demo model) the package's own rendered sets."""
+    from dmf_deploy.export.quantize import (
+        DEMO_HELDOUT_IMAGES,
+        CalibrationError,
+        demo_calibration_frames,
+        read_calibration_folder,
+    )
 
     if calibration is None:
         frames, record = demo_calibration_frames()
-        return preprocess_frames(frames, preprocess), record
+        held_out = preprocess_frames(demo_calibration_frames(DEMO_HELDOUT_IMAGES, seed=8)[0], preprocess)
+        domain = f"{len(held_out)} rendered demo images (the calibration set's mix, another seed)"
+        return preprocess_frames(frames, preprocess), record, AgreementImages(held_out, domain)
     try:
-        return read_calibration_folder(calibration, preprocess)
+        images, record, held_out = read_calibration_folder(calibration, preprocess)
     except CalibrationError as exc:
         raise ExportError(str(exc)) from exc
+    domain = f"{len(held_out)} images held out from --calib {calibration}"
+    return images, record, AgreementImages(held_out, domain)
+
+
+def agreement_images(
+    held_out: AgreementImages,
+    cohort: Cohort | None,
+    preprocess: PreprocessConfig,
+    calibration: str | os.PathLike[str] | None,
+) -> AgreementImages:
+    """The INT8 gate's images: those held out of calibration, and the cohort's when there is one."""
+    parts, domains = [held_out.images], [held_out.domain] if len(held_out.images) else []
+    if cohort is not None:
+        parts.append(preprocess_frames(cohort.frames, preprocess))
+        domains.append(f"{len(cohort.frames)} images of --cohort {cohort.name}")
+    images = np.concatenate(parts)
+    if len(images) < 2:
+        raise ExportError(
+            f"--precision int8 measures its agreement with float32 on images held out from --calib (every "
+            f"{HOLDOUT_EVERY}th), and {calibration} holds too few to hold any out; add images (8 or more), "
+            "pass --cohort DIR, or skip the check with --no-check"
+        )
+    if len(images) > MAX_AGREEMENT_IMAGES:  # evenly spaced, so every source keeps its share
+        images = images[np.linspace(0, len(images) - 1, MAX_AGREEMENT_IMAGES).round().astype(int)]
+        domains.append(f"{MAX_AGREEMENT_IMAGES} of them measured")
+    return AgreementImages(images, ", ".join(domains))
 
 
 def _check_destination(out: Path, force: bool) -> None:
@@ -161,6 +189,7 @@ def export_bundle(
     bank_dtype: str = "float32",
     cohort: str | os.PathLike[str] | None = None,
     explain: bool = True,
+    int8_min_agreement: float = MIN_AGREEMENT,
 ) -> Path:
     """Export a checkpoint (path or "demo") to a bundle folder and return its path.
 
@@ -171,7 +200,11 @@ def export_bundle(
     to fit the open-set rule on (dmf_deploy.export.cohort); None copies the demo model's rule.
     With `check`, the parity report is saved as the bundle's parity.json and handed to `on_parity`.
     `explain`: also write the optional explain.onnx (what `Recognizer.explain` runs).
+    `int8_min_agreement`: the INT8 gate's threshold, top-1 agreement with the float32 backbone on images
+    held out from `calibration` (and the cohort's), checked with `check` (export/int8_parity.py).
     """
+    if not 0.0 <= int8_min_agreement <= 1.0:
+        raise ExportError(f"--int8-min-agreement {int8_min_agreement} is not a fraction between 0 and 1")
     say = progress or (lambda _msg: None)
     validate_precision_args(precision, target, bank_dtype)
     try:
@@ -179,15 +212,18 @@ def export_bundle(
     except CohortError as exc:
         raise ExportError(f"--cohort: {exc}") from exc
     out = Path(out_dir).absolute()
-    _check_destination(out, force)
+    # Inputs before outputs: a wrong --ckpt or --calib is the mistake to name, not an existing --out.
     if precision == "int8":
         require_calibration(ckpt, calibration)
     ckpt_path = resolve_checkpoint(ckpt)
     model, metadata = load_checkpoint_with_metadata(ckpt_path)
     validate_export_args(solver, steps, opset, model.config.kernel)
-    calib_images, calib = None, None
+    calib_images, calib, measured = None, None, None
     if precision == "int8":
-        calib_images, calib = load_calibration(calibration, model.config.preprocess)
+        calib_images, calib, held_out = load_calibration(calibration, model.config.preprocess)
+        if check:
+            measured = agreement_images(held_out, images, model.config.preprocess, calibration)
+    _check_destination(out, force)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the finished bundle follows the umask
@@ -232,7 +268,7 @@ def export_bundle(
             if explain:
                 parity = with_explain_parity(parity, check_explain(model, staging, manifest, solver, steps))
         if precision == "int8":
-            quantized = (calib_images, calib, target)
+            quantized = (calib_images, calib, target, measured, int8_min_agreement)
             parity = _quantize(model, staging, paths, io_spec[BACKBONE], quantized, build, parity)
             say(f"quantized the backbone to INT8 for {target} ({calib.images} calibration images)")
         # Last, on the graphs as shipped (INT8 included): the open-set rule's constants follow them.
@@ -266,7 +302,7 @@ def _quantize(model, staging: Path, paths, io, quantized: tuple, build: dict, pa
     report, add the INT8 agreement against the float32 backbone (`export.int8_parity`) to it."""
     from dmf_deploy.export.quantize import quantize_backbone
 
-    images, calib, target = quantized
+    images, calib, target, measured, min_agreement = quantized
     with tempfile.TemporaryDirectory(prefix=".fp32-backbone.", dir=staging.parent) as scratch:
         fp32_backbone = Path(scratch) / "backbone.onnx"
         os.replace(paths[BACKBONE], fp32_backbone)
@@ -278,7 +314,8 @@ def _quantize(model, staging: Path, paths, io, quantized: tuple, build: dict, pa
             return None
         from dmf_deploy.export.int8_parity import check_int8
 
-        int8 = check_int8(model, fp32_backbone, staging, manifest)
+        int8 = check_int8(fp32_backbone, staging, manifest, measured, min_agreement)
+        replace(manifest, int8_check=manifest_record(int8)).write(staging)  # the figure and its domain
     return {**parity, "passed": parity["passed"] and int8["passed"], "int8": int8}
 
 

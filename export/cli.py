@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from dmf_deploy.cli_support import CliError, DmfCommand, require_extra, version_option
 from dmf_deploy.config import DEFAULT_STEPS, EXPORTABLE_SOLVERS
-from dmf_deploy.manifest import DEFAULT_OPSET
+from dmf_deploy.export.int8_parity import HOLDOUT_EVERY, MIN_AGREEMENT
+from dmf_deploy.manifest import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, opset_problem
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def checked_opset(opset: int) -> int:
+    problem = opset_problem(opset)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--opset")
+    return opset
+
+
+@click.command("dmf-export", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-export")
 @click.option("--ckpt", required=True, help='Checkpoint path (ours or an official .pth.tar), or "demo".')
 @click.option(
     "--out",
@@ -32,7 +43,14 @@ from dmf_deploy.manifest import DEFAULT_OPSET
 @click.option(
     "--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(min=1), help="Solver steps."
 )
-@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=int, help="ONNX opset, 17..19.")
+@click.option(
+    "--opset",
+    default=DEFAULT_OPSET,
+    show_default=True,
+    type=int,
+    callback=lambda _ctx, _param, opset: checked_opset(opset),  # while parsing: before the checkpoint loads
+    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (20+ renamed GridSample's modes; TensorRT misreads them).",
+)
 @click.option(
     "--force", is_flag=True, help="Replace an existing bundle or empty folder (never anything else)."
 )
@@ -48,7 +66,16 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     "calibration",
     default=None,
     type=click.Path(path_type=Path),
-    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set).",
+    help="Folder of calibration images for --precision int8 (--ckpt demo has a default set); every "
+    f"{HOLDOUT_EVERY}th is held out to measure INT8's agreement with float32.",
+)
+@click.option(
+    "--int8-min-agreement",
+    type=click.FloatRange(0.0, 1.0),
+    default=MIN_AGREEMENT,
+    show_default=True,
+    help="--precision int8: the top-1 agreement with the float32 backbone the export needs, measured on "
+    "images held out from --calib (and --cohort's).",
 )
 @click.option(
     "--target",
@@ -100,6 +127,7 @@ from dmf_deploy.manifest import DEFAULT_OPSET
     type=click.Path(path_type=Path),
     help="Also write a Triton model repository here.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr (errors and the report stay).")
 def main(
     ckpt: str,
     out_dir: Path,
@@ -109,6 +137,7 @@ def main(
     force: bool,
     precision: str,
     calibration: Path | None,
+    int8_min_agreement: float,
     target: str | None,
     bank_dtype: str,
     cohort: Path | None,
@@ -121,8 +150,10 @@ def main(
     opt_batch: int | None,
     workspace: int,
     triton_dir: Path | None,
+    quiet: bool,
 ) -> None:
     """Export a DMF checkpoint to a bundle: backbone.onnx, support.onnx, head.onnx, manifest.json."""
+    require_extra("export", "rich", "torch", "onnx", "onnxruntime")
     from rich.console import Console
 
     from dmf_deploy.checkpoint import CheckpointError
@@ -133,14 +164,12 @@ def main(
     started = time.perf_counter()
 
     def progress(message: str) -> None:
+        if quiet:
+            return
         console.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {message}")
 
     def fail(message: str) -> None:
-        # soft_wrap: an error is one line, not broken mid-sentence at the terminal width; no markup
-        # parsing of paths in it.
-        console.print("[red]error:[/red] ", end="")
-        console.print(message, soft_wrap=True, markup=False, highlight=False)
-        sys.exit(2)
+        raise CliError(message, exit_code=2)  # one line: dmf-export: error: MESSAGE
 
     if trt:  # checked first: a missing TensorRT must not cost a whole export before failing
         from dmf_deploy.tensorrt_support import tensorrt_import_reason
@@ -159,7 +188,7 @@ def main(
             fail(f"--triton: {exc}")
     reports: list[dict] = []  # the parity report, printed once the spinner is gone
     try:
-        with console.status("exporting..."):
+        with console.status("exporting...") if not quiet else contextlib.nullcontext():
             path = export_bundle(
                 ckpt,
                 out_dir,
@@ -176,6 +205,7 @@ def main(
                 target=target or ("tensorrt" if trt else "onnxruntime"),  # --trt implies --target tensorrt
                 bank_dtype=bank_dtype,
                 explain=explain,
+                int8_min_agreement=int8_min_agreement,
             )
     except (ExportError, CheckpointError) as exc:
         fail(str(exc))

@@ -2,8 +2,11 @@
 
 The backbone is quantized with `quantize_static` after its pre-processing step (`quant_pre_process`:
 shape inference and graph optimisation); support and head stay float32. Calibration images come from
-a folder, preprocessed exactly as the runtime does (`dmf_deploy.preprocess.preprocess_frames`). For the
-packaged demo model the package renders its own calibration set (`demo_calibration_frames`).
+a folder, preprocessed exactly as the runtime does (`dmf_deploy.preprocess.preprocess_frames`); every
+`HOLDOUT_EVERY`-th of them (by name) is held out of calibration, for the INT8 gate to measure agreement
+on images of the user's domain that calibration never saw (`export/int8_parity.py`). For the packaged
+demo model the package renders its own calibration set (`demo_calibration_frames`), and its held-out
+set with another seed.
 
 The quantized form follows the export target (`QUANT_SETTINGS`):
 
@@ -35,6 +38,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dmf_deploy.config import PreprocessConfig
+from dmf_deploy.export.int8_parity import HOLDOUT_EVERY
 from dmf_deploy.manifest import Calibration
 from dmf_deploy.preprocess import ImageFileError, decode_image, preprocess_frames, read_image_bytes
 
@@ -42,6 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CALIBRATION_IMAGES = 1024  # a few hundred suffice for MinMax ranges; the cap bounds time and memory
 MAX_IMAGE_BYTES = 64 << 20  # a calibration image larger than this is refused, not decoded
 DEMO_CALIBRATION_IMAGES = 256
+DEMO_HELDOUT_IMAGES = 320  # x 4 views: about 1,200 agreement queries
 CALIBRATION_BATCH = 16
 
 
@@ -87,30 +92,41 @@ def calibration_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 def read_calibration_folder(
     folder: str | os.PathLike[str], preprocess: PreprocessConfig
-) -> tuple[np.ndarray, Calibration]:
-    """Every image of the folder preprocessed as the runtime does (one at a time, so only model-sized
-    arrays are held), and the Calibration record: count and sha256 over the files' names and bytes."""
+) -> tuple[np.ndarray, Calibration, np.ndarray]:
+    """The folder's images preprocessed as the runtime does (one at a time, so only model-sized arrays
+    are held): those to calibrate on, their Calibration record (count and sha256 over the files' names
+    and bytes), and the held-out ones (every HOLDOUT_EVERY-th by name; none from a folder of fewer)."""
 
     digest = hashlib.sha256()
-    images = []
-    for path in calibration_files(folder):
+    images: list[np.ndarray] = []
+    held_out: list[np.ndarray] = []
+    for index, path in enumerate(calibration_files(folder)):
         try:
             data = read_image_bytes(path, "calibration image", MAX_IMAGE_BYTES)
             frame = decode_image(data, f"calibration image {path}")
         except ImageFileError as exc:
             raise CalibrationError(str(exc)) from exc
+        image = preprocess_frames([frame], preprocess)[0]
+        if index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+            held_out.append(image)
+            continue
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(data).digest())
-        images.append(preprocess_frames([frame], preprocess)[0])
-    return np.stack(images), Calibration(len(images), digest.hexdigest())
+        images.append(image)
+    size = preprocess.image_size
+    rest = np.stack(held_out) if held_out else np.zeros((0, 3, size, size), np.float32)
+    return np.stack(images), Calibration(len(images), digest.hexdigest()), rest
 
 
-def demo_calibration_frames(count: int = DEMO_CALIBRATION_IMAGES) -> tuple[list[np.ndarray], Calibration]:
+def demo_calibration_frames(
+    count: int = DEMO_CALIBRATION_IMAGES, seed: int = 7
+) -> tuple[list[np.ndarray], Calibration]:
     """The demo model's default calibration set and its record, all rendered by the package, seeded:
     a quarter the demo's stroke-font symbols on its card (`dmf_deploy.symbols.render_symbol`) at
     stroke widths from thin to heavy, the rest random-stroke glyphs (`dmf_deploy.glyphs`, the
     images export parity uses, other classes). Heavy overlapping ink drives the features twice as high
     as the letters do, and MinMax ranges must cover it (benchmarks/README.md: letters alone gave 94%
-    top-1 agreement, half and half 99.0%, a quarter 99.4%)."""
+    top-1 agreement, half and half 99.0%, a quarter 99.4%). Another `seed` renders other images of the
+    same mix (the INT8 gate's held-out set)."""
     from dmf_deploy.glyphs import GlyphSet
     from dmf_deploy.symbols import STROKE_FONT, render_symbol
 
@@ -119,12 +135,12 @@ def demo_calibration_frames(count: int = DEMO_CALIBRATION_IMAGES) -> tuple[list[
     frames = [
         render_symbol(
             STROKE_FONT[symbols[i % len(symbols)]],
-            np.random.default_rng([7, i]),
+            np.random.default_rng([seed, i]),
             stroke_width=0.04 + 0.12 * (i % 7) / 6,
         )
         for i in range(letters)
     ]
-    glyphs = GlyphSet(num_classes=count - letters, seed=7, image_size=64)
+    glyphs = GlyphSet(num_classes=count - letters, seed=seed, image_size=64)
     frames += [glyphs.render(c, 0) for c in range(count - letters)]
     digest = hashlib.sha256()
     for frame in frames:

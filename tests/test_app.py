@@ -384,7 +384,7 @@ def test_unreachable_stream(bundle, tmp_path):
     done = run_app(["--source", url, "--headless", "--bundle", bundle, "--gallery", tmp_path / "g.dmfg"])
     assert done.returncode == 1
     assert f"cannot open rtsp://user:***@127.0.0.1:{port}/live" in done.stderr
-    assert "secret" not in done.stderr.split("Error:")[-1]
+    assert "secret" not in done.stderr.split("dmf-run: error:")[-1]
 
 
 def test_undecodable_file(bundle, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from optional_imports import torchvision_or_skip
 
 from dmf_deploy.manifest import read_manifest
 from dmf_deploy.packaged import DEMO_BUNDLE
@@ -119,6 +120,7 @@ def test_dmf_bench_runs_without_torch(tmp_path):
 @needs_demo
 def test_pytorch_head_benchmark_times_both_forms_beside_the_bundle(tmp_path):
     pytest.importorskip("torch")
+    torchvision_or_skip()  # the literal form runs torchvision's deform_conv2d
     out = tmp_path / "torch.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pytorch_head.py"
     cmd = [sys.executable, str(script), "--classes", "1,3", "--repeats", "1", "--literal-max", "1"]

@@ -22,6 +22,7 @@ from bundles import (  # tests/bundles.py
     relative_error,
     save_official,
 )
+from optional_imports import torchvision_or_skip
 from torch import nn
 
 import dmf_deploy
@@ -30,7 +31,7 @@ from dmf_deploy.checkpoint import DEMO_PATH, load_checkpoint_with_metadata
 from dmf_deploy.config import conv4_config
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
-torchvision = pytest.importorskip("torchvision")
+torchvision = torchvision_or_skip()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests/conftest.py)

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundles import relative_error  # tests/bundles.py
+from optional_imports import torchvision_or_skip
 
 from dmf_deploy import DMFNet, ModelConfig, PreprocessConfig
 from dmf_deploy.config import conv4_config
 from dmf_deploy.head import TAP_SHIFTS, DMFHead
 
-torchvision = pytest.importorskip("torchvision")
+torchvision = torchvision_or_skip()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors (tests/conftest.py)

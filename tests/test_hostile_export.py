@@ -112,7 +112,7 @@ def test_cli_refusal_uses_cli_words_on_one_line(tmp_path: Path) -> None:
     done = dmf_export("--ckpt", "demo", "--out", "taken", "--no-check", cwd=tmp_path)
     assert done.returncode == 2
     assert "force=True" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dmf-export: error:")]
     assert lines and lines[0].endswith("already exists; pass --force to replace it"), done.stderr
 
 
@@ -184,6 +184,33 @@ def test_malformed_checkpoint_is_one_error_line_in_dmf_export(tmp_path: Path) ->
     done = dmf_export("--ckpt", "bad.pth.tar", "--out", "b", "--no-check", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "error:" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["hello world\n", "(lp0\nI1\na.", "}", "", "#!/bin/sh\necho best.pt\n"],
+    ids=["hello", "protocol-0-pickle-like", "brace", "empty", "script"],
+)
+def test_a_text_file_is_not_a_checkpoint(tmp_path: Path, text: str) -> None:
+    # 0.2 answered these with KeyError: 101, "pop from empty list" or "holds Python objects".
+    path = tmp_path / "best.pt"
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=r"best\.pt is not a checkpoint: PyTorch writes a zip"):
+        load_checkpoint(path)
+
+
+def test_a_wrong_ckpt_is_named_before_an_existing_out(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello world")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "mine.txt").write_text("mine")
+    done = dmf_export("--ckpt", "notes.txt", "--out", "bundle", "--no-check", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "dmf-export: error: notes.txt is not a checkpoint: PyTorch writes a zip archive (or, before 1.6, a "
+        "pickle), and this file starts as neither; --ckpt wants a checkpoint file (ours, or an official "
+        '.pth.tar) or "demo"'
+    ]
+    assert (tmp_path / "bundle" / "mine.txt").read_text() == "mine"
 
 
 def test_legacy_tar_checkpoint_is_refused_without_unsafe_advice(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Every bundle here is a real export run on ONNX Runtime; parity against PyTorch k
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bundles import make_checkpoint, relative_error
 from onnx import numpy_helper
 
 from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
+from dmf_deploy.export.int8_parity import clear_margin, format_int8_report, wilson_interval
 from dmf_deploy.export.lint import lint_file
 from dmf_deploy.export.triton import write_triton_repository
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, HEAD, SUPPORT, Manifest, graph_io
@@ -68,6 +70,9 @@ def test_int8_demo_bundle_agrees_with_fp32(demo_int8: Path) -> None:
     report = json.loads((demo_int8 / "parity.json").read_text())
     assert report["passed"] and report["int8"]["queries"] >= 1000 and report["int8"]["n_way"] == 20
     assert report["int8"]["top1_agreement"] >= 0.99
+    # The figure and its domain are in the manifest: the demo's held-out rendered images, not glyphs alone.
+    assert manifest.int8_check == {key: report["int8"][key] for key in manifest.int8_check}
+    assert manifest.int8_check["domain"].startswith("320 rendered demo images")
     # The onnxruntime form: uint8 activations with zero points, int8 weights (int32: ORT's biases).
     dtypes = {z.dtype for z in _zero_points(demo_int8 / manifest.graphs[BACKBONE].file)}
     assert dtypes == {np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int32)}
@@ -113,7 +118,8 @@ def test_tensorrt_target_int8_is_symmetric_with_a_gridsample_head(
         check=False,
     )
     manifest = Manifest.read(bundle)
-    assert manifest.target == "gridsample" and manifest.calibration.images == 40
+    assert manifest.target == "gridsample" and manifest.calibration.images == 30  # 10 held out
+    assert manifest.int8_check is None  # check=False: no figure, and none claimed
     # The Triton repository follows the target: TensorRT accelerates the ONNX models, the half bank's
     # tap_projections travel as FP16.
     write_triton_repository(bundle, manifest, tmp_path / "triton")
@@ -176,12 +182,83 @@ def test_half_bank_scores_within_1e3_of_the_float32_bank(tmp_path: Path, ckpt: P
     assert set(arrays) == set(CLASS_BANK)
 
 
-def test_int8_below_99_percent_agreement_fails_the_export(tmp_path: Path, ckpt: Path) -> None:
-    """Calibrated on one blank card, every glyph's activations clip: the export must fail, not ship."""
+def glyph_cohort(folder: Path, classes: int = 12, per_class: int = 3) -> Path:
+    """A --cohort folder: one sub-folder of rendered glyph images per class."""
+    glyphs = GlyphSet(num_classes=classes, seed=11, image_size=48)
+    for c in range(classes):
+        (folder / f"c{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            cv2.imwrite(str(folder / f"c{c:02d}" / f"{i}.png"), glyphs.render(c, i))
+    return folder
+
+
+def test_int8_below_the_agreement_fails_the_export_and_says_how_to_proceed(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    """Calibrated on blank cards, every glyph's activations clip: measured on the --cohort's glyphs, the
+    export must fail, not ship; --int8-min-agreement is the threshold."""
     folder = tmp_path / "blank"
     folder.mkdir()
-    cv2.imwrite(str(folder / "blank.png"), np.full((48, 48, 3), 255, np.uint8))
+    for i in range(8):
+        cv2.imwrite(str(folder / f"blank{i}.png"), np.full((48, 48, 3), 255, np.uint8))
+    cohort = glyph_cohort(tmp_path / "cohort")
     with pytest.raises(ParityError):
+        export_bundle(ckpt, tmp_path / "b", precision="int8", calibration=folder, cohort=cohort)
+    report = json.loads((tmp_path / "b" / "parity.json").read_text())["int8"]
+    assert report["top1_agreement"] < 0.99 and report["images"] == 2 + 36  # held-out blanks + cohort
+    assert report["domain"] == f"2 images held out from --calib {folder}, 36 images of --cohort cohort"
+    # Views of a blank card are all near-tied: they are not counted, the glyphs' are.
+    assert 0 < report["queries"] <= 36 * 4 and report["near_ties"] >= 2 * 4
+    low, high = report["interval95"]
+    assert low < report["top1_agreement"] < high
+    text = format_int8_report(report)
+    assert (
+        "to proceed:" in text
+        and f"--int8-min-agreement {math.floor(report['top1_agreement'] * 1000) / 1000:g}" in text
+    )
+    assert f"only {report['queries']} queries" in text  # fewer than ~1,000: the report says so
+    # The same export passes with a threshold the user sets, and its manifest records the figure.
+    path = export_bundle(
+        ckpt, tmp_path / "c", precision="int8", calibration=folder, cohort=cohort, int8_min_agreement=0.0
+    )
+    record = Manifest.read(path).int8_check
+    assert record["min_agreement"] == 0.0 and record["top1_agreement"] == report["top1_agreement"]
+
+
+def test_int8_gate_measures_images_held_out_from_calibration(tmp_path: Path, ckpt: Path, calib: Path) -> None:
+    path = export_bundle(ckpt, tmp_path / "b", precision="int8", calibration=calib, explain=False)
+    manifest = Manifest.read(path)
+    assert manifest.calibration.images == 30  # 40 images: every 4th held out, never calibrated on
+    report = json.loads((path / "parity.json").read_text())["int8"]
+    assert report["images"] == 10 and report["domain"] == f"10 images held out from --calib {calib}"
+    assert report["n_way"] == 10 and report["queries"] + report["near_ties"] == 40  # 4 views each
+    assert manifest.int8_check["queries"] == report["queries"] and report["passed"]
+
+
+def test_too_few_calibration_images_to_hold_out_are_refused_before_exporting(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((48, 48, 3), 255, np.uint8))
+    with pytest.raises(
+        ExportError, match="holds too few to hold any out; add images .*--cohort DIR.*--no-check"
+    ):
         export_bundle(ckpt, tmp_path / "b", precision="int8", calibration=folder)
-    report = json.loads((tmp_path / "b" / "parity.json").read_text())
-    assert not report["passed"] and report["int8"]["top1_agreement"] < 0.99
+    assert not (tmp_path / "b").exists()
+    # Without the check nothing is held out of reach: three images calibrate (none is the 4th).
+    path = export_bundle(
+        ckpt, tmp_path / "b", precision="int8", calibration=folder, check=False, explain=False
+    )
+    assert Manifest.read(path).calibration.images == 3
+
+
+def test_clear_margin_and_interval() -> None:
+    scores = np.array([[10.0, 9.99, 0.0], [10.0, 5.0, 0.0], [1.0, 1.0, 1.0]])
+    # A lead of 0.1% of the range is a near tie; 50% is clear; equal scores decide nothing.
+    assert clear_margin(scores).tolist() == [False, True, False]
+    low, high = wilson_interval(990, 1000)
+    assert 0.981 < low < 0.99 < high < 0.995  # 99% of 1,000 resolves about +-0.5 points
+    assert wilson_interval(10, 10)[0] < 0.75  # 10 of 10 says little
+    assert wilson_interval(0, 0) == (0.0, 1.0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from bundles import checkpoint_of, export_small_bundle, make_model, relative_error
 from click.testing import CliRunner
+from optional_imports import torchvision_or_skip
 
 torch = pytest.importorskip("torch")
 
@@ -119,6 +120,7 @@ def test_the_switch_leaves_existing_models_fingerprints_alone():
 
 
 def test_without_dynamic_sampling_the_filter_is_the_plain_3x3_conv_of_the_prototype():
+    torchvision_or_skip()  # the literal reference runs torchvision's deform_conv2d
     model = make_model(seed=4, dynamic_sampling=False)
     assert model.head.off_conv is None and not any("off_conv" in k for k in model.state_dict())
     gen = torch.Generator().manual_seed(0)

@@ -17,9 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from optional_imports import torchvision_or_skip
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+torchvision_or_skip()
 pytest.importorskip("torchdiffeq")
 pytest.importorskip("matplotlib")
 
@@ -344,7 +345,7 @@ def _fit(args: list[str], out: Path):
 
 def _assert_refused(result, out: Path, *fragments: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.output.startswith("error: "), result.output
+    assert result.output.startswith("dmf-train: error: "), result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
     assert "Traceback" not in result.output
@@ -477,7 +478,7 @@ def test_eval_refuses_bad_requests_before_evaluating(smoke_run, tmp_path):
     ]
     for args, fragment in cases:
         result = CliRunner().invoke(main, ["eval", *args, "--episodes", "2"])
-        assert result.exit_code == 2 and result.output.startswith("error: "), (args, result.output)
+        assert result.exit_code == 2 and result.output.startswith("dmf-train: error: "), (args, result.output)
         assert fragment in result.output, (args, result.output)
     result = CliRunner().invoke(main, ["eval", "--ckpt", ckpt, "--dataset", "glyphs", "--solver", "nonsense"])
     assert result.exit_code == 2 and "'nonsense' is not one of" in result.output, result.output

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from dmf_deploy.cli_support import CliError, DmfCommand, DmfGroup, require_extra, version_option
 from dmf_deploy.config import BACKBONES, LOCATE_RULES, SOLVERS, PreprocessConfig
 
 from .datasets import KINDS
@@ -20,21 +20,27 @@ from .fewshot import SPLITS
 from .presets import OFFICIAL_EVAL_SIZES, PRESETS, resolved_settings
 
 
-class DefaultToFit(click.Group):
+class DefaultToFit(DmfGroup):
     """`dmf-train --preset X` means `dmf-train fit --preset X`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help", "--version")):
             args = ["fit", *args]
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=DefaultToFit, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("dmf-train", cls=DefaultToFit, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-train")
 def main() -> None:
     """Train DMF few-shot classifiers, or evaluate a checkpoint under the official protocol."""
 
 
-@main.command()
+# Names 0.2 used, kept as hidden aliases: fit and eval now share --way/--shot/--queries, and -q/--quiet
+# is every command's switch for progress output.
+FIT_ALIASES = {"--n-way": "--way", "--k-shot": "--shot", "--q-query": "--queries", "--no-progress": "--quiet"}
+
+
+@main.command(cls=DmfCommand, aliases=FIT_ALIASES)
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
@@ -83,9 +89,9 @@ def main() -> None:
     default=None,
     help="Deformable sampling of the meta-filter (the default), or the plain 3x3 neighbourhood.",
 )
-@click.option("--n-way", type=int, default=None, help="Classes per training episode.")
-@click.option("--k-shot", type=int, default=None, help="Support images per class in training episodes.")
-@click.option("--q-query", type=int, default=None, help="Query images per class in training episodes.")
+@click.option("--way", "n_way", type=int, default=None, help="Classes per training episode.")
+@click.option("--shot", "k_shot", type=int, default=None, help="Support images per class in an episode.")
+@click.option("--queries", "q_query", type=int, default=None, help="Query images per class in an episode.")
 @click.option("--seed", type=int, default=None, help="Seed of the weights, episodes and augmentation.")
 @click.option(
     "--amp/--no-amp",
@@ -118,7 +124,7 @@ def main() -> None:
 )
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="last.pt to continue from.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (for logs).")
 @click.option(
     "--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this budget."
 )
@@ -128,12 +134,23 @@ def fit(
     out_dir: Path,
     resume: Path | None,
     device: str | None,
-    no_progress: bool,
+    quiet: bool,
     max_minutes: float | None,
     dry_run: bool,
     **overrides,
 ) -> None:
     """Train with a preset; any option given overrides it. The default subcommand."""
+    try:
+        settings = PRESETS[preset].replace(**overrides)
+        if resume is not None and settings.init is not None:
+            raise ValueError("--init starts a new run and --resume continues one; give one of them")
+    except ValueError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    if dry_run:  # needs no torch
+        for key, value in resolved_settings(settings).items():
+            click.echo(f"{key}: {value}")
+        return
+    require_extra("train", "torch", "torchdiffeq", "rich")
     import torch
     import torch.distributed as dist
 
@@ -144,19 +161,11 @@ def fit(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        settings = PRESETS[preset].replace(**overrides)
-        if resume is not None and settings.init is not None:
-            raise ValueError("--init starts a new run and --resume continues one; give one of them")
-        if dry_run:
-            for key, value in resolved_settings(settings).items():
-                click.echo(f"{key}: {value}")
-            return
         target = torch.device(device) if device else None
         if target is not None and target.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
     except (ValueError, RuntimeError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        raise CliError(str(exc), exit_code=2) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         on_gpu = torch.cuda.is_available() and (target is None or target.type == "cuda")
         backend = "nccl" if on_gpu else "gloo"  # gloo: DDP on CPUs
@@ -169,11 +178,10 @@ def fit(
         if resume is not None:
             trainer.resume(resume)
     except (DatasetError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        click.echo(f"error: {exc}", err=True)
         if dist.is_initialized():
             dist.destroy_process_group()
-        sys.exit(2)
-    result = trainer.fit(progress=not no_progress, max_minutes=max_minutes)
+        raise CliError(str(exc), exit_code=2) from None
+    result = trainer.fit(progress=not quiet, max_minutes=max_minutes)
     if trainer.rank == 0 and result:
         click.echo(
             f"final: epoch {result['epoch']} val {result['val_acc']:.2%} ± {result['val_ci95']:.2%}; "
@@ -185,7 +193,7 @@ def fit(
         dist.destroy_process_group()
 
 
-@main.command("eval")
+@main.command("eval", cls=DmfCommand)
 @click.option("--ckpt", required=True, help='Checkpoint (ours or official), or "demo".')
 @click.option("--dataset", type=click.Choice(KINDS), required=True, help="Dataset kind.")
 @click.option("--data-root", default=None, help="Dataset folder (or the folder of the Omniglot zips).")
@@ -214,6 +222,7 @@ def fit(
     help="Resize to this side, then centre-crop the input size (0: plain resize). Default: the "
     "checkpoint's rule, or the official 92 -> 84 for --dataset tiered when it has none.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (for logs).")
 def evaluate_cmd(
     ckpt: str,
     dataset: str,
@@ -228,8 +237,10 @@ def evaluate_cmd(
     solver: str | None,
     steps: int | None,
     crop_from: int | None,
+    quiet: bool,
 ) -> None:
     """Accuracy ± 95% CI under the official protocol (2000 episodes, seed 112, 15 queries per class)."""
+    require_extra("train", "torch", "torchdiffeq", "rich")
     import torch
 
     from dmf_deploy.checkpoint import CheckpointError, load_checkpoint
@@ -245,8 +256,7 @@ def evaluate_cmd(
         data = open_dataset(dataset, data_root, split)
         EpisodeSampler(data, way, shot, queries, episodes, seed)  # enough classes, images, episodes?
     except (CheckpointError, DatasetError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        raise CliError(str(exc), exit_code=2) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mean, ci = evaluate(
         model.to(device),
@@ -260,7 +270,7 @@ def evaluate_cmd(
         within_alphabet=within_alphabet,
         solver=solver,
         steps=steps,
-        progress=True,
+        progress=not quiet,
         workers=min(8, os.cpu_count() or 1),
         preprocess=preprocess,
     )

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.atomic import check_writable
+from dmf_deploy.cli_support import DmfCommand, version_option
 from dmf_deploy.manifest import BundleError, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
@@ -165,7 +166,8 @@ def open_recognizer(
         raise AppError(f"cannot open the bundle {bundle}: {exc}") from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dmf-run", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-run")
 @click.option("--camera", type=click.IntRange(min=0), help="Camera index (0 = the first camera).")
 @click.option("--source", help="A video file, an image, a folder of images, or an rtsp/http stream URI.")
 @click.option("--input-width", type=click.IntRange(min=1), help="Capture width to ask a camera for.")
@@ -310,6 +312,7 @@ def main(
         except BundleError as exc:
             raise AppError(str(exc)) from exc
     gallery_path = gallery
+    gallery_existed = gallery_path.is_file()
     try:  # found now, not at the end of the session whose enrolments it should hold
         check_writable(gallery_path)
     except OSError as exc:
@@ -325,6 +328,7 @@ def main(
         sensitivity,
         roi,
     )
+    click.echo(f"dmf-run: {describe_gallery(gallery_path, rec.classes, gallery_existed)}", err=True)
     if gallery_is_default and not rec.classes:
         for line in other_model_galleries(gallery_path, rec.manifest.fingerprint):
             click.echo(f"dmf-run: {line}", err=True)
@@ -398,6 +402,17 @@ def main(
         sys.exit(1)
     if signal.SIGINT in signals:
         sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
+
+
+def describe_gallery(path: Path, classes: list[str], existed: bool) -> str:
+    """The start line: which gallery this run reads and saves, and what it already holds (a gallery
+    persists between runs, so a second run starts with the first run's classes)."""
+    if not existed:
+        return f"gallery {path}: new, no classes yet (saved at exit)"
+    count = f"{len(classes)} class{'es' if len(classes) != 1 else ''}"
+    if classes:
+        count += ": " + ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return f"gallery {path}: {count} (saved at exit; --gallery FILE for another)"
 
 
 def finish(session: Session, output: Output, result: RunResult, screenshot: Path | None) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import click
 
+from dmf_deploy.cli_support import DmfCommand, version_option
 from dmf_deploy.runtime.serve.key import (
     ENVIRONMENT_VARIABLE,
     HEADER,
@@ -213,7 +214,8 @@ def stop(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
     return process.returncode
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dmf-serve", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-serve")
 @click.option(
     "--repo",
     required=True,

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.camera_sim import FRAME_SIZE, render_card_frame
+from dmf_deploy.cli_support import DmfCommand, version_option
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed
 from dmf_deploy.symbols import STROKE_FONT, symbol_ink
 
@@ -247,7 +248,8 @@ def live(camera: int, bundle: Path | None, shots: int | None) -> None:
     cli.main.main(args=args, prog_name="dmf-run")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dmf-demo", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-demo")
 @click.option("--classes", type=click.IntRange(min=2), default=5, show_default=True, help="Classes to enrol.")
 @click.option(
     "--shots",

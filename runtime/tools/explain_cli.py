@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from dmf_deploy.atomic import atomic_write_bytes
+from dmf_deploy.cli_support import DmfCommand, version_option
 from dmf_deploy.manifest import BundleError
 from dmf_deploy.preprocess import ImageFileError, InvalidFrame, read_image_file
 from dmf_deploy.runtime.explain import Explanation
@@ -45,7 +46,8 @@ def explanation_json(ex: Explanation) -> dict:
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dmf-explain", cls=DmfCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("dmf-explain")
 @click.option("--bundle", default="demo", show_default=True, help='Bundle folder, or "demo".')
 @click.option(
     "--gallery", type=click.Path(path_type=Path), default=None, help="Gallery (.dmfg) with the class."
