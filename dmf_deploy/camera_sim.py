@@ -114,8 +114,8 @@ def _card_corners(cond: CameraConditions, width: int, height: int, rng: np.rando
         square = square @ np.array([[c, s], [-s, c]])
     centre = np.array([width / 2, height / 2])
     if cond.offset:
-        # Anywhere that keeps the whole card in view (a user holds it where the screen shows it); a
-        # card wider than the frame on an axis stays centred on that axis.
+        # Anywhere that keeps the card's outline in view where it fits (a user holds it where the
+        # screen shows it); a card as large as the frame on an axis stays centred on that axis.
         room = np.maximum(np.array([width, height]) / 2 - np.abs(square).max(axis=0), 0)
         centre = centre + rng.uniform(-1, 1, size=2) * room
     return (square + centre).astype(np.float32)

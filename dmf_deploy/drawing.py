@@ -4,7 +4,7 @@ A webcam sees a card somewhere in the frame, smaller than the frame, on grey pap
 tinted light. The model was trained on black-on-white scans whose character fills about two thirds of
 the image. This module is the `locate="drawing"` rule of `PreprocessConfig`:
 
-1. Ink is what is darker than the paper around it. A morphological closing with a disc wider than a
+1. Ink is what is darker than the paper around it. A morphological closing with a square wider than a
    stroke removes the strokes and leaves the local paper brightness; ink contrast is
    (paper - pixel) / paper, which no paper grey, light gradient, vignette or colour cast changes.
    The closing leaves the straight edges of large shapes (the card, a desk) unchanged, so only thin
@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 SEARCH_SIDE = 160  # short side of the frame while searching for ink
-STROKE_KERNEL = 0.07  # closing disc, as a fraction of the searched short side (11 px): wider than a stroke
+STROKE_KERNEL = 0.07  # closing square, as a fraction of the searched short side (11 px): wider than a stroke
 MIN_INK = 0.12  # ink contrast below this is paper texture, sensor noise or shading
 # A frame whose strongest ink is fainter than this holds no drawing. Pen on paper under a webcam
 # measures 0.49 at the 1st percentile (the simulator's ranges: ink 20-80 on paper 180-240, every
@@ -39,7 +39,7 @@ MIN_DRAWING_INK = 0.4
 INK_SHARE = 0.35  # of the strongest ink's contrast: fainter pixels are not ink
 DRAWING_FILL = 0.65  # the drawing's larger side over the output's side (Omniglot's median)
 REDRAW_SCALE = 2  # the crop is redrawn at this multiple of the output size, then averaged down
-REDRAW_KERNEL = 0.1  # closing disc while redrawing, as a fraction of the crop's side
+REDRAW_KERNEL = 0.1  # closing square while redrawing, as a fraction of the crop's side
 CARD_SHARE = 0.7  # the card: pixels at least this bright, relative to the paper under the drawing
 CARD_FILL = 0.8  # the card region must fill this share of its minimum-area rectangle to set the angle
 PAPER_SHARE = 0.8  # ink counts only on paper at least this bright, relative to the drawing's own
@@ -84,7 +84,9 @@ def _shrink(grey: np.ndarray) -> tuple[np.ndarray, float]:
         return cv2.resize(
             grey[: h - h % factor, : w - w % factor], (w // factor, h // factor), interpolation=cv2.INTER_AREA
         ), 1.0 / factor
-    scale = SEARCH_SIDE / min(h, w)
+    # A small frame is enlarged to SEARCH_SIDE, but a long thin one no further than 4 x SEARCH_SIDE
+    # along its long side: a 2 x 30000 strip must not become 160 x 2,400,000 pixels.
+    scale = min(SEARCH_SIDE / min(h, w), 4 * SEARCH_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(grey, size, interpolation=cv2.INTER_LINEAR), scale
 
@@ -104,7 +106,7 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
     if strongest < MIN_DRAWING_INK:
         return None
     ink = (contrast >= max(MIN_INK, INK_SHARE * strongest)).astype(np.uint8)
-    # Strokes of one drawing lie within a disc's width of each other: merge them into clusters.
+    # Strokes of one drawing lie within a kernel's width of each other: merge them into clusters.
     merged = cv2.dilate(ink, _square(round(STROKE_KERNEL * SEARCH_SIDE)))
     count, labels = cv2.connectedComponents(merged, connectivity=8)
     if count < 2:
@@ -122,7 +124,7 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
     ys, xs = np.nonzero(chosen & on_paper)
     if len(xs) == 0:
         return None
-    angle = card_angle(small >= CARD_SHARE * typical, xs, ys)
+    angle = card_angle((small >= CARD_SHARE * typical) | chosen, xs, ys)
     # The box along the card's axes: ink coordinates turned back by the card's rotation.
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
@@ -136,14 +138,17 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
 
 def card_angle(card: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
     """The rotation (degrees, -45..45) of the card the ink at (xs, ys) lies on: the minimum-area
-    rectangle of the bright region (`card`, a mask of the frame as searched) around the ink. 0 when the
+    rectangle of the region of `card` (a mask of the frame as searched: the bright paper and the ink on
+    it) that holds the most of that ink. 0 when the
     card is not seen whole (it touches the frame's edge, so the frame's edge would set the angle) or
     is not rectangular enough to trust. (Not the closing's paper map: the closing fills the narrow
     dark wedges at a turned card's corners and squares the card up.)"""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(card.astype(np.uint8), connectivity=8)
-    label = int(np.bincount(labels[ys, xs], minlength=count)[1:].argmax()) + 1 if count > 1 else 0
-    if label == 0:
+    holding = np.bincount(labels[ys, xs], minlength=count)
+    holding[0] = 0
+    if count < 2 or holding.max() == 0:
         return 0.0
+    label = int(holding.argmax())
     left, top, width, height, area = stats[label]
     h, w = card.shape
     if left == 0 or top == 0 or left + width >= w or top + height >= h:
@@ -186,7 +191,8 @@ def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
     side_out = size * REDRAW_SCALE
     matrix = view_matrix(box, side_out)
     k = math.hypot(matrix[0, 0], matrix[1, 0])  # frame pixels per crop pixel
-    factor = int(k)
+    h, w = grey.shape
+    factor = min(int(k), h // 2, w // 2)  # never to less than 2 x 2 pixels
     if factor >= 2:  # shrink by a whole factor first: an area average, as a camera's optics would
         h, w = grey.shape
         grey = cv2.resize(

@@ -139,8 +139,9 @@ def render_symbol(
     dmf_deploy.camera_sim instead)."""
     ink = symbol_ink(strokes, rng, size, jitter, stroke_width)
     # The card: white (a well-exposed camera saturates paper, as Omniglot's scans are white) with a
-    # slight vignette; dark-grey ink; camera blur and sensor noise. The paper stays white: the demo
-    # model only ever saw white backgrounds (benchmarks/README.md, "The demo's symbols").
+    # slight vignette; dark-grey ink; camera blur and sensor noise. The paper stays white: 0.2's demo
+    # model only ever saw white backgrounds (benchmarks/README.md, "The demo's symbols"), and INT8
+    # calibration keeps rendering these close-ups.
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     paper = 255 - rng.uniform(0, 24) * (xx * xx + yy * yy)
     ink_level = rng.uniform(10, 60)

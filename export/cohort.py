@@ -31,10 +31,16 @@ from dmf_deploy.open_set import (
     GraphRunner,
     OpenSetRule,
     default_open_set,
-    frame_contrast,
+    gate_contrast,
     own_scores,
 )
-from dmf_deploy.preprocess import ImageFileError, check_frame, preprocess_frames, read_image_file
+from dmf_deploy.preprocess import (
+    ImageFileError,
+    checked_frames,
+    read_image_file,
+    resize_frame,
+    stack_inputs,
+)
 
 PICKED, UNKNOWN = 20, 10  # classes per draw; never-enrolled ones queried
 FIT_ENROLLED = 10  # the N the quantiles are measured at
@@ -60,7 +66,7 @@ class ImageScores:
     features: np.ndarray  # [n, C, h, w]
     banks: dict[str, np.ndarray]  # each image as a one-shot class
     own: np.ndarray  # [n] each image scored against itself as a class: the relative score's divisor
-    contrast: np.ndarray  # [n] frame_contrast
+    contrast: np.ndarray  # [n] the contrast gate's measure (open_set.gate_contrast)
 
 
 @dataclass(frozen=True)
@@ -71,15 +77,17 @@ class Draw:
 
 
 def score_images(backend: GraphRunner, preprocess: PreprocessConfig, frames: list[np.ndarray]) -> ImageScores:
-    feats, banks, own = [], [], []
+    feats, banks, own, contrast = [], [], [], []
     for start in range(0, len(frames), BATCH):
-        chunk = frames[start : start + BATCH]
-        f = backend.run(BACKBONE, {"images": preprocess_frames(chunk, preprocess)})["features"]
+        chunk = checked_frames(frames[start : start + BATCH])
+        views = [resize_frame(frame, preprocess) for frame in chunk]
+        f = backend.run(BACKBONE, {"images": stack_inputs(views, preprocess)})["features"]
         bank = backend.run(SUPPORT, {"prototypes": f})
         feats.append(f)
         banks.append(bank)
         own.extend(own_scores(backend, f, bank))
-    contrast = [frame_contrast(check_frame(f), preprocess.image_size) for f in frames]
+        # The gate Recognizer.classify applies: on the view for a model that finds the drawing.
+        contrast.extend(gate_contrast(frame, view, preprocess) for frame, view in zip(chunk, views))
     return ImageScores(
         np.concatenate(feats),
         {k: np.concatenate([b[k] for b in banks]) for k in CLASS_BANK},

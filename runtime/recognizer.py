@@ -97,7 +97,7 @@ class Recognizer:
         roi: Roi | tuple[float, float, float, float] | None = None,
     ) -> None:
         self.bundle, self.manifest, self.backend, self.gallery = bundle, manifest, backend, gallery
-        self.roi = Roi.of(roi)
+        self._roi = Roi.of(roi)
         self.config = manifest.model
         self.gallery_path = gallery_path
         count = isinstance(shortlist, int) and not isinstance(shortlist, bool) and shortlist >= 0
@@ -199,6 +199,11 @@ class Recognizer:
         )
 
     # ----- reading ---------------------------------------------------------------------------------
+    @property
+    def roi(self) -> Roi | None:
+        """The region of each frame the model sees (fixed at open; None: the whole frame)."""
+        return self._roi
+
     @property
     def classes(self) -> list[str]:
         with self._lock.read():

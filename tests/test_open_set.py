@@ -191,7 +191,9 @@ def test_the_default_decision_refuses_every_degenerate_frame(demo, classes):
     preds = dict(zip(frames, rec.classify(list(frames.values()))))
     for name in ("black", "white", "grey 128", "blurred empty page"):
         assert preds[name].reason.startswith("blank frame"), preds[name]
-    assert "of the frame's own score" in preds["hand-like blob"].reason
+    # The demo model finds the drawing in a frame (locate="drawing"): a smooth skin-coloured blob holds
+    # no ink, so it is redrawn blank and the contrast gate refuses it too.
+    assert preds["hand-like blob"].reason.startswith("blank frame"), preds["hand-like blob"]
     # an absolute threshold that accepts anything still leaves blank frames unknown
     lenient = Recognizer(demo.bundle, demo.manifest, demo.backend, rec.gallery, None, threshold=-1e30)
     assert lenient.classify(frames["black"]).label is None

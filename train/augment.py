@@ -67,9 +67,9 @@ class AugmentConfig:
             raise ValueError("pad and colour jitter strengths must be >= 0")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must lie in [0, 1], got {self.erase_prob}")
-        # Bounded so that a warp stays a warp: affine 2 still scales each axis by at least 0.6.
         if not 0 <= self.camera <= 1:
             raise ValueError(f"camera must lie in [0, 1], got {self.camera}")
+        # Bounded so that a warp stays a warp: affine 2 still scales each axis by at least 0.6.
         if not (0 <= self.affine <= 2 and 0 <= self.elastic <= 0.1 and 0 <= self.stroke <= 1):
             raise ValueError(
                 f"affine must lie in [0, 2], elastic in [0, 0.1] and stroke in [0, 1]; got "

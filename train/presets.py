@@ -155,7 +155,7 @@ PRESETS: dict[str, TrainSettings] = {
         stroke=0.3,
         workers=0,
     ),
-    # Its third stage, the 0.3 demo model: from the second stage's weights, half the images become
+    # Its third stage, the 0.3 demo model: from the second stage's weights, 60% of the images become
     # simulated webcam frames (dmf_deploy.camera_sim), and the model finds the drawing in the frame.
     "omniglot-demo-camera": _OMNIGLOT_DEMO.replace(
         episodes_per_epoch=400,

@@ -393,7 +393,7 @@ def main(
         os.dup2(devnull, sys.stdout.fileno())
     finally:
         frames.close()
-        saved_ok = finish(session, output, result, screenshot)
+        saved_ok = finish(session, output, result, screenshot, roi)
         web_parts.stop()
         click.echo(result.stats.summary(rec.backend.name), err=True)
     if frames.lost and not signals:
@@ -415,7 +415,9 @@ def describe_gallery(path: Path, classes: list[str], existed: bool) -> str:
     return f"gallery {path}: {count} (saved at exit; --gallery FILE for another)"
 
 
-def finish(session: Session, output: Output, result: RunResult, screenshot: Path | None) -> bool:
+def finish(
+    session: Session, output: Output, result: RunResult, screenshot: Path | None, roi: Roi | None = None
+) -> bool:
     """Close the output, save the gallery if it changed, report, write the screenshot. False if the
     save failed."""
     output.close()
@@ -425,7 +427,7 @@ def finish(session: Session, output: Output, result: RunResult, screenshot: Path
         canvas = getattr(output, "last_canvas", None)  # the window's, alone or beside the web console
         if canvas is None and result.last_frame is not None:
             source = f"{result.source} (headless)"
-            view = View(prediction=result.last_prediction, fps=result.stats.fps, source=source)
+            view = View(prediction=result.last_prediction, fps=result.stats.fps, source=source, roi=roi)
             view.classes, view.thumbnails = class_strip(session)
             canvas = render(result.last_frame, view)
         if canvas is None or not _write_image(screenshot, canvas):
