@@ -259,12 +259,16 @@ def test_explain_overlay_draws_the_markers(display, artifacts, tmp_path):
         text=True,
     )
     # Feature cell (i, j) = (1, 5) of the demo's 7x7 map: its centre in the 56x56 preprocessed image is
-    # (43.5, 11.5); in the frame ((x + 0.5) * 128 / 56 - 0.5, (y + 0.5) * 96 / 56 - 0.5); on the canvas
-    # 5x that, with centres at integers. The inset (bottom right of the video area) does not cover it.
+    # (43.5, 11.5); in the frame, where the demo's frame rule redrew the drawing from (frame_affine:
+    # the square around the drawing it found); on the canvas 5x that, with centres at integers. The
+    # inset (bottom right of the video area) does not cover it.
+    from dmf_deploy.runtime.explain import frame_affine
+
     size, cells, scale = 56, 7, 5
     i, j = 1, 5
     point = np.array([(j + 0.5) * size / cells - 0.5, (i + 0.5) * size / cells - 0.5])
-    in_frame = (point + 0.5) * np.array([128 / size, 96 / size]) - 0.5
+    to_frame = frame_affine(frame, Recognizer.open("demo").manifest.model.preprocess)
+    in_frame = to_frame[:, :2] @ point + to_frame[:, 2]
     pointer = np.round((in_frame + 0.5) * scale - 0.5).astype(int)
     try:
         window = find_window(env, child)
@@ -302,7 +306,12 @@ def test_explain_overlay_draws_the_markers(display, artifacts, tmp_path):
         assert r > 180 and g < 60 and b < 60, (x, y, b, g, r)  # a red sampled point
         drawn += 1
     assert drawn >= 3
-    # The heat map covers the frame: the white paper is coloured (saturated) almost everywhere.
-    video = cv2.cvtColor(image[:top, :video_w], cv2.COLOR_BGR2HSV)
-    assert np.mean(video[:, :, 1] > 80) > 0.8
+    # The heat map covers what the model saw (the square around the drawing, upright here): the white
+    # paper there is coloured (saturated) almost everywhere.
+    corners = np.array([[0, 0], [size - 1, size - 1]], np.float64) @ to_frame[:, :2].T + to_frame[:, 2]
+    (x0, y0), (x1, y1) = np.round((corners + 0.5) * scale - 0.5).astype(int)
+    x0, y0, x1, y1 = max(x0 + 3, 0), max(y0 + 3, 0), min(x1 - 3, video_w), min(y1 - 3, top)
+    assert x1 - x0 > 100 and y1 - y0 > 100  # a sizeable area, inside the video and above the inset
+    view = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2HSV)
+    assert np.mean(view[:, :, 1] > 80) > 0.8
     print(f"explain overlay screenshot: {shot}")
