@@ -37,7 +37,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from demo_accuracy import DEFAULT_ROOT, all_features, episode_scores, recognizer_scores, same
+from demo_accuracy import DEFAULT_ROOT, Task, all_features, run_task, same
 from open_set import Row as OpenSetRow
 from open_set import alphabet_rows, split_alphabets
 
@@ -52,11 +52,9 @@ from dmf_deploy.export.cohort import score_images
 from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime import Recognizer
 from dmf_deploy.train.datasets import FewShotDataset, open_dataset
-from dmf_deploy.train.episodes import EpisodeSampler, confidence_interval
 
 FACTOR_TARGET = 1.15  # every factor alone: error <= 1.15 x the clean error
 ALL_TARGET = 1.3  # every factor at once: error <= 1.3 x the clean error
-TOLERANCE = 1e-5  # relative, as benchmarks/demo_accuracy.py's cross-check
 
 
 @dataclass
@@ -101,24 +99,12 @@ def with_frames(ds: FewShotDataset, frames: list[np.ndarray]) -> FewShotDataset:
 def accuracy(
     rec: Recognizer, ds: FewShotDataset, frames: list[np.ndarray], args: argparse.Namespace, check: int
 ) -> tuple[float, float, float]:
-    """(error, CI, worst cross-check difference) of 20-way 1-shot within-alphabet episodes."""
+    """(error, CI, worst cross-check difference) of 20-way 1-shot within-alphabet episodes: the task of
+    benchmarks/demo_accuracy.py, on these frames in place of the split's images."""
     shown = with_frames(ds, frames)
-    feats = all_features(rec, shown)
-    sampler = EpisodeSampler(shown, 20, 1, args.queries, args.episodes, args.seed, within_alphabet=True)
-    accs, worst = [], 0.0
-    for index, ep in enumerate(sampler):
-        scores = episode_scores(rec, feats, ep)
-        accs.append(float((scores.argmax(axis=1) == ep.query_labels).mean()))
-        if index < check:
-            ref = recognizer_scores(rec, shown, ep)
-            diff = float(np.abs(scores - ref).max() / np.abs(ref).max())
-            if diff > TOLERANCE or not np.array_equal(scores.argmax(1), ref.argmax(1)):
-                raise SystemExit(
-                    f"cross-check failed: the fast path differs from enroll + scores by {diff:.3g}"
-                )
-            worst = max(worst, diff)
-    mean, ci = confidence_interval(accs)
-    return 1.0 - mean, ci, worst
+    task = Task("20-way 1-shot, within one alphabet", 20, 1, True, args.episodes)
+    row = run_task(rec, shown, all_features(rec, shown), task, args.queries, args.seed, check)
+    return 1.0 - row.accuracy, row.ci95, row.max_rel_diff
 
 
 def open_set_rows(

@@ -116,8 +116,16 @@ def preprocess_frames(
 ) -> np.ndarray:
     """A sequence of frames -> [B, 3, S, S] float32, exactly what the backbone is fed. `roi`: the region
     of each frame the model sees (None: the whole frame)."""
-    views = [resize_frame(frame, config) for frame in checked_frames(frames, roi)]
-    return stack_inputs(views, config)
+    return stack_inputs(model_views(frames, config, roi)[1], config)
+
+
+def model_views(
+    frames: Sequence[np.ndarray] | np.ndarray, config: PreprocessConfig, roi: Roi | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(checked frames cut to `roi`, what the model sees of each: S x S BGR uint8 by the model's rule).
+    For callers that need both, e.g. the contrast gate, which may measure either."""
+    checked = checked_frames(frames, roi)
+    return checked, [resize_frame(frame, config) for frame in checked]
 
 
 def stack_inputs(views: Sequence[np.ndarray], config: PreprocessConfig) -> np.ndarray:

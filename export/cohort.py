@@ -36,9 +36,8 @@ from dmf_deploy.open_set import (
 )
 from dmf_deploy.preprocess import (
     ImageFileError,
-    checked_frames,
+    model_views,
     read_image_file,
-    resize_frame,
     stack_inputs,
 )
 
@@ -79,8 +78,7 @@ class Draw:
 def score_images(backend: GraphRunner, preprocess: PreprocessConfig, frames: list[np.ndarray]) -> ImageScores:
     feats, banks, own, contrast = [], [], [], []
     for start in range(0, len(frames), BATCH):
-        chunk = checked_frames(frames[start : start + BATCH])
-        views = [resize_frame(frame, preprocess) for frame in chunk]
+        chunk, views = model_views(frames[start : start + BATCH], preprocess)
         f = backend.run(BACKBONE, {"images": stack_inputs(views, preprocess)})["features"]
         bank = backend.run(SUPPORT, {"prototypes": f})
         feats.append(f)

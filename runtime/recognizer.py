@@ -24,9 +24,9 @@ from dmf_deploy.preprocess import (
     InvalidFrame,
     Roi,
     checked_frames,
+    model_views,
     preprocess_frames,
     refuse_none,
-    resize_frame,
     stack_inputs,
 )
 from dmf_deploy.runtime.backends import Backend, OnnxRuntimeBackend, open_backend
@@ -243,8 +243,7 @@ class Recognizer:
         # Any array but a 4-D batch is one frame, so that a bad one (HxWx4, 1-D) is refused as such.
         single = isinstance(frame, np.ndarray) and frame.ndim != 4
         pre = self.config.preprocess
-        frames = checked_frames([frame] if single else frame, self.roi)
-        views = [resize_frame(f, pre) for f in frames]
+        frames, views = model_views([frame] if single else frame, pre, self.roi)
         feats = self.backend.run(BACKBONE, {"images": stack_inputs(views, pre)})["features"]
         with self._lock.read():
             names = tuple(self.gallery.names)
