@@ -720,7 +720,9 @@ def kill_trials(folder: Path, trials: int, seconds: float, seed: int) -> tuple[i
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
-        for ack in child.stdout.read().split("\n"):  # what it acknowledged before it died
+        # What it acknowledged before it died: whole lines only. A kill can cut the line being
+        # written ("ack 5"), and an acknowledgement that did not reach the reader was not given.
+        for ack in child.stdout.read().split("\n")[:-1]:
             if ack.startswith("ack"):
                 _, j, shots = ack.split()
                 acknowledged[int(j)] = max(acknowledged.get(int(j), 0), int(shots))
