@@ -15,9 +15,14 @@ the image. This module is the `locate="drawing"` rule of `PreprocessConfig`:
    ink contrast over the drawing's own ink level, so that ink is black and paper white; contrast at
    the level of paper texture and noise is cut to white.
 
-A frame with no ink (blank paper, a dark or uniform frame) gives a white image, which the open-set
-rule's contrast gate refuses. Searching runs on a copy whose short side is SEARCH_SIDE pixels, so the
-cost does not depend on the camera's resolution.
+A frame with no drawing gives a white image, which the open-set rule's contrast gate refuses. Besides
+a frame with no ink at all (blank paper, a dark or uniform frame), that is a frame whose strongest
+cluster is not ink on paper: on a coloured surface (skin, a desk; paper is white or grey), on a surface
+much darker than the brightest in the frame (a pen on the desk beside the card), or too small to be a
+drawing once framed (a speck, the edge of a card).
+
+Searching runs on a copy whose short side is SEARCH_SIDE pixels, so the cost does not depend on the
+camera's resolution.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ CARD_SHARE = 0.7  # the card: pixels at least this bright, relative to the paper
 CARD_FILL = 0.8  # the card region must fill this share of its minimum-area rectangle to set the angle
 PAPER_SHARE = 0.8  # ink counts only on paper at least this bright, relative to the drawing's own
 PAPER_FLOOR = 48.0  # grey level: darker "paper" is not paper (a dark room has no ink on it)
+# The gates below were chosen on the validation alphabet's simulated webcam frames (every factor on)
+# against empty scenes (benchmarks/camera.py); each refuses under 1% of real drawings.
+# Paper is white or grey: the chroma ((max - min) / max of B, G, R) of the paper under the drawing is
+# at most 0.14 for 99% of drawings under a 7% colour cast; skin measures 0.19-0.7. A drawing on
+# coloured paper (a yellow sticky note) is therefore not a drawing to this rule.
+MAX_PAPER_CHROMA = 0.25
+MIN_PAPER_RANK = 0.8  # the drawing's paper against the frame's brightest (its 95th percentile)
+MIN_VIEW_INK = 0.025  # share of the framed view darker than mid-grey: drawings 0.029 at the 1st percentile
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,9 @@ def _quantiles(values: np.ndarray, *qs: float) -> list[float]:
 
 def _shrink(grey: np.ndarray) -> tuple[np.ndarray, float]:
     """A copy whose short side is about SEARCH_SIDE, and the scale from frame to copy. Large frames
-    shrink by a whole factor (edge rows cut to a multiple of it): OpenCV's fast area average."""
-    h, w = grey.shape
+    shrink by a whole factor (edge rows cut to a multiple of it): OpenCV's fast area average.
+    HxW or HxWx3."""
+    h, w = grey.shape[:2]
     factor = min(h, w) // SEARCH_SIDE
     if factor >= 2:
         return cv2.resize(
@@ -98,8 +112,11 @@ def ink_contrast(grey: np.ndarray, kernel_side: int) -> tuple[np.ndarray, np.nda
     return contrast, paper
 
 
-def find_drawing(grey: np.ndarray) -> DrawingBox | None:
-    """The drawing's box in a grey uint8 frame of any size, or None when the frame holds no ink."""
+def find_drawing(frame: np.ndarray) -> DrawingBox | None:
+    """The drawing's box in a uint8 frame of any size, BGR or grey, or None when it holds no drawing.
+    (A grey frame has no colour to check: its paper counts as grey.)"""
+    colour = frame if frame.ndim == 3 else None
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if colour is not None else frame
     small, scale = _shrink(grey)
     contrast, paper = ink_contrast(small, round(STROKE_KERNEL * SEARCH_SIDE))
     strongest = float(contrast.max(initial=0.0))
@@ -111,7 +128,8 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
     count, labels = cv2.connectedComponents(merged, connectivity=8)
     if count < 2:
         return None
-    brightness = paper / max(_quantiles(paper, 0.95)[0], PAPER_FLOOR)
+    brightest = max(_quantiles(paper, 0.95)[0], PAPER_FLOOR)
+    brightness = paper / brightest
     weight = np.where(ink > 0, contrast * brightness**2, 0.0)
     score = np.bincount(labels.ravel(), weights=weight.ravel(), minlength=count)
     score[0] = 0.0
@@ -122,7 +140,9 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
     typical = float(np.median(paper[chosen]))
     on_paper = paper >= PAPER_SHARE * typical
     ys, xs = np.nonzero(chosen & on_paper)
-    if len(xs) == 0:
+    if len(xs) == 0 or typical < MIN_PAPER_RANK * brightest:
+        return None
+    if colour is not None and _paper_chroma(_shrink(colour)[0], chosen & on_paper) > MAX_PAPER_CHROMA:
         return None
     angle = card_angle((small >= CARD_SHARE * typical) | chosen, xs, ys)
     # The box along the card's axes: ink coordinates turned back by the card's rotation.
@@ -134,6 +154,13 @@ def find_drawing(grey: np.ndarray) -> DrawingBox | None:
     centre_x, centre_y = cx + mu * c - mv * s, cy + mu * s + mv * c
     width, height = u.max() - u.min() + 1, v.max() - v.min() + 1
     return DrawingBox(centre_x / scale, centre_y / scale, width / scale, height / scale, angle)
+
+
+def _paper_chroma(colour: np.ndarray, ink: np.ndarray) -> float:
+    """(max - min) / max of the median B, G, R of the paper under the `ink` mask: 0 for grey paper."""
+    paper = cv2.morphologyEx(colour, cv2.MORPH_CLOSE, _square(round(STROKE_KERNEL * SEARCH_SIDE)))
+    b, g, r = np.median(paper[ink].astype(np.float32), axis=0)
+    return float((max(b, g, r) - min(b, g, r)) / max(b, g, r, 1.0))
 
 
 def card_angle(card: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
@@ -178,9 +205,9 @@ def view_matrix(box: DrawingBox, size: int) -> np.ndarray:
     )
 
 
-def drawing_view_matrix(grey: np.ndarray, size: int) -> np.ndarray | None:
-    """`view_matrix` of the drawing `locate_drawing` finds in a grey frame; None: no drawing."""
-    box = find_drawing(grey)
+def drawing_view_matrix(bgr: np.ndarray, size: int) -> np.ndarray | None:
+    """`view_matrix` of the drawing `locate_drawing` finds in a BGR frame; None: no drawing."""
+    box, _ = framed_drawing(bgr, size)
     return None if box is None else view_matrix(box, size)
 
 
@@ -218,8 +245,16 @@ def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
     return cv2.resize(white, (size, size), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
 
 
+def framed_drawing(bgr: np.ndarray, size: int) -> tuple[DrawingBox | None, np.ndarray]:
+    """The drawing's box in a checked HxWx3 BGR frame and its size x size grey view; (None, white)
+    when there is no drawing, or what was found is too small a share of its view to be one."""
+    box = find_drawing(bgr)
+    white = redraw(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), box, size)
+    if box is not None and np.count_nonzero(white < 128) < MIN_VIEW_INK * white.size:
+        return None, np.full_like(white, 255)
+    return box, white
+
+
 def locate_drawing(bgr: np.ndarray, size: int) -> np.ndarray:
     """A checked HxWx3 BGR frame -> size x size x 3 BGR: the drawing, black on white, centred."""
-    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    white = redraw(grey, find_drawing(grey), size)
-    return cv2.cvtColor(white, cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(framed_drawing(bgr, size)[1], cv2.COLOR_GRAY2BGR)

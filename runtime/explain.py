@@ -202,7 +202,7 @@ def frame_affine(frame: np.ndarray, preprocess: PreprocessConfig, roi: Roi | Non
         frame = frame[top:bottom, left:right]
     size = preprocess.image_size
     if preprocess.locate == "drawing":
-        matrix = drawing_view_matrix(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), size)
+        matrix = drawing_view_matrix(frame, size)
         if matrix is None:  # no drawing: the view is blank, any square will do
             side = min(frame.shape[:2])
             matrix = np.array([[side / size, 0, 0], [0, side / size, 0]], np.float64)

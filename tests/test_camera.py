@@ -166,11 +166,50 @@ def test_redrawn_drawing_is_the_same_whatever_the_paper_and_light():
 )
 def test_no_drawing_in_a_uniform_frame(frame):
     grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-    assert find_drawing(grey) is None and drawing_view_matrix(grey, 56) is None
+    assert find_drawing(grey) is None and find_drawing(frame) is None
+    assert drawing_view_matrix(frame, 56) is None
     view = locate_drawing(frame, 56)
     assert view.shape == (56, 56, 3) and (view == 255).all()  # all white: the contrast gate refuses it
     # Float rounding of the Gaussian blur only (1.5e-5 grey levels measured).
     assert gate_contrast(frame, view, PreprocessConfig(image_size=56, locate="drawing")) < 1e-3
+
+
+def coloured(frame: np.ndarray, bgr: tuple[float, float, float]) -> np.ndarray:
+    """The grey frame tinted: each channel scaled by `bgr` (a coloured surface under white light)."""
+    return np.clip(frame.astype(np.float32) * np.array(bgr, np.float32), 0, 255).astype(np.uint8)
+
+
+def test_ink_on_a_coloured_surface_is_not_a_drawing():
+    """Skin, a desk, a sticky note: the paper under a drawing is white or grey (chroma <= 0.25). The
+    grey copy of the same frame, which has no colour to check, is found, so colour alone refuses it."""
+    frame = coloured(on_paper(letter(160, 8), paper=200, ink=60, at=(240, 160)), (0.6, 0.75, 1.0))  # skin
+    assert find_drawing(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)) is not None
+    assert find_drawing(frame) is None and (locate_drawing(frame, 56) == 255).all()
+    # A 7% cast (the simulator's most) leaves grey paper grey.
+    cast = coloured(on_paper(letter(160, 8), paper=200, ink=60, at=(240, 160)), (0.93, 1.0, 1.0))
+    assert find_drawing(cast) is not None
+
+
+def test_a_pen_on_the_desk_beside_a_blank_card_is_not_a_drawing():
+    """Thin dark things on a surface much darker than the brightest in the frame (the card) are clutter,
+    not ink on paper; the same stroke on the card is a drawing."""
+    scene = np.full((480, 640), 120, np.uint8)  # a mid-grey desk
+    scene[100:380, 360:600] = 235  # a blank card
+    cv2.line(scene, (60, 200), (260, 260), 30, 6)  # a pen on the desk
+    assert find_drawing(scene) is None
+    cv2.line(scene, (420, 200), (540, 300), 30, 6)  # the same stroke on the card
+    box = find_drawing(scene)
+    assert box is not None and 420 <= box.cx <= 540
+
+
+@pytest.mark.parametrize("seed", [5, 14, 21])
+def test_too_little_ink_in_its_view_is_not_a_drawing(seed):
+    """What is found, framed as a drawing, must cover MIN_VIEW_INK of its view. Blank cards under the
+    simulated camera whose noise or edge the search takes for ink (seeds chosen so) are left white."""
+    frame = render_empty_scene("blank card", np.random.default_rng(seed))
+    assert find_drawing(frame) is not None  # something was found ...
+    assert drawing_view_matrix(frame, 56) is None  # ... but it is no drawing
+    assert (locate_drawing(frame, 56) == 255).all()
 
 
 def test_the_drawing_fills_the_same_share_of_the_view_at_any_distance():
