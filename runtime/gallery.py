@@ -680,11 +680,12 @@ class Gallery:
             return []
         problems = self._file.check()
         for row in range(self._count):
-            try:
-                self._file.read_sum(self._record(row))
-                self._file.read_thumbnails(self._record(row))
-            except GalleryError as exc:
-                problems.append(str(exc))
+            record = self._record(row)
+            for read in (self._file.read_sum, self._file.read_thumbnails):  # a bad sum hides no thumbnail
+                try:
+                    read(record)
+                except GalleryError as exc:
+                    problems.append(str(exc))
         return problems
 
     # ----------------------------------------------------------------- loading
@@ -697,11 +698,14 @@ class Gallery:
         expected_description: str = "",
         bank_shapes: Mapping[str, Sequence[int]] | None = None,
         bank_dtypes: Mapping[str, str] | None = None,
+        bank_cache: bool = True,
     ) -> Gallery:
         """Open a gallery saved for the model `expected_fingerprint`; GalleryError on anything else.
 
         `bank_shapes`/`bank_dtypes`: the banks the caller's bundle uses (default: those of the bundle
         that saved it); rows whose bank is not cached in that layout are stale (`missing_banks`).
+        `bank_cache=False` leaves the bank cache alone (neither made nor locked; every bank stale): for
+        a check that only reads the file.
         A version 1 or 2 file whose converted file (`converted_path`) exists opens that file.
         """
         path = Path(path)
@@ -718,14 +722,16 @@ class Gallery:
             if newer.is_file():
                 log.info("%s was converted to %s; opening that", path, newer)
                 gallery = cls._load_file(
-                    newer, expected_fingerprint, expected_description, bank_shapes, bank_dtypes
+                    newer, expected_fingerprint, expected_description, bank_shapes, bank_dtypes, bank_cache
                 )
             else:
                 gallery = cls._load_legacy(path, expected_fingerprint, expected_description)
             gallery._legacy_path = path
             return gallery
         if is_gallery_database(head):
-            return cls._load_file(path, expected_fingerprint, expected_description, bank_shapes, bank_dtypes)
+            return cls._load_file(
+                path, expected_fingerprint, expected_description, bank_shapes, bank_dtypes, bank_cache
+            )
         if head.startswith(SQLITE_MAGIC):
             raise GalleryError(f"{path} is not a {FORMAT} file (an SQLite database of another application)")
         raise GalleryError(f"{path} is not a {FORMAT} file (neither an .npz archive nor a gallery database)")
@@ -757,6 +763,7 @@ class Gallery:
         description: str,
         bank_shapes: Mapping[str, Sequence[int]] | None,
         bank_dtypes: Mapping[str, str] | None,
+        bank_cache: bool = True,
     ) -> Gallery:
         remove_leftovers(path)
         file = GalleryFile.open(path, fingerprint, description)
@@ -788,7 +795,8 @@ class Gallery:
                 or gallery._banks.dtypes != meta["bank_dtypes"]
                 or gallery.model_description != meta["model_description"]
             )
-            gallery._move_banks_to_cache()
+            if bank_cache:
+                gallery._move_banks_to_cache()
         except BaseException:
             file.close()
             raise

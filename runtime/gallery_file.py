@@ -236,7 +236,7 @@ class GalleryFile:
         """SQLite's quick_check (its cost grows with the file): [] when the file is sound."""
         rows = self._query("PRAGMA quick_check")
         problems = [str(r[0]) for r in rows]
-        return [] if problems == ["ok"] else problems
+        return [] if problems == ["ok"] else [f"{self.path}: SQLite quick_check: {p}" for p in problems]
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

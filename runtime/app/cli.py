@@ -21,6 +21,8 @@ error), then the run stops. The window instead holds the last frame until q. SIG
 and SIGQUIT stop the run within a second; the gallery is saved. A gallery path that cannot be written
 is refused at start. A network stream that is lost (more than --retries
 reconnects within a minute) ends the run with exit status 1.
+
+`--check-gallery` checks the gallery in full and exits, with no source (runtime/app/gallery_check.py).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ import numpy as np
 
 from dmf_deploy.atomic import check_writable
 from dmf_deploy.cli_support import DmfCommand, version_option
-from dmf_deploy.manifest import BundleError, read_manifest
+from dmf_deploy.manifest import BundleError, Manifest, read_manifest
 from dmf_deploy.names import InvalidClassName, validate_class_name
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed, is_demo_name
 from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.commands import CommandFeed, Session
+from dmf_deploy.runtime.app.gallery_check import full_check
 from dmf_deploy.runtime.app.loop import JsonLinesOutput, Output, RunResult, Stats, run_loop
 from dmf_deploy.runtime.app.overlay import View, Window, class_strip, render
 from dmf_deploy.runtime.app.sources import SourceError, open_source
@@ -242,6 +245,13 @@ def open_recognizer(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the last window image (PNG/JPEG) at exit; works headless too.",
 )
+@click.option(
+    "--check-gallery",
+    is_flag=True,
+    help="Check the gallery (--gallery, or this bundle's default) in full: SQLite's quick_check and "
+    "every feature sum and thumbnail read; print each problem, exit 1 if there is any. Needs no "
+    "--camera or --source.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress on stderr.")
 @web_options  # --web, --web-token, --web-cert, --web-key, --webhook (runtime/app/web/)
 def main(
@@ -265,6 +275,7 @@ def main(
     max_speed: bool,
     retries: int,
     screenshot: Path | None,
+    check_gallery: bool,
     verbose: bool,
     web: str | None,
     web_token: str | None,
@@ -290,6 +301,10 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="dmf-run: %(message)s")
     if not verbose:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our messages say it better
+    if check_gallery:
+        if camera is not None or source is not None:
+            raise click.UsageError("--check-gallery checks a gallery and exits: give no --camera or --source")
+        sys.exit(run_gallery_check(resolve_bundle(bundle), gallery))
     if (camera is None) == (source is None):
         raise click.UsageError("give exactly one of --camera N or --source PATH|URI")
     names = parse_names(names_text)
@@ -306,12 +321,9 @@ def main(
         )
     bundle_path = resolve_bundle(bundle)
     gallery_is_default = gallery is None
-    if gallery is None:
-        try:
-            gallery = default_gallery_path(read_manifest(bundle_path).fingerprint)
-        except BundleError as exc:
-            raise AppError(str(exc)) from exc
-    gallery_path = gallery
+    gallery_path = (
+        gallery if gallery is not None else default_gallery_path(bundle_manifest(bundle_path).fingerprint)
+    )
     gallery_existed = gallery_path.is_file()
     try:  # found now, not at the end of the session whose enrolments it should hold
         check_writable(gallery_path)
@@ -402,6 +414,26 @@ def main(
         sys.exit(1)
     if signal.SIGINT in signals:
         sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
+
+
+def bundle_manifest(bundle: Path) -> Manifest:
+    try:
+        return read_manifest(bundle)
+    except BundleError as exc:
+        raise AppError(str(exc)) from exc
+
+
+def run_gallery_check(bundle: Path, gallery: Path | None) -> int:
+    """--check-gallery: print what the full check of the gallery found; the exit status (0: sound)."""
+    manifest = bundle_manifest(bundle)
+    path = gallery if gallery is not None else default_gallery_path(manifest.fingerprint)
+    try:
+        report = full_check(path, manifest)
+    except GalleryError as exc:
+        raise AppError(f"cannot check the gallery {path}: {str(exc).rstrip('.')}") from None
+    for line in report.lines:
+        click.echo(line)
+    return 0 if report.sound else 1
 
 
 def describe_gallery(path: Path, classes: list[str], existed: bool) -> str:

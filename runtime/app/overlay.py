@@ -211,11 +211,16 @@ def draw_panel(panel: np.ndarray, view: View) -> None:
         y += 34
 
 
+def strip_slots(width: int = VIDEO_WIDTH + PANEL_WIDTH) -> int:
+    """How many class tiles the strip shows at `width` pixels (the window's, by default)."""
+    return max(1, (width - 16) // (THUMB + 24))
+
+
 def draw_strip(strip: np.ndarray, view: View) -> None:
     """Enrolled classes as thumbnails with names and shot counts; the current class is framed."""
     strip[:] = BG
     cell = THUMB + 24
-    fits = max(1, (strip.shape[1] - 16) // cell)
+    fits = strip_slots(strip.shape[1])
     classes = view.classes
     hidden = max(0, len(classes) - fits)
     if hidden:  # show the newest classes; say how many older ones are off the strip
@@ -271,10 +276,12 @@ def draw_status(bar: np.ndarray, view: View) -> None:
 
 
 def class_strip(session: Session) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
-    """(name, shots) of every class, and their gallery thumbnails decoded from JPEG."""
+    """(name, shots) of every class, and the gallery thumbnails, decoded from JPEG, of the newest
+    classes: those the strip shows. Only those: every class's would cost time in N at each change of
+    the gallery (half a second at 10,000 classes, read from the file and decoded)."""
     classes = [(c["name"], c["shots"]) for c in session.class_list()]
     thumbs = {}
-    for name, _ in classes:
+    for name, _ in classes[-strip_slots() :]:
         image = decode_thumbnail(session.rec.gallery.thumbnail(name))
         if image is not None:
             thumbs[name] = image
