@@ -492,3 +492,25 @@ def test_camera_frames_through_the_packaged_bundle():
         total += len(queries)
     assert total == 600
     assert right / total >= bound, f"{right}/{total} right; the benchmark's bound is {bound:.3f}"
+
+
+@pytest.mark.parametrize("side", [105, 210, 420, 480])
+def test_a_drawing_filling_the_frame_is_found_at_any_size(side):
+    """The stroke kernel scales with the searched side: a drawing as large as a 420 px frame (strokes
+    wider than 11 px once shrunk by 2) is found, and its box comes back in the frame's own pixels,
+    also where a small scan is enlarged to be redrawn."""
+    frame = cv2.cvtColor(
+        cv2.resize(letter(105, 5), (side, side), interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR
+    )
+    matrix = drawing_view_matrix(frame, 56)
+    assert matrix is not None
+    centre = matrix @ np.array([27.5, 27.5, 1.0])  # the view's centre, in frame pixels
+    ys, xs = np.nonzero(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) < 128)
+    truth = np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2])
+    # Within 3% of the side: the search grid is 1/160 of the short side, plus the box's rounding.
+    assert np.abs(centre - truth).max() < 0.03 * side, (centre, truth)
+
+
+def test_a_long_thin_frame_is_not_enlarged_without_bound():
+    strip = np.full((2, 30000, 3), 200, np.uint8)
+    assert (locate_drawing(strip, 56) == 255).all()  # answers at once, no multi-gigabyte enlargement
