@@ -143,9 +143,14 @@ def find_drawing(frame: np.ndarray) -> DrawingBox | None:
     typical = float(np.median(paper[chosen]))
     on_paper = paper >= PAPER_SHARE * typical
     ys, xs = np.nonzero(chosen & on_paper)
-    if len(xs) == 0 or typical < MIN_PAPER_RANK * brightest:
+    # The paper is what lies between and beside the strokes (under a stroke wider than the closing
+    # square, the paper map is the stroke's own grey).
+    around = (labels == best) & (ink == 0)
+    if len(xs) == 0 or not around.any():
         return None
-    if colour is not None and _paper_chroma(_shrink(colour)[0], chosen & on_paper, kernel) > MAX_PAPER_CHROMA:
+    if float(np.median(paper[around])) < MIN_PAPER_RANK * brightest:
+        return None
+    if colour is not None and _chroma(_shrink(colour)[0][around]) > MAX_PAPER_CHROMA:
         return None
     angle = card_angle((small >= CARD_SHARE * typical) | chosen, xs, ys)
     # The box along the card's axes: ink coordinates turned back by the card's rotation.
@@ -159,10 +164,9 @@ def find_drawing(frame: np.ndarray) -> DrawingBox | None:
     return DrawingBox(centre_x / scale, centre_y / scale, width / scale, height / scale, angle)
 
 
-def _paper_chroma(colour: np.ndarray, ink: np.ndarray, kernel: int) -> float:
-    """(max - min) / max of the median B, G, R of the paper under the `ink` mask: 0 for grey paper."""
-    paper = cv2.morphologyEx(colour, cv2.MORPH_CLOSE, _square(kernel))
-    b, g, r = np.median(paper[ink].astype(np.float32), axis=0)
+def _chroma(pixels: np.ndarray) -> float:
+    """(max - min) / max of the median B, G, R of N x 3 pixels: 0 for grey."""
+    b, g, r = np.median(pixels.astype(np.float32), axis=0)
     return float((max(b, g, r) - min(b, g, r)) / max(b, g, r, 1.0))
 
 
