@@ -314,6 +314,47 @@ def test_recognizer_with_a_roi_sees_only_the_box():
         Recognizer.open("demo", roi=(0.5, 0.5, 0.6, 0.2))
 
 
+def gallery_state(rec) -> tuple:
+    g = rec.gallery
+    return rec.classes, g.counts.tolist(), [g.prototype(i).tobytes() for i in range(len(g))]
+
+
+def test_enrolment_refuses_a_frame_blank_to_the_model():
+    """Regression (issue [R]): a card held outside the guide box, or blank paper, was enrolled silently as
+    a class of nothing. A frame that classify's contrast gate calls blank is refused, nothing changed."""
+    from dmf_deploy.open_set import blank_reason
+    from dmf_deploy.runtime import Recognizer
+
+    rec = Recognizer.open("demo", backend="onnxruntime", roi=(0.5, 0.0, 0.5, 1.0))
+    inside = on_paper(letter(160, 8), 200, 40, (420, 150))  # the drawing in the box (the right half)
+    outside = on_paper(letter(160, 8), 200, 40, (60, 150))  # the same drawing left of the box
+    paper = on_paper(np.full((160, 160), 255, np.uint8), 200, 40, (420, 150))  # blank paper in the box
+    rec.enroll("A", [inside])
+    before = gallery_state(rec)
+    gate = rf"\(contrast [0-9.]+ < {rec.open_set.min_contrast:g} grey levels\)"
+    for frames, bad in (([outside], 0), ([paper], 0), ([inside, inside, outside], 2)):
+        for name in ("A", "B"):  # more shots of a class, or a new one
+            with pytest.raises(InvalidFrame, match=rf"frame {bad} is blank to the model {gate}"):
+                rec.enroll(name, frames)
+    enrollment = rec.enrollment("A")
+    enrollment.add(inside)
+    with pytest.raises(InvalidFrame, match=r"frame 1 is blank .*hold the drawing inside the guide box"):
+        enrollment.add(outside)
+    assert enrollment.shots == 1  # the refused frame added nothing
+    assert gallery_state(rec) == before
+    # One decision: classify calls unknown, as a blank frame, exactly what enrolment refuses.
+    for frame, blank in ((inside, False), (outside, True), (paper, True)):
+        reason = rec.classify(frame).reason
+        assert reason.startswith("blank frame") == blank, reason
+    assert blank_reason(rec.open_set, rec.open_set.min_contrast) == ""  # the bound itself is not blank
+    # Without a guide box the drawing is in the frame wherever it lies; blank paper is still refused.
+    whole = Recognizer.open("demo", backend="onnxruntime")
+    whole.enroll("A", [outside])
+    with pytest.raises(InvalidFrame, match="not blank paper"):
+        whole.enroll("B", [paper])
+    assert whole.classes == ["A"]
+
+
 def test_guide_box_is_drawn_in_the_window():
     from dmf_deploy.runtime.app.overlay import GUIDE, View, render
 
