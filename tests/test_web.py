@@ -464,16 +464,53 @@ def test_web_options_are_checked_before_anything_opens(clip):
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
 
 
-def test_the_live_view_draws_the_guide_box_it_is_given():
-    """The hook for issue [R]'s guide box: whatever box WebOutput.guide_box holds is drawn."""
-    from dmf_deploy.runtime.app.web.stream import GUIDE, StreamItem, draw_stream
+def coordinate_frame(width: int, height: int) -> np.ndarray:
+    """A frame whose every pixel holds its own (x, y): a cut of it says where it lies in the frame."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs % 256, ys % 256, xs // 256 * 16 + ys // 256], axis=2).astype(np.uint8)
 
-    frame = np.full((240, 320, 3), 255, np.uint8)
-    plain = draw_stream(StreamItem(frame, None, 0.0))
-    boxed = draw_stream(StreamItem(frame, None, 0.0, guide_box=(0.25, 0.25, 0.5, 0.5)))
-    assert plain.shape == boxed.shape == (480, 640, 3)  # 320x240 shown at 640x480
-    drawn = np.argwhere(np.any(boxed != plain, axis=2))
-    # The box's edges: x from 0.25 to 0.75 of 640, y from 0.25 to 0.75 of 480 (2 px lines, +-2 px).
-    assert abs(drawn[:, 1].min() - 160) <= 2 and abs(drawn[:, 1].max() - 480) <= 2
-    assert abs(drawn[:, 0].min() - 120) <= 2 and abs(drawn[:, 0].max() - 360) <= 2
-    assert tuple(boxed[120, 320]) == GUIDE
+
+def coordinates(pixel: np.ndarray) -> tuple[int, int]:
+    """(x, y) of a coordinate_frame pixel."""
+    blue, green, red = (int(v) for v in pixel)
+    return red // 16 * 256 + blue, red % 16 * 256 + green
+
+
+def region_seen(frame: np.ndarray, rec: Recognizer) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) frame pixels of the region `rec.classify` takes from the frame."""
+    from dmf_deploy.preprocess import model_views
+
+    cut = model_views([frame], rec.config.preprocess, rec.roi)[0][0]
+    (left, top), (last_x, last_y) = coordinates(cut[0, 0]), coordinates(cut[-1, -1])
+    return left, top, last_x + 1, last_y + 1
+
+
+def border_of(image: np.ndarray, colour: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """The rows and the columns that a box drawn in `colour` fills from one side to the other."""
+    mask = np.all(image == colour, axis=2)
+    return np.flatnonzero(mask.sum(axis=1) > 100).tolist(), np.flatnonzero(mask.sum(axis=0) > 100).tolist()
+
+
+@pytest.mark.parametrize("frame_size", [(640, 480), (320, 240)])  # shown 1:1, and scaled 2x
+def test_the_live_view_draws_the_region_the_model_sees(frame_size):
+    """Issue [R]'s guide box: the live view's box is the region the model sees, pixel for pixel, drawn by
+    the window's own function. (The live view had arithmetic of its own, a pixel off the model's region
+    on the right and bottom edges, and it drew a box the window did not.)"""
+    from dmf_deploy.runtime.app.overlay import GUIDE, GUIDE_LINE, View, render
+    from dmf_deploy.runtime.app.web.stream import StreamItem, draw_stream
+
+    rec = Recognizer.open("demo", backend="onnxruntime", roi=(0.25, 0.3, 0.5, 0.5))
+    frame = coordinate_frame(*frame_size)
+    left, top, right, bottom = region_seen(frame, rec)
+    assert (right - left, bottom - top) == (frame_size[0] // 2, frame_size[1] // 2)
+    view = draw_stream(StreamItem(frame, None, 0.0, guide_box=rec.roi))
+    assert view.shape == (480, 640, 3)  # the live view fits 640 x 480
+    s = 640 // frame_size[0]  # view pixels per frame pixel
+    rows, columns = border_of(view, GUIDE)
+    # The border lies just inside the region: its outer edge is the model's first and last pixels.
+    line = list(range(GUIDE_LINE))
+    assert rows == [s * top + i for i in line] + [s * bottom - GUIDE_LINE + i for i in line]
+    assert columns == [s * left + i for i in line] + [s * right - GUIDE_LINE + i for i in line]
+    # The window (and its screenshot) draws that very box on the same frame.
+    window = render(frame, View(roi=rec.roi))[:480, :640]
+    assert border_of(window, GUIDE) == (rows, columns)
