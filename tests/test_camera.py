@@ -498,6 +498,30 @@ def test_headless_run_with_a_roi_classifies_only_the_box(tmp_path):
     assert [p["label"] for p in preds] == ["A"] * 3  # clutter outside the box never reaches the model
 
 
+def test_headless_enrol_of_a_drawing_outside_the_box_is_an_error_event(tmp_path):
+    """`enroll NAME K` on frames whose drawing lies outside the guide box: one error event that says what
+    to do, no class, nothing saved."""
+    from bundles import dmf_run_command, parse_lines
+
+    outside = on_paper(letter(160, 8), 210, 30, (60, 150))  # left of the box, the right half
+    clip, db = _clip(tmp_path / "clip.avi", [outside] * 6), str(tmp_path / "g.dmfg")
+    proc = subprocess.run(
+        [*dmf_run_command(), "--source", str(clip), "--headless", "--roi", "0.5,0,0.5,1", "--gallery", db],
+        input="enroll A 3\nlist\nquit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    _, events = parse_lines(proc.stdout)
+    assert [e["event"] for e in events] == ["started", "error", "list", "stopped"], events
+    error = events[1]
+    assert error["command"] == "enroll A" and "frame 0 is blank to the model" in error["message"]
+    assert "hold the drawing inside the guide box" in error["message"]
+    assert events[2]["classes"] == []
+    assert not Path(db).exists()  # nothing changed, so nothing was saved
+
+
 # ----- the packaged demo model under the camera ------------------------------------------------------
 OMNIGLOT_DIR = Path(
     __import__("os").environ.get("DMF_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot")

@@ -348,6 +348,16 @@ def test_an_upload_over_the_bound_is_refused(console, unchanged):
     conn.close()
 
 
+def test_a_shot_blank_to_the_model_is_a_400_and_changes_nothing(console, unchanged):
+    """Issue [R]: blank paper is refused as a shot (it was enrolled as a class of nothing), all or nothing."""
+    blank = cv2.imencode(".png", np.full((112, 112, 3), 230, np.uint8))[1].tobytes()
+    for name in ("keep", "paper"):  # more shots of a class, or a new one
+        for shots, bad in (([("b.png", blank)], 0), ([("R.png", symbol_png("R", 3)), ("b.png", blank)], 1)):
+            reply = console.upload(f"/api/classes/{name}/shots", shots)
+            assert reply.status == 400 and error_of(reply) == "enroll_failed", reply.body
+            assert f"frame {bad} is blank to the model (contrast" in reply.json()["detail"]
+
+
 def test_a_path_in_a_class_name_is_refused(console, unchanged):
     upload = [("R.png", symbol_png("R", 1))]
     for path in (
@@ -368,6 +378,35 @@ def test_a_path_in_a_class_name_is_refused(console, unchanged):
 
 
 # ----- settings, without a server ------------------------------------------------------------------
+def test_with_a_guide_box_the_live_view_shows_it_and_a_shot_outside_it_is_refused(clip, tmp_path):
+    """dmf-run --web --roi: the live view draws the box the model sees, and a live shot whose drawing lies
+    outside it (the clip's symbols are in the middle, the box in the top-left corner) is refused."""
+    from dmf_deploy.preprocess import Roi
+    from dmf_deploy.runtime.app.overlay import GUIDE, GUIDE_LINE, guide_box_pixels
+
+    roi = Roi(0.0, 0.0, 0.2, 0.2)
+    args = ["--source", clip, "--loop", "--bundle", "demo", "--gallery", tmp_path / "g.dmfg"]
+    running = start_console([*args, "--roi", "0,0,0.2,0.2"], TOKEN)
+    try:
+        image = cv2.imdecode(np.frombuffer(mjpeg_parts(running, 1)[0], np.uint8), cv2.IMREAD_COLOR)
+        left, top, right, bottom = guide_box_pixels(roi, (112, 112), image.shape[1], image.shape[0])
+        guide = np.abs(image.astype(int) - GUIDE).max(axis=2) <= 60  # the colour, through JPEG
+        # The box's right side, below the label band drawn over the top of the view.
+        assert guide[bottom - 40 : bottom - 4, right - GUIDE_LINE : right].mean() > 0.8
+        assert guide[bottom + 10 :, right + 10 :].mean() < 0.01  # nothing of it elsewhere
+        deadline = time.monotonic() + 10
+        reply = running.request("POST", "/api/classes/A/snap")
+        while reply.status == 409 and time.monotonic() < deadline:  # no frame on screen yet
+            time.sleep(0.2)
+            reply = running.request("POST", "/api/classes/A/snap")
+        assert reply.status == 400 and error_of(reply) == "enroll_failed", reply.body
+        assert "blank to the model" in reply.json()["detail"]
+        assert "hold the drawing inside the guide box" in reply.json()["detail"]
+        assert running.classes() == []
+    finally:
+        assert running.stop() == 0
+
+
 def test_a_non_loopback_bind_gets_a_token_and_loopback_does_not(monkeypatch):
     monkeypatch.delenv("DMF_WEB_TOKEN", raising=False)
     assert resolve_settings("8080").host == "127.0.0.1" and resolve_settings("8080").token is None
