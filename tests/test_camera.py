@@ -3,6 +3,7 @@ contrast gate on what the model sees, and training that sees cameras."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -533,8 +534,9 @@ CAMERA_FIGURES = REPO / "benchmarks" / "camera-test.json"  # benchmarks/camera.p
 def test_camera_frames_through_the_packaged_bundle():
     """Held-out characters (Korean, Latin) as webcam frames with every factor on, enrolled and
     recognised through the public Recognizer on the packaged bundle: 20-way 1-shot within one
-    alphabet, 600 queries (800 frames). The accuracy must reach the benchmark's all-factors figure
-    minus its 95% interval (the benchmark, 300 episodes of the same protocol, wrote CAMERA_FIGURES)."""
+    alphabet, 600 queries (800 frames); a shot refused as blank is filmed again, as a user would. The
+    accuracy must reach the benchmark's all-factors figure minus its 95% interval (the benchmark, 300
+    episodes of the same protocol, wrote CAMERA_FIGURES)."""
     import json
 
     from dmf_deploy.runtime import Recognizer
@@ -549,8 +551,12 @@ def test_camera_frames_through_the_packaged_bundle():
     for episode in EpisodeSampler(ds, 20, 1, 3, 10, seed=2026, within_alphabet=True):
         rec = Recognizer.open("demo", backend="onnxruntime")
         for c in range(20):
-            shot = int(episode.support_indices[episode.support_labels == c][0])
-            rec.enroll(f"c{c}", [render_card_frame(ds.load(shot), rng)])
+            shot = ds.load(int(episode.support_indices[episode.support_labels == c][0]))
+            for _ in range(5):  # a shot the model sees as blank is refused: film the card again
+                with contextlib.suppress(InvalidFrame):
+                    rec.enroll(f"c{c}", [render_card_frame(shot, rng)])
+                    break
+            assert f"c{c}" in rec.classes
         queries = [render_card_frame(ds.load(int(i)), rng) for i in episode.query_indices]
         predicted = rec.scores(queries).argmax(axis=1)
         right += int((predicted == episode.query_labels).sum())
