@@ -30,6 +30,7 @@ from web_client import (  # noqa: E402  (tests/web_client.py)
     mjpeg_parts,
     multipart,
     start_console,
+    symbol_frame,
     symbol_png,
 )
 
@@ -179,7 +180,7 @@ def test_live_shots_come_from_the_frames_on_screen(console):
         head, _, data = reply.json()["shot"].partition(",")
         assert head == "data:image/jpeg;base64"
         shot = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
-        assert shot.shape == (96, 96, 3)  # the 112 px frame, shown small
+        assert shot.shape == (96, 96, 3)  # the square frame, shown small
     assert console.send_json("PATCH", "/api/state", {"paused": True}).status == 200
     try:  # a held frame is not a new shot
         assert error_of(console.request("POST", "/api/classes/live/snap")) == "no_live_frame"
@@ -214,9 +215,11 @@ def test_explain_draws_the_points_on_the_live_view(console):
 
     def colour(jpeg: bytes) -> float:  # the clip is grey ink on white; the heat map is coloured
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(int)
-        return float((image.max(axis=2) - image.min(axis=2)).mean())
+        h, w = image.shape[:2]
+        drawing = image[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3]  # the symbol: the card's middle third
+        return float((drawing.max(axis=2) - drawing.min(axis=2)).mean())
 
-    # The recognised R frames get the heat map; the label band is the only colour otherwise.
+    # The recognised R frames get the heat map over the drawing; nothing else there is coloured.
     assert max(map(colour, explained)) > 10 * max(map(colour, plain))
 
 
@@ -389,7 +392,8 @@ def test_with_a_guide_box_the_live_view_shows_it_and_a_shot_outside_it_is_refuse
     running = start_console([*args, "--roi", "0,0,0.2,0.2"], TOKEN)
     try:
         image = cv2.imdecode(np.frombuffer(mjpeg_parts(running, 1)[0], np.uint8), cv2.IMREAD_COLOR)
-        left, top, right, bottom = guide_box_pixels(roi, (112, 112), image.shape[1], image.shape[0])
+        shape = symbol_frame("R", 0).shape  # the clip's frames' size
+        left, top, right, bottom = guide_box_pixels(roi, shape, image.shape[1], image.shape[0])
         guide = np.abs(image.astype(int) - GUIDE).max(axis=2) <= 60  # the colour, through JPEG
         # The box's right side, below the label band drawn over the top of the view.
         assert guide[bottom - 40 : bottom - 4, right - GUIDE_LINE : right].mean() > 0.8
