@@ -50,7 +50,7 @@ from dmf_deploy.export.cohort import (
     score_images,
 )
 from dmf_deploy.manifest import read_manifest
-from dmf_deploy.open_set import OPEN_SET_FILE, OpenSetRule, refusal, relative_score
+from dmf_deploy.open_set import OPEN_SET_FILE, OpenSetRule, blank_reason, refusal, relative_score
 from dmf_deploy.packaged import DEMO_BUNDLE
 from dmf_deploy.runtime.backends import Backend, open_backend
 from dmf_deploy.train.datasets import FewShotDataset, open_dataset
@@ -116,7 +116,7 @@ def decide(
     """The bundle's rule at its default sensitivity: (accepted [Q], decision score [Q])."""
     accepted = np.array([not refusal(rule, c, "", b, o) for b, o, c in zip(best, own, contrast)])
     score = np.array(
-        [relative_score(b, o) if c >= rule.min_contrast else -np.inf for b, o, c in zip(best, own, contrast)]
+        [-np.inf if blank_reason(rule, c) else relative_score(b, o) for b, o, c in zip(best, own, contrast)]
     )
     return accepted, score
 

@@ -163,6 +163,15 @@ def relative_score(best: float, own: float) -> float:
     return best / own if own > 0 and math.isfinite(own) else -math.inf
 
 
+def blank_reason(rule: OpenSetRule, contrast: float) -> str:
+    """Why a frame is blank to the model (gate 1: `contrast`, `gate_contrast`'s measure, below the rule's
+    `min_contrast`), or "" when it is not. The one blank test: `refusal` calls such a frame unknown, and
+    enrolment refuses it (a class enrolled from blank paper would match every empty scene)."""
+    if contrast < rule.min_contrast:
+        return f"contrast {contrast:.1f} < {rule.min_contrast:g} grey levels"
+    return ""
+
+
 def refusal(
     rule: OpenSetRule,
     contrast: float,
@@ -173,8 +182,9 @@ def refusal(
     threshold: float | None = None,
 ) -> str:
     """Why the frame is unknown (its `Prediction.reason`), or "" when `best_name` is accepted."""
-    if contrast < rule.min_contrast:
-        return f"blank frame: contrast {contrast:.1f} < {rule.min_contrast:g} grey levels"
+    blank = blank_reason(rule, contrast)
+    if blank:
+        return f"blank frame: {blank}"
     if threshold is not None:
         if best < threshold:
             return f"best match {best_name!r} scores {best:.2f} < threshold {threshold:g}"

@@ -18,12 +18,11 @@ import numpy as np
 
 from dmf_deploy.manifest import BACKBONE, CLASS_BANK, EXPLAIN, HEAD, SUPPORT, Manifest, verify_graph
 from dmf_deploy.names import validate_class_name
-from dmf_deploy.open_set import gate_contrast, load_open_set, own_scores, refusal
+from dmf_deploy.open_set import blank_reason, gate_contrast, load_open_set, own_scores, refusal
 from dmf_deploy.packaged import resolve_bundle_path
 from dmf_deploy.preprocess import (
     InvalidFrame,
     Roi,
-    checked_frames,
     model_views,
     preprocess_frames,
     refuse_none,
@@ -261,7 +260,8 @@ class Recognizer:
 
     # ----- changing --------------------------------------------------------------------------------
     def enroll(self, name: str, frames: Sequence[np.ndarray] | np.ndarray) -> None:
-        """Add frames as shots of `name` (a new class, or more shots of an existing one)."""
+        """Add frames as shots of `name` (a new class, or more shots of an existing one). InvalidFrame,
+        with nothing enrolled, if any frame is not one or is blank to the model (`_enrollment_inputs`)."""
         name = validate_class_name(name)
         if (
             isinstance(frames, np.ndarray)
@@ -273,9 +273,34 @@ class Recognizer:
         refuse_none(frames)
         if len(frames) == 0:
             raise InvalidFrame(f"no frames given to enrol {name!r}")
-        feats = self.features(frames)  # validates every frame before anything changes
-        first = checked_frames(frames[:1], self.roi)[0]
-        self._add_shots(name, feats.astype(np.float64).sum(axis=0), len(feats), first)
+        checked, images = self._enrollment_inputs(frames)  # every frame refused or taken, nothing changed
+        feats = self.backend.run(BACKBONE, {"images": images})["features"]
+        self._add_shots(name, feats.astype(np.float64).sum(axis=0), len(feats), checked[0])
+
+    def _enrollment_inputs(
+        self, frames: Sequence[np.ndarray] | np.ndarray, first: int = 0
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """(the frames checked and cut to `roi`, the backbone's input [B, 3, S, S]) of frames to enrol.
+
+        InvalidFrame for a frame that is not one, or that the open-set rule's contrast gate calls blank
+        (`blank_reason`, as `classify` does): a class enrolled from blank paper, or from a card held
+        outside the guide box, would match every empty scene. `first`: the first frame's number in the
+        message (an enrolment's frames come one at a time).
+        """
+        pre = self.config.preprocess
+        checked, views = model_views(frames, pre, self.roi)
+        for i, (frame, view) in enumerate(zip(checked, views)):
+            blank = blank_reason(self.open_set, gate_contrast(frame, view, pre))
+            if blank:
+                raise InvalidFrame(f"frame {first + i} is blank to the model ({blank}): {self._blank_hint()}")
+        return checked, stack_inputs(views, pre)
+
+    def _blank_hint(self) -> str:
+        """What to do about a blank frame: with a guide box, the drawing is most likely outside it."""
+        if self.roi is None:
+            return "show the drawing (or object) itself, not blank paper or a uniform surface"
+        r = self.roi
+        return f"hold the drawing inside the guide box (roi {r.x:g},{r.y:g},{r.w:g},{r.h:g} of the frame)"
 
     def enrollment(self, name: str) -> Enrollment:
         """Enrol `name` frame by frame: `e.add(frame)` computes each frame's features as it comes,
@@ -502,11 +527,13 @@ class Enrollment:
         self._thumbnail: np.ndarray | None = None
 
     def add(self, frame: np.ndarray) -> None:
-        """Compute one frame's features and add them (InvalidFrame for a frame that is not one)."""
-        features = self.rec.features([frame])[0].astype(np.float64)
+        """Compute one frame's features and add them. InvalidFrame, with nothing added, for a frame that
+        is not one or that is blank to the model (as `Recognizer.enroll`)."""
+        checked, images = self.rec._enrollment_inputs([frame], first=self.shots)
+        features = self.rec.backend.run(BACKBONE, {"images": images})["features"][0].astype(np.float64)
         self._sum = features if self._sum is None else self._sum + features
         if self._thumbnail is None:
-            self._thumbnail = _shrink(checked_frames([frame], self.rec.roi)[0], THUMBNAIL_SIZE)
+            self._thumbnail = _shrink(checked[0], THUMBNAIL_SIZE)
         self.shots += 1
 
     def commit(self) -> None:

@@ -464,6 +464,16 @@ def cross() -> np.ndarray:
     return cv2.line(cv2.line(paper, (20, 20), (85, 85), 0, 6), (85, 20), (20, 85), 0, 6)
 
 
+def on_card(drawing: np.ndarray, margin: float = 1.0) -> np.ndarray:
+    """A drawing that fills its image, centred on paper `margin` times its side wide on every side: a
+    card as a webcam sees it, the drawing well inside the frame. The demo model's frame rule looks for
+    pen strokes much narrower than the frame; a thick-stroked drawing filling a small frame edge to edge
+    can be blank to it, and enrolment refuses a frame the model sees as blank."""
+    side = round(margin * max(drawing.shape[:2]))
+    paper = [int(v) for v in np.median(drawing.reshape(-1, drawing.shape[2]), axis=0)]
+    return cv2.copyMakeBorder(drawing, side, side, side, side, cv2.BORDER_CONSTANT, value=paper)
+
+
 class Recorder:
     """An Output that keeps what it is shown; as the window does, it can hold the last frame."""
 

@@ -185,7 +185,7 @@ def test_window_pauses_confirms_deletes_undoes_and_greys_an_unknown_frame(
     bundle = export_small_bundle(tmp_path_factory, seed=0, train_steps=200)  # shared with test_app.py
     blank = np.full_like(GLYPHS.render(0, 0), 255)  # no edge: unknown whatever the model scores
     rate = 10.0
-    clip = write_video(tmp_path / "clip.mp4", [GLYPHS.render(0, i) for i in range(20)] + [blank] * 40, rate)
+    clip = write_video(tmp_path / "clip.mp4", [GLYPHS.render(0, i) for i in range(40)] + [blank] * 40, rate)
     gallery = tmp_path / "g.dmfg"
     shot = artifacts / "dmf-run-unknown.png"
     shot.unlink(missing_ok=True)
@@ -202,13 +202,14 @@ def test_window_pauses_confirms_deletes_undoes_and_greys_an_unknown_frame(
     started = time.monotonic()
     try:
         window = find_window(env, child)
-        press(env, window, "n", "p", "space", "space", "p")  # paused: space enrols the held frame, twice
-        press(env, window, "n", "c", "u", "p", "Return", "space")  # "cup", one shot
+        press(env, window, "n", "p", "space", "space")  # paused: space enrols the held frame, twice
+        # "cup", one shot of the held glyph (a blank frame, once the clip gets there, is refused), resume
+        press(env, window, "n", "c", "u", "p", "Return", "space", "p")
         press(env, window, "d", "x")  # asked, then any other key: cup is kept
         press(env, window, "d", "d")  # asked and confirmed: cup is deleted
         press(env, window, "u")  # and undone (nothing was saved in between)
         # Let the clip reach its blank frames and end: the last frame held on screen is unknown.
-        time.sleep(max(0.0, 60 / rate + 2.0 - (time.monotonic() - started)))
+        time.sleep(max(0.0, 80 / rate + 2.0 - (time.monotonic() - started)))
         press(env, window, "q", closes_window=True)
         out, err = child.communicate(timeout=30)
     finally:
@@ -232,6 +233,54 @@ def test_window_pauses_confirms_deletes_undoes_and_greys_an_unknown_frame(
     assert colour_pixels(panel, KNOWN) == 0  # no known-green headline and no green best bar
     assert colour_pixels(bars, BAR_UNKNOWN, tolerance=4) > 100 and colour_pixels(bars, BAR, 12) == 0
     print(f"window screenshot of an unknown frame: {shot}")
+
+
+def test_window_refuses_a_shot_outside_the_guide_box(display, artifacts, tmp_path):
+    """Issue [R]: with --roi, `space` on a frame whose drawing lies outside the guide box says what to do
+    (the status line, and the log on stderr) and enrols nothing; the box drawn is the region the model
+    sees. The frame is one image, held after the source ends."""
+    from dmf_deploy.preprocess import Roi
+    from dmf_deploy.runtime.app.overlay import GUIDE, GUIDE_LINE, guide_box_pixels
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frame = np.full((480, 640, 3), 220, np.uint8)  # an "A" in pen on the left half; the box is the right
+    cv2.polylines(frame, [np.array([[80, 330], [160, 150], [240, 330]], np.int32)], False, (30, 30, 30), 8)
+    cv2.line(frame, (120, 260), (200, 260), (30, 30, 30), 8)
+    cv2.imwrite(str(folder / "frame.png"), frame)
+    gallery = tmp_path / "g.dmfg"
+    shot = artifacts / "dmf-run-guide-box.png"
+    shot.unlink(missing_ok=True)
+    env = {**os.environ, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
+    command = [*dmf_run_command(), "--source", str(folder), "--gallery", str(gallery), "--roi", "0.5,0,0.5,1"]
+    child = subprocess.Popen(
+        [*command, "--names", "A", "--screenshot", str(shot)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        window = find_window(env, child)
+        press(env, window, "n", "space")
+        press(env, window, "q", closes_window=True)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and "Traceback" not in err, err
+    assert "dmf-run: error: frame 0 is blank to the model" in err
+    assert "hold the drawing inside the guide box" in err
+    assert not gallery.exists()  # nothing enrolled, nothing saved
+
+    image = cv2.imread(str(shot))
+    assert image is not None, f"no screenshot at {shot}"
+    left, top, right, bottom = guide_box_pixels(Roi(0.5, 0, 0.5, 1), frame.shape, VIDEO_WIDTH, 480)
+    guide = np.all(image[:480, :VIDEO_WIDTH] == GUIDE, axis=2)
+    for side in (slice(left, left + GUIDE_LINE), slice(right - GUIDE_LINE, right)):
+        assert guide[top:bottom, side].mean() > 0.9
+    assert not guide[:, : left - 1].any()  # the box, not the frame's left half, is where the model looks
+    print(f"window screenshot with the guide box: {shot}")
 
 
 def test_explain_overlay_draws_the_markers(display, artifacts, tmp_path):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -126,6 +127,31 @@ def test_enrolment_progress_counts_shots_not_frames(tmp_path):
     assert len(ticks) == 3 * 2 < max(script.enroll) + 1  # 6 shots, out of the 10 frames decoded
     assert ticks == [1, 1, 2, 2, 3, 3]  # a class's shots count once the class is enrolled
     assert rec.classes == list(script.symbols)
+
+
+@pytest.mark.skipif(not (DEMO_BUNDLE / "manifest.json").is_file(), reason="no demo bundle")
+def test_a_shot_blank_to_the_model_is_left_out_and_said(tmp_path):
+    """A shot whose drawing the model does not find is refused (issue [R]); dmf-demo leaves it out and
+    says so, and a class left with no shot is not enrolled, instead of stopping with a traceback."""
+    from dmf_deploy.runtime import Recognizer
+
+    script = demo.make_script(classes=2, shots=2, frames_per_class=3, seed=1)
+    frames = list(demo.render_frames(script, seed=1))
+    paper = np.full_like(frames[0], 200)  # the card out of view: blank paper
+    frames[1] = frames[3] = frames[4] = paper  # the first class's second shot; both of the second's
+    video = tmp_path / "demo.avi"
+    demo.write_video(video, iter(frames), demo.FRAME_SIZE)
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    left_out = demo.enrol_from_video(rec, video, script)
+    first, second = script.symbols
+    assert rec.classes == [first] and rec.shots(first) == 1
+    assert [line.split(" is left out")[0] for line in left_out[:3]] == [
+        f"the shot of {first!r} at video frame 1",
+        f"the shot of {second!r} at video frame 3",
+        f"the shot of {second!r} at video frame 4",
+    ]
+    assert all("blank to the model" in line for line in left_out[:3])
+    assert left_out[3:] == [f"{second!r} is not enrolled: the model saw every shot of it as blank"]
 
 
 def test_bad_options_are_usage_errors():

@@ -30,9 +30,16 @@ def rec() -> Recognizer:
 
 
 def hd(image: np.ndarray) -> np.ndarray:
+    """A 720p frame: the drawing at 3x, centred on white paper. (Stretched to fill the frame, its 6 px
+    pen line would be a 40-70 px band, which the demo model's frame rule does not take for ink: a blank
+    frame, which enrolment refuses.)"""
     import cv2
 
-    return cv2.resize(image, HD[::-1], interpolation=cv2.INTER_NEAREST)
+    frame = np.full((*HD, 3), 255, np.uint8)
+    big = cv2.resize(image, None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST)
+    top, left = (HD[0] - big.shape[0]) // 2, (HD[1] - big.shape[1]) // 2
+    frame[top : top + big.shape[0], left : left + big.shape[1]] = big
+    return frame
 
 
 def test_enroll_k_from_a_video_holds_no_frames(rec: Recognizer, tmp_path) -> None:

@@ -15,7 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bundles import checkpoint_of, export_small_bundle, make_model, relative_error  # tests/bundles.py
+from bundles import (  # tests/bundles.py
+    checkpoint_of,
+    export_small_bundle,
+    make_model,
+    on_card,
+    relative_error,
+)
 from click.testing import CliRunner
 
 from dmf_deploy.glyphs import GlyphSet
@@ -35,6 +41,13 @@ from dmf_deploy.runtime.explain import (
 from dmf_deploy.runtime.tools.explain_cli import main as explain_main
 
 GLYPHS = GlyphSet(7, seed=21, image_size=64, jitter=0.3)
+
+
+def glyph(class_id: int, index: int) -> np.ndarray:
+    """A drawing of GLYPHS on a card, as a webcam sees it (the demo model finds the drawing in it)."""
+    return on_card(GLYPHS.render(class_id, index))
+
+
 # Contract (README, docs): the contributions' mean is the score to 1e-5 relative. Both come from float32
 # graphs summing the same terms in another order (<= 49 positions): measured ~1e-7.
 SCORE_TOL = 1e-5
@@ -59,7 +72,7 @@ def bundle_and_checkpoint(which: str, random_bundle: Path) -> tuple[Path, Path]:
 def enrolled(bundle: Path, n: int, shots: int = 1) -> Recognizer:
     rec = Recognizer.open(bundle)
     for c in range(n):
-        rec.enroll(f"glyph {c}", [GLYPHS.render(c, i) for i in range(shots)])
+        rec.enroll(f"glyph {c}", [glyph(c, i) for i in range(shots)])
     return rec
 
 
@@ -71,7 +84,7 @@ def enrolled(bundle: Path, n: int, shots: int = 1) -> Recognizer:
 def test_contributions_average_to_the_score(random_bundle, which, n):
     bundle, _ = bundle_and_checkpoint(which, random_bundle)
     rec = enrolled(bundle, n, shots=2)
-    queries = [GLYPHS.render(c % 7, 300 + c) for c in range(3)]
+    queries = [glyph(c % 7, 300 + c) for c in range(3)]
     scores = rec.scores(queries)
     means = np.array([[rec.explain(q, c).score for c in rec.classes] for q in queries])  # float64 means
     assert relative_error(means, scores) <= SCORE_TOL
@@ -94,7 +107,7 @@ def test_sampled_points_are_pytorchs_sampling_positions(random_bundle, which, on
     rec = enrolled(bundle, 3, shots=2)
     model = load_checkpoint(ckpt)
     size = rec.config.preprocess.image_size
-    query = GLYPHS.render(1, 400)
+    query = glyph(1, 400)
     feats = torch.from_numpy(rec.features([query]))
     protos = torch.from_numpy(rec.gallery.prototypes())
     with torch.no_grad():
@@ -155,7 +168,7 @@ def test_zero_offset_weights_sample_the_undeformed_neighbourhood(tmp_path, one_t
     ckpt = save_checkpoint(model, tmp_path / "no_offsets.pt", note="offset conv zeroed")
     bundle = export_bundle(ckpt, tmp_path / "bundle", check=False)
     rec = enrolled(bundle, 2)
-    ex = rec.explain(GLYPHS.render(0, 9), "glyph 1")
+    ex = rec.explain(glyph(0, 9), "glyph 1")
     size, (h, w) = rec.config.preprocess.image_size, ex.contributions.shape
     rows, cols = np.divmod(np.arange(h * w), w)
     np.testing.assert_allclose(ex.query_points[:, 0], (cols + 0.5) * size / w - 0.5, rtol=0, atol=1e-5)
@@ -171,7 +184,7 @@ def test_zero_offset_weights_sample_the_undeformed_neighbourhood(tmp_path, one_t
 
 def test_render_has_the_documented_size_and_marks_the_points(random_bundle):
     rec = enrolled(random_bundle, 2)
-    query = GLYPHS.render(0, 50)
+    query = glyph(0, 50)
     ex = rec.explain(query, "glyph 0")
     figure = ex.render(query)
     assert figure.shape == (FIGURE_HEIGHT, FIGURE_WIDTH, 3) == (384, 640, 3) and figure.dtype == np.uint8
@@ -188,7 +201,7 @@ def test_render_has_the_documented_size_and_marks_the_points(random_bundle):
     for point in inside:
         b, g, r = at(1, point)
         assert r > 180 and g < 60 and b < 60  # red sampled points
-    other = ex.render(query, support=GLYPHS.render(1, 0), position=0)
+    other = ex.render(query, support=glyph(1, 0), position=0)
     assert other.shape == figure.shape
     assert not np.array_equal(other, figure)
     with pytest.raises(ValueError, match="position"):
@@ -213,14 +226,14 @@ def test_bundle_without_explain_says_so(old_bundle):
     assert EXPLAIN not in Manifest.read(old_bundle).graphs
     rec = enrolled(old_bundle, 1)
     with pytest.raises(ExplanationUnavailable, match="exported without explanation support.*dmf-export"):
-        rec.explain(GLYPHS.render(0, 1), "glyph 0")
-    assert rec.classify(GLYPHS.render(0, 1)).label == "glyph 0"  # the bundle itself still works
+        rec.explain(glyph(0, 1), "glyph 0")
+    assert rec.classify(glyph(0, 1)).label == "glyph 0"  # the bundle itself still works
 
 
 def test_unknown_class_and_bad_frame_are_named(random_bundle):
     rec = enrolled(random_bundle, 1)
     with pytest.raises(UnknownClassError, match="no class named 'mug'.*'glyph 0'"):
-        rec.explain(GLYPHS.render(0, 1), "mug")
+        rec.explain(glyph(0, 1), "mug")
     with pytest.raises(InvalidFrame):
         rec.explain(np.zeros((4, 4, 4), np.uint8), "glyph 0")
 
@@ -246,8 +259,8 @@ def run_cli(*args: str):
 
 
 def test_cli_writes_the_figure_and_the_arrays(tmp_path):
-    query = write(tmp_path / "q.png", GLYPHS.render(3, 7))
-    support = write(tmp_path / "s.png", GLYPHS.render(3, 0))
+    query = write(tmp_path / "q.png", glyph(3, 7))
+    support = write(tmp_path / "s.png", glyph(3, 0))
     out, arrays = tmp_path / "fig.png", tmp_path / "fig.json"
     args = ["--support", str(support), "--frame", str(query), "--out", str(out), "--json", str(arrays)]
     result = run_cli("--bundle", "demo", *args)
@@ -264,7 +277,7 @@ def test_cli_writes_the_figure_and_the_arrays(tmp_path):
 
     # The same class from a gallery file.
     rec = Recognizer.open("demo")
-    rec.enroll("three", [GLYPHS.render(3, 0)])
+    rec.enroll("three", [glyph(3, 0)])
     gallery = rec.save(tmp_path / "g.dmfg")
     out2 = tmp_path / "fig2.png"
     result = run_cli("--gallery", str(gallery), "--class", "three", "--frame", str(query), "--out", str(out2))
@@ -274,7 +287,7 @@ def test_cli_writes_the_figure_and_the_arrays(tmp_path):
 
 
 def test_cli_hostile_inputs_are_named_errors(tmp_path, old_bundle):
-    query = write(tmp_path / "q.png", GLYPHS.render(0, 1))
+    query = write(tmp_path / "q.png", glyph(0, 1))
     out = tmp_path / "fig.png"
     missing = run_cli("--support", str(query), "--frame", str(tmp_path / "nope.png"), "--out", str(out))
     assert missing.exit_code == 2 and "query image" in missing.output and "does not exist" in missing.output
@@ -283,7 +296,7 @@ def test_cli_hostile_inputs_are_named_errors(tmp_path, old_bundle):
     bad = run_cli("--support", str(query), "--frame", str(junk), "--out", str(out))
     assert bad.exit_code == 2 and "not an image" in bad.output
     rec = Recognizer.open("demo")
-    rec.enroll("zero", [GLYPHS.render(0, 0)])
+    rec.enroll("zero", [glyph(0, 0)])
     gallery = rec.save(tmp_path / "g.dmfg")
     unknown = run_cli("--gallery", str(gallery), "--class", "mug", "--frame", str(query), "--out", str(out))
     assert unknown.exit_code == 2 and "no class named 'mug'" in unknown.output
@@ -344,6 +357,6 @@ def test_add_explain_graph_leaves_the_other_graphs_alone(
         add_explain_graph(DEMO_0_1_0 / "demo.pt", bundle)  # a second call replaces nothing
     assert (bundle / "explain.onnx").read_bytes() == explain_bytes
     rec = enrolled(bundle, 2)
-    query = GLYPHS.render(1, 5)
+    query = glyph(1, 5)
     means = [rec.explain(query, c).score for c in rec.classes]
     assert relative_error(np.array([means]), rec.scores([query])) <= SCORE_TOL

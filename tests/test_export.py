@@ -234,7 +234,10 @@ def test_scores_are_finite_on_real_frames(tmp_path: Path, small_ckpt: Path) -> N
 
     bundle = export_bundle(small_ckpt, tmp_path / "b", check=False)
     rec = Recognizer.open(bundle, backend="onnxruntime")
+    import cv2
+
     frames = [np.full((40, 50, 3), v, np.uint8) for v in (0, 128, 255)]
-    rec.enroll("a", frames[:1])
-    rec.enroll("b", frames[1:2])
+    # Shots need an edge (a uniform frame is refused as one): a pen line on two of them. All are scored.
+    rec.enroll("a", [cv2.line(frames[0].copy(), (5, 5), (40, 30), (255, 255, 255), 2)])
+    rec.enroll("b", [cv2.line(frames[1].copy(), (5, 30), (40, 5), (0, 0, 0), 2)])
     assert np.isfinite(rec.scores(frames)).all()

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from bundles import on_card  # tests/bundles.py
 
 from dmf_deploy.export.cohort import (
     CohortError,
@@ -167,6 +168,11 @@ needs_demo = pytest.mark.skipif(not demo_bundle_installed(), reason="no demo bun
 GLYPHS = GlyphSet(num_classes=30, seed=5, image_size=105)  # drawn strokes, like the demo's characters
 
 
+def glyph(class_id: int, index: int) -> np.ndarray:
+    """A drawing of GLYPHS on a card, as a webcam sees it (the demo model finds the drawing in it)."""
+    return on_card(GLYPHS.render(class_id, index))
+
+
 @pytest.fixture(scope="module")
 def demo():
     return Recognizer.open(DEMO_BUNDLE, backend="onnxruntime", threads=1)
@@ -175,7 +181,7 @@ def demo():
 def gallery_of(demo: Recognizer, classes: int) -> Recognizer:
     rec = Recognizer(demo.bundle, demo.manifest, demo.backend, new_gallery(demo.manifest), None)
     for c in range(classes):
-        rec.enroll(f"g{c}", [GLYPHS.render(c, 0)])
+        rec.enroll(f"g{c}", [glyph(c, 0)])
     return rec
 
 
@@ -202,8 +208,8 @@ def test_the_default_decision_refuses_every_degenerate_frame(demo, classes):
 @needs_demo
 def test_known_glyphs_pass_and_sensitivity_trades_them_against_unknown_ones(demo):
     rec = gallery_of(demo, 10)
-    known = [GLYPHS.render(c, i) for c in range(10) for i in range(1, 4)]
-    unseen = [GLYPHS.render(c, i) for c in range(10, 30) for i in range(1, 3)]
+    known = [glyph(c, i) for c in range(10) for i in range(1, 4)]
+    unseen = [glyph(c, i) for c in range(10, 30) for i in range(1, 3)]
     refused = {}
     for sensitivity in (0.0, 0.05, 0.2, 0.5):
         rec.sensitivity = sensitivity
@@ -224,11 +230,11 @@ def test_known_glyphs_pass_and_sensitivity_trades_them_against_unknown_ones(demo
 def test_the_benchmark_path_decides_as_the_recognizer_does(demo):
     """benchmarks/open_set.py and the fit score images through export/cohort.py: the same decisions."""
     rec = gallery_of(demo, 5)
-    frames = [GLYPHS.render(c, i) for c in range(12) for i in range(1, 3)]
+    frames = [glyph(c, i) for c in range(12) for i in range(1, 3)]
     frames += list(degenerate_frames().values())
     preds = rec.classify(frames)
     cfg = demo.manifest.model.preprocess
-    shots = score_images(demo.backend, cfg, [GLYPHS.render(c, 0) for c in range(5)])
+    shots = score_images(demo.backend, cfg, [glyph(c, 0) for c in range(5)])
     queries = score_images(demo.backend, cfg, frames)
     scores = head_scores(demo.backend, queries.features, shots, np.arange(5))
     for i, pred in enumerate(preds):
@@ -271,7 +277,7 @@ def test_a_bundle_without_a_record_gets_the_demo_models_rule(tmp_path):
     (bundle / OPEN_SET_FILE).unlink()
     rec = Recognizer.open(bundle, backend="onnxruntime")
     assert rec.open_set == Recognizer.open(DEMO_BUNDLE, backend="onnxruntime").open_set
-    rec.enroll("g0", [GLYPHS.render(0, 0)])
+    rec.enroll("g0", [glyph(0, 0)])
     assert rec.classify(degenerate_frames()["black"]).reason.startswith("blank frame")
 
 
@@ -322,9 +328,9 @@ def test_a_cohort_of_blank_or_copied_images_is_refused():
     blank = [np.full((105, 105, 3), 255, np.uint8)] * len(labels)
     with pytest.raises(CohortError, match="36 of 36 cohort images are blank to the frame gate"):
         fit_rule(graphs, manifest.model.preprocess, blank, labels, "blank", draws=20)
-    copies = [GLYPHS.render(int(c), 0) for c in labels]  # each class: one drawing three times
+    copies = [glyph(int(c), 0) for c in labels]  # each class: one drawing three times
     with pytest.raises(CohortError, match="scores do not separate"):
         fit_rule(graphs, manifest.model.preprocess, copies, labels, "copies", draws=20)
-    drawn = [GLYPHS.render(int(c), i % 3) for i, c in enumerate(labels)]
+    drawn = [glyph(int(c), i % 3) for i, c in enumerate(labels)]
     rule = fit_rule(graphs, manifest.model.preprocess, drawn, labels, "drawings", draws=20)
     assert rule.known_quantiles[-1] > rule.known_quantiles[5]

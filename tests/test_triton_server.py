@@ -50,20 +50,29 @@ try:
 except (ServeError, ImportError) as exc:
     pytest.skip(f"the serve extra is not usable here: {exc}", allow_module_level=True)
 
-from bundles import relative_error  # noqa: E402
+from bundles import on_card, relative_error  # noqa: E402
 
-GLYPHS = GlyphSet(40, seed=23, image_size=48)
+GLYPHS = GlyphSet(40, seed=23, image_size=105)
 # The issue's bound: the server runs the same Recognizer on the same ONNX graphs, so its scores differ
 # from a local one's only by float32 rounding of batch composition (observed: 0).
 SCORE_RTOL = 1e-6
 
 
+def glyph(class_id: int, index: int) -> np.ndarray:
+    """A drawing of GLYPHS on a card, as a webcam sees it (the demo model finds the drawing in it)."""
+    return on_card(GLYPHS.render(class_id, index))
+
+
+# Blank paper of a drawing's size (RemoteRecognizer sends frames of one size in one request): refused.
+BLANK = np.full((1, *glyph(0, 0).shape), 230, np.uint8)
+
+
 def shots(class_id: int, count: int = 3) -> list[np.ndarray]:
-    return [GLYPHS.render(class_id, i) for i in range(count)]
+    return [glyph(class_id, i) for i in range(count)]
 
 
 def queries() -> list[np.ndarray]:
-    return [GLYPHS.render(c, 9) for c in range(6)]
+    return [glyph(c, 9) for c in range(6)]
 
 
 def demo_bundle() -> Path:
@@ -142,7 +151,11 @@ def test_server_errors_come_back_as_the_local_errors(remote, enrolled) -> None:
         remote.rename("alpha", "beta")
     with pytest.raises(InvalidFrame, match="at most 4096 a side"):  # refused before it is sent
         remote.scores([np.zeros((4100, 8, 3), np.uint8)])
+    before = remote.scores(queries())
+    with pytest.raises(InvalidFrame, match=r"frame 1 is blank to the model \(contrast"):  # by the server
+        remote.enroll("alpha", [shots(0)[1], BLANK[0]])
     assert remote.classes == enrolled  # nothing changed
+    np.testing.assert_array_equal(remote.scores(queries()), before)  # alpha's shots too
 
 
 def test_the_server_checks_what_a_raw_client_sends(server: Served, enrolled) -> None:
@@ -463,6 +476,7 @@ def test_a_clients_mistake_is_a_400_not_a_500(server: Served, enrolled) -> None:
         ({"op": "explode"}, frame, "BadRequest: unknown op"),
         ({"op": "remove", "name_hex": b"nobody".hex()}, None, "UnknownClass: "),
         ({"op": "scores"}, np.zeros((1, 1, 8, 3), np.uint8), "InvalidFrame: "),
+        ({"op": "enroll", "name_hex": b"paper".hex()}, BLANK, "InvalidFrame: frame 0 is blank to the model"),
         ({"op": "scores"}, np.zeros((1, 1081, 1921, 3), np.uint8), "InvalidFrame: frames of 1921x1081"),
         ({"op": "scores"}, np.zeros((1, 8, 8, 4), np.uint8), "[request id"),  # config: 3 channels
         ({"op": "scores"}, np.zeros((17, 8, 8, 3), np.uint8), "[request id"),  # config: batch <= 16
@@ -553,7 +567,7 @@ def test_kill_9_while_enrolling_keeps_every_acknowledged_class(tmp_path: Path) -
     gallery_path = repo / MODEL_NAME / GALLERY_FILE
     seed = Recognizer.open(demo_bundle(), gallery=gallery_path)
     for c in range(400):
-        seed.enroll(f"seed{c}", [GLYPHS.render(c % 40, c)])
+        seed.enroll(f"seed{c}", [glyph(c % 40, 1 + c % 10)])
     seed.save()
     seed.close()  # one file again, and its bank cache free for the server
     served = start_serving(repo, tmp_path / "serve.log")
@@ -567,7 +581,7 @@ def test_kill_9_while_enrolling_keeps_every_acknowledged_class(tmp_path: Path) -
             k = 0
             while not stop.is_set() and k < 200:
                 try:
-                    rec.enroll(f"new{k}", shots(k % 40, 1))
+                    rec.enroll(f"new{k}", [glyph(k % 40, 1)])
                 except Exception:
                     return  # the server is gone
                 acknowledged.append(f"new{k}")

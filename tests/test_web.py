@@ -30,6 +30,7 @@ from web_client import (  # noqa: E402  (tests/web_client.py)
     mjpeg_parts,
     multipart,
     start_console,
+    symbol_frame,
     symbol_png,
 )
 
@@ -179,7 +180,7 @@ def test_live_shots_come_from_the_frames_on_screen(console):
         head, _, data = reply.json()["shot"].partition(",")
         assert head == "data:image/jpeg;base64"
         shot = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
-        assert shot.shape == (96, 96, 3)  # the 112 px frame, shown small
+        assert shot.shape == (96, 96, 3)  # the square frame, shown small
     assert console.send_json("PATCH", "/api/state", {"paused": True}).status == 200
     try:  # a held frame is not a new shot
         assert error_of(console.request("POST", "/api/classes/live/snap")) == "no_live_frame"
@@ -214,9 +215,11 @@ def test_explain_draws_the_points_on_the_live_view(console):
 
     def colour(jpeg: bytes) -> float:  # the clip is grey ink on white; the heat map is coloured
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(int)
-        return float((image.max(axis=2) - image.min(axis=2)).mean())
+        h, w = image.shape[:2]
+        drawing = image[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3]  # the symbol: the card's middle third
+        return float((drawing.max(axis=2) - drawing.min(axis=2)).mean())
 
-    # The recognised R frames get the heat map; the label band is the only colour otherwise.
+    # The recognised R frames get the heat map over the drawing; nothing else there is coloured.
     assert max(map(colour, explained)) > 10 * max(map(colour, plain))
 
 
@@ -348,6 +351,16 @@ def test_an_upload_over_the_bound_is_refused(console, unchanged):
     conn.close()
 
 
+def test_a_shot_blank_to_the_model_is_a_400_and_changes_nothing(console, unchanged):
+    """Issue [R]: blank paper is refused as a shot (it was enrolled as a class of nothing), all or nothing."""
+    blank = cv2.imencode(".png", np.full((112, 112, 3), 230, np.uint8))[1].tobytes()
+    for name in ("keep", "paper"):  # more shots of a class, or a new one
+        for shots, bad in (([("b.png", blank)], 0), ([("R.png", symbol_png("R", 3)), ("b.png", blank)], 1)):
+            reply = console.upload(f"/api/classes/{name}/shots", shots)
+            assert reply.status == 400 and error_of(reply) == "enroll_failed", reply.body
+            assert f"frame {bad} is blank to the model (contrast" in reply.json()["detail"]
+
+
 def test_a_path_in_a_class_name_is_refused(console, unchanged):
     upload = [("R.png", symbol_png("R", 1))]
     for path in (
@@ -368,6 +381,36 @@ def test_a_path_in_a_class_name_is_refused(console, unchanged):
 
 
 # ----- settings, without a server ------------------------------------------------------------------
+def test_with_a_guide_box_the_live_view_shows_it_and_a_shot_outside_it_is_refused(clip, tmp_path):
+    """dmf-run --web --roi: the live view draws the box the model sees, and a live shot whose drawing lies
+    outside it (the clip's symbols are in the middle, the box in the top-left corner) is refused."""
+    from dmf_deploy.preprocess import Roi
+    from dmf_deploy.runtime.app.overlay import GUIDE, GUIDE_LINE, guide_box_pixels
+
+    roi = Roi(0.0, 0.0, 0.2, 0.2)
+    args = ["--source", clip, "--loop", "--bundle", "demo", "--gallery", tmp_path / "g.dmfg"]
+    running = start_console([*args, "--roi", "0,0,0.2,0.2"], TOKEN)
+    try:
+        image = cv2.imdecode(np.frombuffer(mjpeg_parts(running, 1)[0], np.uint8), cv2.IMREAD_COLOR)
+        shape = symbol_frame("R", 0).shape  # the clip's frames' size
+        left, top, right, bottom = guide_box_pixels(roi, shape, image.shape[1], image.shape[0])
+        guide = np.abs(image.astype(int) - GUIDE).max(axis=2) <= 60  # the colour, through JPEG
+        # The box's right side, below the label band drawn over the top of the view.
+        assert guide[bottom - 40 : bottom - 4, right - GUIDE_LINE : right].mean() > 0.8
+        assert guide[bottom + 10 :, right + 10 :].mean() < 0.01  # nothing of it elsewhere
+        deadline = time.monotonic() + 10
+        reply = running.request("POST", "/api/classes/A/snap")
+        while reply.status == 409 and time.monotonic() < deadline:  # no frame on screen yet
+            time.sleep(0.2)
+            reply = running.request("POST", "/api/classes/A/snap")
+        assert reply.status == 400 and error_of(reply) == "enroll_failed", reply.body
+        assert "blank to the model" in reply.json()["detail"]
+        assert "hold the drawing inside the guide box" in reply.json()["detail"]
+        assert running.classes() == []
+    finally:
+        assert running.stop() == 0
+
+
 def test_a_non_loopback_bind_gets_a_token_and_loopback_does_not(monkeypatch):
     monkeypatch.delenv("DMF_WEB_TOKEN", raising=False)
     assert resolve_settings("8080").host == "127.0.0.1" and resolve_settings("8080").token is None
@@ -464,16 +507,53 @@ def test_web_options_are_checked_before_anything_opens(clip):
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
 
 
-def test_the_live_view_draws_the_guide_box_it_is_given():
-    """The hook for issue [R]'s guide box: whatever box WebOutput.guide_box holds is drawn."""
-    from dmf_deploy.runtime.app.web.stream import GUIDE, StreamItem, draw_stream
+def coordinate_frame(width: int, height: int) -> np.ndarray:
+    """A frame whose every pixel holds its own (x, y): a cut of it says where it lies in the frame."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs % 256, ys % 256, xs // 256 * 16 + ys // 256], axis=2).astype(np.uint8)
 
-    frame = np.full((240, 320, 3), 255, np.uint8)
-    plain = draw_stream(StreamItem(frame, None, 0.0))
-    boxed = draw_stream(StreamItem(frame, None, 0.0, guide_box=(0.25, 0.25, 0.5, 0.5)))
-    assert plain.shape == boxed.shape == (480, 640, 3)  # 320x240 shown at 640x480
-    drawn = np.argwhere(np.any(boxed != plain, axis=2))
-    # The box's edges: x from 0.25 to 0.75 of 640, y from 0.25 to 0.75 of 480 (2 px lines, +-2 px).
-    assert abs(drawn[:, 1].min() - 160) <= 2 and abs(drawn[:, 1].max() - 480) <= 2
-    assert abs(drawn[:, 0].min() - 120) <= 2 and abs(drawn[:, 0].max() - 360) <= 2
-    assert tuple(boxed[120, 320]) == GUIDE
+
+def coordinates(pixel: np.ndarray) -> tuple[int, int]:
+    """(x, y) of a coordinate_frame pixel."""
+    blue, green, red = (int(v) for v in pixel)
+    return red // 16 * 256 + blue, red % 16 * 256 + green
+
+
+def region_seen(frame: np.ndarray, rec: Recognizer) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) frame pixels of the region `rec.classify` takes from the frame."""
+    from dmf_deploy.preprocess import model_views
+
+    cut = model_views([frame], rec.config.preprocess, rec.roi)[0][0]
+    (left, top), (last_x, last_y) = coordinates(cut[0, 0]), coordinates(cut[-1, -1])
+    return left, top, last_x + 1, last_y + 1
+
+
+def border_of(image: np.ndarray, colour: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """The rows and the columns that a box drawn in `colour` fills from one side to the other."""
+    mask = np.all(image == colour, axis=2)
+    return np.flatnonzero(mask.sum(axis=1) > 100).tolist(), np.flatnonzero(mask.sum(axis=0) > 100).tolist()
+
+
+@pytest.mark.parametrize("frame_size", [(640, 480), (320, 240)])  # shown 1:1, and scaled 2x
+def test_the_live_view_draws_the_region_the_model_sees(frame_size):
+    """Issue [R]'s guide box: the live view's box is the region the model sees, pixel for pixel, drawn by
+    the window's own function. (The live view had arithmetic of its own, a pixel off the model's region
+    on the right and bottom edges, and it drew a box the window did not.)"""
+    from dmf_deploy.runtime.app.overlay import GUIDE, GUIDE_LINE, View, render
+    from dmf_deploy.runtime.app.web.stream import StreamItem, draw_stream
+
+    rec = Recognizer.open("demo", backend="onnxruntime", roi=(0.25, 0.3, 0.5, 0.5))
+    frame = coordinate_frame(*frame_size)
+    left, top, right, bottom = region_seen(frame, rec)
+    assert (right - left, bottom - top) == (frame_size[0] // 2, frame_size[1] // 2)
+    view = draw_stream(StreamItem(frame, None, 0.0, guide_box=rec.roi))
+    assert view.shape == (480, 640, 3)  # the live view fits 640 x 480
+    s = 640 // frame_size[0]  # view pixels per frame pixel
+    rows, columns = border_of(view, GUIDE)
+    # The border lies just inside the region: its outer edge is the model's first and last pixels.
+    line = list(range(GUIDE_LINE))
+    assert rows == [s * top + i for i in line] + [s * bottom - GUIDE_LINE + i for i in line]
+    assert columns == [s * left + i for i in line] + [s * right - GUIDE_LINE + i for i in line]
+    # The window (and its screenshot) draws that very box on the same frame.
+    window = render(frame, View(roi=rec.roi))[:480, :640]
+    assert border_of(window, GUIDE) == (rows, columns)

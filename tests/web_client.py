@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from bundles import dmf_run_command, write_video
+from bundles import dmf_run_command, on_card, write_video
 
 from dmf_deploy.symbols import STROKE_FONT, render_symbol
 
@@ -27,7 +27,8 @@ START_TIMEOUT_S = 60
 
 
 def symbol_frame(symbol: str, seed: int) -> np.ndarray:
-    return render_symbol(STROKE_FONT[symbol], np.random.default_rng([seed, ord(symbol)]))
+    """dmf-demo's close-up of the symbol (112 px) on a card three times its size (336 px)."""
+    return on_card(render_symbol(STROKE_FONT[symbol], np.random.default_rng([seed, ord(symbol)])))
 
 
 def symbol_png(symbol: str, seed: int) -> bytes:

@@ -50,6 +50,7 @@ BAR_BEST = (90, 220, 90)
 BAR_UNKNOWN = (105, 105, 105)  # grey: on an unknown frame the bars are not confidence
 CURRENT = (0, 215, 255)  # BGR yellow
 GUIDE = (255, 200, 80)  # BGR light blue: the --roi guide box
+GUIDE_LINE = 2  # pixels: the guide box's border, drawn inside the region the model sees
 
 WINDOW = "dmf-run"
 STATUS_SECONDS = 4.0
@@ -134,14 +135,29 @@ def render(frame: np.ndarray, view: View) -> np.ndarray:
 
 
 def draw_guide_box(video: np.ndarray, roi: Roi, frame_shape: tuple[int, ...]) -> None:
-    """The --roi region drawn on the letterboxed video: where to hold the card."""
-    scale, shift = letterbox_affine(frame_shape, video.shape[1], video.shape[0])
-    left, top, right, bottom = roi.box(frame_shape[1], frame_shape[0])
-    (x0, y0), (x1, y1) = (
-        (np.array([[left, top], [right - 1, bottom - 1]]) * scale + shift).round().astype(int)
-    )
-    cv2.rectangle(video, (int(x0), int(y0)), (int(x1), int(y1)), GUIDE, 2, cv2.LINE_AA)
-    put(video, "hold the card here", (int(x0) + 6, max(14, int(y0) - 6)), 0.45, GUIDE)
+    """The --roi region on the frame letterboxed into `video` (the window's video area, the web console's
+    live view): a border just inside the pixels the model sees, and where to hold the card."""
+    left, top, right, bottom = guide_box_pixels(roi, frame_shape, video.shape[1], video.shape[0])
+    line = GUIDE_LINE
+    video[top : top + line, left:right] = GUIDE
+    video[max(top, bottom - line) : bottom, left:right] = GUIDE
+    video[top:bottom, left : left + line] = GUIDE
+    video[top:bottom, max(left, right - line) : right] = GUIDE
+    put(video, "hold the card here", (left + 6, max(14, top - 6)), 0.45, GUIDE)
+
+
+def guide_box_pixels(
+    roi: Roi, frame_shape: tuple[int, ...], width: int, height: int
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixels of the guide box on a frame of `frame_shape` letterboxed into
+    width x height: the pixels `Roi.crop` keeps for the model (`Roi.box`), scaled as `letterbox` scales
+    the frame. The one guide-box arithmetic of the window, its screenshot and the web console."""
+    h, w = frame_shape[:2]
+    _, nw, nh, shift_x, shift_y = letterbox_box(frame_shape, width, height)
+    left, top, right, bottom = roi.box(w, h)
+    x0, y0 = shift_x + round(left * nw / w), shift_y + round(top * nh / h)
+    x1, y1 = shift_x + round(right * nw / w), shift_y + round(bottom * nh / h)
+    return x0, y0, max(x0 + 1, x1), max(y0 + 1, y1)
 
 
 def letterbox(frame: np.ndarray, width: int, height: int) -> np.ndarray:

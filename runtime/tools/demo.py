@@ -147,29 +147,43 @@ class Result:
         return self.total / self.seconds if self.seconds > 0 else float("nan")
 
 
-def enrol_from_video(rec: Recognizer, video: Path, script: Script, on_shot: Tick = None) -> None:
-    """Pass 1 over the video: collect each class's shots and enrol them as soon as they are complete.
-    `on_shot` is called once per shot enrolled (a class's shots all at once, when it is complete)."""
+def enrol_from_video(rec: Recognizer, video: Path, script: Script, on_shot: Tick = None) -> list[str]:
+    """Pass 1 over the video: enrol each class's shots, frame by frame, as soon as they are complete.
+    `on_shot` is called once per shot (a class's shots all at once, when it is complete). A shot the
+    model sees as blank (its drawing not found) is refused, as in dmf-run, and left out; a class left
+    with no shot is not enrolled (its frames then count as wrong). Returns one line per shot left out."""
+    from dmf_deploy.preprocess import InvalidFrame
     from dmf_deploy.runtime.app.sources import open_source
 
     source = open_source(source=str(video))
-    pending: dict[str, list[np.ndarray]] = {}
+    enrollments = {s: rec.enrollment(s) for s in script.symbols}
+    taken = dict.fromkeys(script.symbols, 0)
     need = {s: sum(1 for v in script.enroll.values() if v == s) for s in script.symbols}
+    left_out: list[str] = []
     try:
         for index in range(max(script.enroll) + 1):
             frame = source.read()
             if frame is None:
                 raise click.ClickException(f"{video} ended after {index} frames, during enrolment")
-            if index in script.enroll:
-                symbol = script.enroll[index]
-                pending.setdefault(symbol, []).append(frame)
-                if len(pending[symbol]) == need[symbol]:
-                    rec.enroll(symbol, pending.pop(symbol))
-                    for _ in range(need[symbol]):
-                        if on_shot is not None:
-                            on_shot()
+            if index not in script.enroll:
+                continue
+            symbol = script.enroll[index]
+            try:
+                enrollments[symbol].add(frame)
+            except InvalidFrame as exc:
+                left_out.append(f"the shot of {symbol!r} at video frame {index} is left out: {exc}")
+            taken[symbol] += 1
+            if taken[symbol] == need[symbol]:
+                if enrollments[symbol].shots:
+                    enrollments[symbol].commit()
+                else:
+                    left_out.append(f"{symbol!r} is not enrolled: the model saw every shot of it as blank")
+                for _ in range(need[symbol]):
+                    if on_shot is not None:
+                        on_shot()
     finally:
         source.close()
+    return left_out
 
 
 def recognise_video(rec: Recognizer, video: Path, script: Script, on_frame: Tick = None) -> Result:
@@ -332,7 +346,9 @@ def main(
         with progress("writing the video", len(script.labels)) as bar:
             written = write_video(video, render_frames(script, seed), FRAME_SIZE, lambda: bar.update(1))
         with progress("enrolling (shots)", len(script.enroll)) as bar:
-            enrol_from_video(rec, video, script, lambda: bar.update(1))
+            left_out = enrol_from_video(rec, video, script, lambda: bar.update(1))
+        for line in left_out:
+            click.echo(f"dmf-demo: {line}", err=True)
         with progress("recognising", script.recognised) as bar:
             result = recognise_video(rec, video, script, lambda: bar.update(1))
         kept = "kept" if out is not None else "temporary; --out keeps it"

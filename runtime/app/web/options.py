@@ -88,7 +88,7 @@ class WebParts:
 
         if self.console is not None:
             self.console.output.frame_rate = frame_rate
-            self.console.output.guide_box = None if roi is None else (roi.x, roi.y, roi.w, roi.h)
+            self.console.output.guide_box = roi
         outputs = ([output] if output is not None else []) + self.outputs
         assert outputs, "no output: the command line asks for a window, --headless or --web"
         return outputs[0] if len(outputs) == 1 else Tee(*outputs)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dmf_deploy.preprocess import Roi
 from dmf_deploy.runtime.app.commands import Event, Session
 from dmf_deploy.runtime.app.loop import Output, RunResult, Stats, prediction_record
 from dmf_deploy.runtime.app.web.gallery_view import ClassSnapshot, take_snapshot
@@ -68,9 +69,7 @@ class WebOutput:
         self.frame_rate: float | None = None  # play a video file at its own rate (no window does it)
         self.idle_seconds = 0.0  # spent waiting for the next frame's time or a request (the benchmark)
         self._next_frame = time.monotonic()
-        # Issue [R]'s guide box, (x, y, w, h) in fractions of the frame: the live view draws whatever box
-        # this holds. It stays None until the Recognizer's region of interest lands; then set it from there.
-        self.guide_box: tuple[float, float, float, float] | None = None
+        self.guide_box: Roi | None = None  # --roi, drawn on the live view (WebParts.wrap sets it)
         self.snapshot = ClassSnapshot()
         self.state = LiveState()
         self._ops: queue.SimpleQueue[tuple[Operation, Future]] = queue.SimpleQueue()

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dmf_deploy.runtime.app.overlay import KNOWN, UNKNOWN, fit_text, letterbox, letterbox_affine, put
+from dmf_deploy.preprocess import Roi
+from dmf_deploy.runtime.app.overlay import (
+    KNOWN,
+    UNKNOWN,
+    draw_guide_box,
+    fit_text,
+    letterbox,
+    letterbox_affine,
+    put,
+)
 from dmf_deploy.runtime.app.web.hubs import EncodedFrame, FrameHub
 from dmf_deploy.runtime.explain import ExplanationUnavailable, draw_live
 from dmf_deploy.runtime.recognizer import Prediction, Recognizer
@@ -32,7 +41,6 @@ JPEG_QUALITY = 80
 # The live view shows at most this many frames a second (a camera gives no more; a file played as fast
 # as it goes would otherwise make the encoder and the server race the loop for the CPU).
 MAX_VIEW_FPS = 30.0
-GUIDE = (0, 215, 255)  # BGR yellow, as the window's current class
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class StreamItem:
     prediction: Prediction | None
     captured: float  # time.perf_counter() at capture
     explain: bool = False
-    guide_box: tuple[float, float, float, float] | None = None  # (x, y, w, h), fractions of the frame
+    guide_box: Roi | None = None  # --roi: the region of the frame the model sees
 
 
 def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
@@ -55,11 +63,8 @@ def draw_stream(item: StreamItem, rec: Recognizer | None = None) -> np.ndarray:
     # Exactly the frame's aspect: no bars. A frame of the right size is only copied.
     canvas = frame.copy() if (width, height) == (w, h) else letterbox(frame, width, height)
     scale, shift = letterbox_affine(frame.shape, width, height)
-    if item.guide_box is not None:  # issue [R]'s guide box: the part of the frame the model sees
-        x, y, bw, bh = item.guide_box
-        top_left = np.array([x * w, y * h]) * scale + shift
-        bottom_right = np.array([(x + bw) * w, (y + bh) * h]) * scale + shift
-        cv2.rectangle(canvas, tuple(top_left.astype(int)), tuple(bottom_right.astype(int)), GUIDE, 2)
+    if item.guide_box is not None:  # drawn as the window draws it: the pixels the model sees
+        draw_guide_box(canvas, item.guide_box, frame.shape)
     pred = item.prediction
     if item.explain and rec is not None and pred is not None and pred.label is not None:
         # No explain.onnx, or the class went away since the prediction: no points.
