@@ -46,7 +46,7 @@ MIN_DRAWING_INK = 0.4
 INK_SHARE = 0.35  # of the strongest ink's contrast: fainter pixels are not ink
 DRAWING_FILL = 0.65  # the drawing's larger side over the output's side (Omniglot's median)
 REDRAW_SCALE = 2  # the crop is redrawn at this multiple of the output size, then averaged down
-REDRAW_KERNEL = 0.1  # closing square while redrawing, as a fraction of the crop's side
+REDRAW_KERNEL = 0.2  # closing square while redrawing, as a fraction of the crop's side: wider than a marker
 CARD_SHARE = 0.7  # the card: pixels at least this bright, relative to the paper under the drawing
 CARD_FILL = 0.8  # the card region must fill this share of its minimum-area rectangle to set the angle
 PAPER_SHARE = 0.8  # ink counts only on paper at least this bright, relative to the drawing's own
@@ -58,7 +58,9 @@ PAPER_FLOOR = 48.0  # grey level: darker "paper" is not paper (a dark room has n
 # coloured paper (a yellow sticky note) is therefore not a drawing to this rule.
 MAX_PAPER_CHROMA = 0.25
 MIN_PAPER_RANK = 0.8  # the drawing's paper against the frame's brightest (its 95th percentile)
-MIN_VIEW_INK = 0.025  # share of the framed view darker than mid-grey: drawings 0.029 at the 1st percentile
+# Share of the framed view darker than mid-grey: characters 0.029 at the 1st percentile, long thin pen
+# lines 0.021; noise or a card's edge taken for ink, mostly less.
+MIN_VIEW_INK = 0.02
 
 
 @dataclass(frozen=True)
