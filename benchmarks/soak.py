@@ -74,7 +74,8 @@ def strokes(rng: np.random.Generator, seed: int, size: int = 160) -> np.ndarray:
     points = shape.integers(20, size - 20, (5, 2))
     jitter = rng.integers(-4, 5, points.shape)
     pts = (points + jitter).astype(np.int32)
-    cv2.polylines(paper, [pts], False, (30, 30, 30), int(shape.integers(4, 9)))
+    # Pen-width strokes (3-5 px in 160): much bolder ones are redrawn hollow by the demo frame rule.
+    cv2.polylines(paper, [pts], False, (30, 30, 30), int(shape.integers(3, 6)))
     return paper
 
 
