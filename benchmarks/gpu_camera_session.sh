@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The 0.3 demo model's GPU session (device tool; dmf_deploy/assets/README.md, stage four): the camera
-# fine-tune of the packaged demo.pt, longer than a CPU can afford. Camera frames are drawn on the CPU,
+# The 0.3 demo model's GPU session (device tool; dmf_deploy/assets/README.md, stage four): stage four's
+# camera fine-tune of the packaged demo.pt (its rate, epoch size and validation), for as long as a time
+# budget allows rather than the ten epochs a CPU could afford. Camera frames are drawn on the CPU,
 # so the data workers, not the GPU, set the pace: a probe times them first and the epoch count is sized
 # to the time budget, so that the rate anneals to zero inside it.
 # Expects the Omniglot zips in .data/omniglot and writes its results to $OUT.
-set -u
+set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-MINUTES=${TRAIN_MINUTES:-6}; DEVICE=${DEVICE:-cuda}; EVAL_EPISODES=${EVAL_EPISODES:-300}; EPISODES=${EPISODES_PER_EPOCH:-800}; WORKERS=${WORKERS:-$(($(nproc) - 1))}
+MINUTES=${TRAIN_MINUTES:-6}; DEVICE=${DEVICE:-cuda}; EVAL_EPISODES=${EVAL_EPISODES:-300}; EPISODES=${EPISODES_PER_EPOCH:-400}; WORKERS=${WORKERS:-$(($(nproc) - 1))}
 PKG=/tmp/dmf_pkg; rm -rf $PKG; mkdir -p $PKG
 # The machine has torch but no network: lay the package out by hand instead of pip install -e.
 cp -r dmf_deploy $PKG/ && cp -r train $PKG/dmf_deploy/train && cp -r export $PKG/dmf_deploy/export \
@@ -35,12 +36,12 @@ for _ in range(int(sys.argv[3])):
 print(f"{n / (time.perf_counter() - start):.2f}")
 PY
 )
-# 2. Epochs that fit the budget at that pace, with a tenth of it kept for validation and start-up.
+# 2. Epochs that fit the budget at that pace, with 15% of it kept for validation and start-up.
 EPOCHS=$(python3 -c "print(max(2, int($MINUTES * 60 * 0.85 * $RATE / $EPISODES)))")
 echo "data pace $RATE episodes/s -> $EPOCHS epochs of $EPISODES episodes"
 python3 -m dmf_deploy.train --preset omniglot-demo-camera --init demo --data-root "$DATA" --quiet --device "$DEVICE" \
-  --epochs "$EPOCHS" --episodes-per-epoch "$EPISODES" --val-episodes 100 --workers "$WORKERS" \
-  --lr "${LR:-0.03}" --max-minutes "$(python3 -c "print($MINUTES + 0.5)")" --out /tmp/stage4 \
+  --epochs "$EPOCHS" --episodes-per-epoch "$EPISODES" --val-episodes 60 --workers "$WORKERS" \
+  --lr "${LR:-0.02}" --max-minutes "$(python3 -c "print($MINUTES + 0.5)")" --out /tmp/stage4 \
   > "$OUT/train.log" 2>&1
 tail -3 "$OUT/train.log"
 cp /tmp/stage4/best.pt "$OUT/best.pt"; cp /tmp/stage4/last.pt "$OUT/last.pt"

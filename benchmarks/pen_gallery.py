@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dmf_deploy.preprocess import InvalidFrame
 from dmf_deploy.runtime import Recognizer
 
 FRAME_SIZE = (120, 160)  # height, width: a small camera frame; the demo model finds the drawing in it
@@ -40,12 +41,27 @@ def class_name(class_id: int) -> str:
     return f"drawing {class_id}"
 
 
+RETAKES = 5  # another drawing of the class, as a user would show the card again
+
+
+def enrol_one(rec: Recognizer, class_id: int) -> None:
+    """Enrol one shot of the class; a drawing the frame rule calls blank (about 2 in 1,000 of these
+    random pen lines) is drawn again, as `pen_frame(class_id, shot)` for the next shot."""
+    for shot in range(RETAKES):
+        try:
+            rec.enroll(class_name(class_id), [pen_frame(class_id, shot)])
+            return
+        except InvalidFrame:
+            continue
+    raise RuntimeError(f"{RETAKES} drawings of class {class_id} were all blank to the model")
+
+
 def build_gallery(bundle: str | Path, path: Path, n: int) -> float:
     """Enrol classes 0..n-1 into the gallery at `path` (new or holding some of them); seconds taken."""
     start = time.perf_counter()
     with Recognizer.open(bundle, gallery=path) as rec:
         for c in range(len(rec.classes), n):
-            rec.enroll(class_name(c), [pen_frame(c)])
+            enrol_one(rec, c)
             if (c + 1) % SAVE_EVERY == 0:
                 rec.save()
         rec.save()

@@ -53,9 +53,10 @@ PAPER_SHARE = 0.8  # ink counts only on paper at least this bright, relative to 
 PAPER_FLOOR = 48.0  # grey level: darker "paper" is not paper (a dark room has no ink on it)
 # The gates below were chosen on the validation alphabet's simulated webcam frames (every factor on)
 # against empty scenes (benchmarks/camera.py); each refuses under 1% of real drawings.
-# Paper is white or grey: the chroma ((max - min) / max of B, G, R) of the paper under the drawing is
-# at most 0.14 for 99% of drawings under a 7% colour cast; skin measures 0.19-0.7. A drawing on
-# coloured paper (a yellow sticky note) is therefore not a drawing to this rule.
+# Paper is white or grey: the chroma ((max - min) / max of the median B, G, R) of the paper between
+# and beside the strokes is at most 0.14 for 99% of drawings under a 7% colour cast; a hand measures
+# 0.23 or more for 95% of frames. A drawing on coloured paper (a yellow sticky note) is therefore not
+# a drawing to this rule.
 MAX_PAPER_CHROMA = 0.25
 MIN_PAPER_RANK = 0.8  # the drawing's paper against the frame's brightest (its 95th percentile)
 # Share of the framed view darker than mid-grey: characters 0.029 at the 1st percentile, long thin pen
@@ -92,21 +93,20 @@ def _quantiles(values: np.ndarray, *qs: float) -> list[float]:
     return [float(part[k]) for k in ks]
 
 
-def _shrink(grey: np.ndarray) -> tuple[np.ndarray, float]:
+def _shrink(image: np.ndarray) -> tuple[np.ndarray, float]:
     """A copy whose short side is about SEARCH_SIDE, and the scale from frame to copy. Large frames
     shrink by a whole factor (edge rows cut to a multiple of it): OpenCV's fast area average.
     HxW or HxWx3."""
-    h, w = grey.shape[:2]
+    h, w = image.shape[:2]
     factor = min(h, w) // SEARCH_SIDE
     if factor >= 2:
-        return cv2.resize(
-            grey[: h - h % factor, : w - w % factor], (w // factor, h // factor), interpolation=cv2.INTER_AREA
-        ), 1.0 / factor
+        cut = image[: h - h % factor, : w - w % factor]
+        return cv2.resize(cut, (w // factor, h // factor), interpolation=cv2.INTER_AREA), 1.0 / factor
     # A small frame is enlarged to SEARCH_SIDE, but a long thin one no further than 4 x SEARCH_SIDE
     # along its long side: a 2 x 30000 strip must not become 160 x 2,400,000 pixels.
     scale = min(SEARCH_SIDE / min(h, w), 4 * SEARCH_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(grey, size, interpolation=cv2.INTER_LINEAR), scale
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), scale
 
 
 def ink_contrast(grey: np.ndarray, kernel_side: int) -> tuple[np.ndarray, np.ndarray]:

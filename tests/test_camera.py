@@ -22,7 +22,14 @@ from dmf_deploy.camera_sim import (
     render_empty_scene,
 )
 from dmf_deploy.config import ModelConfig, PreprocessConfig, conv4_config
-from dmf_deploy.drawing import DRAWING_FILL, drawing_view_matrix, find_drawing, locate_drawing
+from dmf_deploy.drawing import (
+    DRAWING_FILL,
+    SEARCH_SIDE,
+    _enlargement,
+    drawing_view_matrix,
+    find_drawing,
+    locate_drawing,
+)
 from dmf_deploy.open_set import DEFAULT_MIN_CONTRAST, gate_contrast
 from dmf_deploy.preprocess import InvalidFrame, Roi, preprocess_frames, resize_frame
 
@@ -582,6 +589,12 @@ def test_a_drawing_filling_the_frame_is_found_at_any_size(side):
     assert np.abs(centre - truth).max() < 0.03 * side, (centre, truth)
 
 
-def test_a_long_thin_frame_is_not_enlarged_without_bound():
+def test_small_frames_are_enlarged_within_a_bound():
+    """Frames under SEARCH_SIDE are enlarged before they are redrawn, but never past 8 x SEARCH_SIDE
+    along their long side: a 2 x 30000 strip must not become 320 x 4,800,000 pixels."""
+    assert _enlargement((105, 105, 3)) == 4 and _enlargement((480, 640, 3)) == 1
+    for h, w in [(2, 30000), (30000, 2), (1, 1), (2, 2), (8, 150), (105, 1279), (159, 2000)]:
+        factor = _enlargement((h, w, 3))
+        assert factor >= 1 and max(h, w) * factor <= max(max(h, w), 8 * SEARCH_SIDE), (h, w, factor)
     strip = np.full((2, 30000, 3), 200, np.uint8)
-    assert (locate_drawing(strip, 56) == 255).all()  # answers at once, no multi-gigabyte enlargement
+    assert (locate_drawing(strip, 56) == 255).all()
