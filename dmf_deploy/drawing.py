@@ -119,8 +119,13 @@ def ink_contrast(grey: np.ndarray, kernel_side: int) -> tuple[np.ndarray, np.nda
 def find_drawing(frame: np.ndarray) -> DrawingBox | None:
     """The drawing's box in a uint8 frame of any size, BGR or grey, or None when it holds no drawing.
     (A grey frame has no colour to check: its paper counts as grey.)"""
-    colour = frame if frame.ndim == 3 else None
-    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if colour is not None else frame
+    if frame.ndim == 3:
+        return _find(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), frame)
+    return _find(frame, None)
+
+
+def _find(grey: np.ndarray, colour: np.ndarray | None) -> DrawingBox | None:
+    """`find_drawing` of a frame given as its grey copy and, where it has one, its colour."""
     small, scale = _shrink(grey)
     kernel = round(STROKE_KERNEL * min(small.shape))
     contrast, paper = ink_contrast(small, kernel)
@@ -152,7 +157,7 @@ def find_drawing(frame: np.ndarray) -> DrawingBox | None:
         return None
     if float(np.median(paper[around])) < MIN_PAPER_RANK * brightest:
         return None
-    if colour is not None and _chroma(_shrink(colour)[0][around]) > MAX_PAPER_CHROMA:
+    if colour is not None and _chroma(_pixels_at(colour, around, scale)) > MAX_PAPER_CHROMA:
         return None
     angle = card_angle((small >= CARD_SHARE * typical) | chosen, xs, ys)
     # The box along the card's axes: ink coordinates turned back by the card's rotation.
@@ -164,6 +169,16 @@ def find_drawing(frame: np.ndarray) -> DrawingBox | None:
     centre_x, centre_y = cx + mu * c - mv * s, cy + mu * s + mv * c
     width, height = u.max() - u.min() + 1, v.max() - v.min() + 1
     return DrawingBox(centre_x / scale, centre_y / scale, width / scale, height / scale, angle)
+
+
+def _pixels_at(frame: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
+    """The frame's pixels under the searched copy's `mask` (one per masked cell, at its centre): a
+    sample, cheaper than shrinking the whole colour frame."""
+    ys, xs = np.nonzero(mask)
+    h, w = frame.shape[:2]
+    rows = np.minimum(((ys + 0.5) / scale).astype(np.intp), h - 1)
+    cols = np.minimum(((xs + 0.5) / scale).astype(np.intp), w - 1)
+    return frame[rows, cols]
 
 
 def _chroma(pixels: np.ndarray) -> float:
@@ -260,8 +275,9 @@ def framed_drawing(bgr: np.ndarray, size: int) -> tuple[DrawingBox | None, np.nd
     factor = _enlargement(bgr.shape)
     if factor > 1:
         bgr = cv2.resize(bgr, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
-    box = find_drawing(bgr)
-    white = redraw(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), box, size)
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    box = _find(grey, bgr)
+    white = redraw(grey, box, size)
     if box is None or np.count_nonzero(white < 128) < MIN_VIEW_INK * white.size:
         return None, np.full_like(white, 255)
     scale = 1.0 / factor  # the box back in the frame's pixels
