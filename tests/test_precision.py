@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from bundles import make_checkpoint, relative_error
+from bundles import make_checkpoint, on_card, relative_error
 from onnx import numpy_helper
 
 from dmf_deploy.export.bundle import ExportError, ParityError, export_bundle
@@ -72,7 +72,7 @@ def test_int8_demo_bundle_agrees_with_fp32(demo_int8: Path) -> None:
     assert report["int8"]["top1_agreement"] >= 0.99
     # The figure and its domain are in the manifest: the demo's held-out rendered images, not glyphs alone.
     assert manifest.int8_check == {key: report["int8"][key] for key in manifest.int8_check}
-    assert manifest.int8_check["domain"].startswith("320 rendered demo images")
+    assert manifest.int8_check["domain"].startswith("400 rendered demo images")
     # The onnxruntime form: uint8 activations with zero points, int8 weights (int32: ORT's biases).
     dtypes = {z.dtype for z in _zero_points(demo_int8 / manifest.graphs[BACKBONE].file)}
     assert dtypes == {np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int32)}
@@ -85,7 +85,7 @@ def test_int8_demo_bundle_agrees_with_fp32(demo_int8: Path) -> None:
 
 def test_fp32_gallery_is_refused_by_the_int8_bundle(demo_int8: Path) -> None:
     enrolled = Recognizer.open("demo", backend="onnxruntime")
-    frame = GlyphSet(num_classes=2, seed=1, image_size=64).render(0, 0)
+    frame = on_card(GlyphSet(num_classes=2, seed=1, image_size=64).render(0, 0))  # not blank to the model
     enrolled.enroll("a", [frame])
     with pytest.raises(GalleryError, match="another model"):
         Recognizer.open(demo_int8, backend="onnxruntime", gallery=enrolled.gallery)
