@@ -58,6 +58,7 @@ PAPER_FLOOR = 48.0  # grey level: darker "paper" is not paper (a dark room has n
 # 0.23 or more for 95% of frames. A drawing on coloured paper (a yellow sticky note) is therefore not
 # a drawing to this rule.
 MAX_PAPER_CHROMA = 0.25
+PAPER_SAMPLES = 512  # pixels of paper whose median colour is measured
 MIN_PAPER_RANK = 0.8  # the drawing's paper against the frame's brightest (its 95th percentile)
 # Share of the framed view darker than mid-grey: characters 0.029 at the 1st percentile, long thin pen
 # lines 0.021; noise or a card's edge taken for ink, mostly less.
@@ -93,15 +94,27 @@ def _quantiles(values: np.ndarray, *qs: float) -> list[float]:
     return [float(part[k]) for k in ks]
 
 
+def _median(values: np.ndarray) -> float:
+    """np.median of a 1-D array, by one partition (np.median's own overhead is most of its cost here)."""
+    half = len(values) // 2
+    if len(values) % 2:
+        return float(np.partition(values, half)[half])
+    part = np.partition(values, (half - 1, half))
+    return (float(part[half - 1]) + float(part[half])) / 2
+
+
 def _shrink(image: np.ndarray) -> tuple[np.ndarray, float]:
     """A copy whose short side is about SEARCH_SIDE, and the scale from frame to copy. Large frames
-    shrink by a whole factor (edge rows cut to a multiple of it): OpenCV's fast area average.
+    shrink by a whole factor (edge rows cut to a multiple of it): an area average.
     HxW or HxWx3."""
     h, w = image.shape[:2]
     factor = min(h, w) // SEARCH_SIDE
     if factor >= 2:
+        # Each factor x factor block's mean, as INTER_AREA gives it (ties may round the other way) at
+        # half its cost: a box filter read at every factor-th pixel.
         cut = image[: h - h % factor, : w - w % factor]
-        return cv2.resize(cut, (w // factor, h // factor), interpolation=cv2.INTER_AREA), 1.0 / factor
+        means = cv2.boxFilter(cut, -1, (factor, factor), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+        return np.ascontiguousarray(means[::factor, ::factor]), 1.0 / factor
     # A small frame is enlarged to SEARCH_SIDE, but a long thin one no further than 4 x SEARCH_SIDE
     # along its long side: a 2 x 30000 strip must not become 160 x 2,400,000 pixels.
     scale = min(SEARCH_SIDE / min(h, w), 4 * SEARCH_SIDE / max(h, w))
@@ -139,27 +152,36 @@ def _find(grey: np.ndarray, colour: np.ndarray | None) -> DrawingBox | None:
     if count < 2:
         return None
     brightest = max(_quantiles(paper, 0.95)[0], PAPER_FLOOR)
-    brightness = paper / brightest
-    weight = np.where(ink > 0, contrast * brightness**2, 0.0)
-    score = np.bincount(labels.ravel(), weights=weight.ravel(), minlength=count)
+    # Each cluster's score: its ink's contrast, weighted by how bright the paper under it is.
+    at_ink = np.flatnonzero(ink)
+    weight = contrast.ravel()[at_ink] * (paper.ravel()[at_ink] / brightest) ** 2
+    score = np.bincount(labels.ravel()[at_ink], weights=weight, minlength=count)
     score[0] = 0.0
     best = int(score.argmax())
-    chosen = (labels == best) & (ink > 0)
+    # The rest looks only inside the chosen cluster's bounding box: its ink's, widened by the merging.
+    rows, cols = np.divmod(at_ink[labels.ravel()[at_ink] == best], small.shape[1])
+    reach = kernel // 2
+    top, left = max(0, int(rows.min()) - reach), max(0, int(cols.min()) - reach)
+    window = np.s_[top : int(rows.max()) + reach + 1, left : int(cols.max()) + reach + 1]
+    in_cluster, ink_w, paper_w = labels[window] == best, ink[window] > 0, paper[window]
+    chosen = in_cluster & ink_w
     # Clutter next to the card can join the drawing's cluster; it lies on a darker surface than the
     # drawing's paper, so ink on paper much darker than the cluster's typical paper is left out.
-    typical = float(np.median(paper[chosen]))
-    on_paper = paper >= PAPER_SHARE * typical
-    ys, xs = np.nonzero(chosen & on_paper)
+    typical = _median(paper_w[chosen])
+    ys, xs = np.nonzero(chosen & (paper_w >= PAPER_SHARE * typical))
     # The paper is what lies between and beside the strokes (under a stroke wider than the closing
     # square, the paper map is the stroke's own grey).
-    around = (labels == best) & (ink == 0)
+    around = in_cluster & ~ink_w
     if len(xs) == 0 or not around.any():
         return None
-    if float(np.median(paper[around])) < MIN_PAPER_RANK * brightest:
+    if _median(paper_w[around]) < MIN_PAPER_RANK * brightest:
         return None
-    if colour is not None and _chroma(_pixels_at(colour, around, scale)) > MAX_PAPER_CHROMA:
+    if colour is not None and _chroma(_pixels_at(colour, around, (top, left), scale)) > MAX_PAPER_CHROMA:
         return None
-    angle = card_angle((small >= CARD_SHARE * typical) | chosen, xs, ys)
+    xs, ys = xs + left, ys + top
+    card = small >= CARD_SHARE * typical
+    card[window] |= chosen
+    angle = card_angle(card, xs, ys)
     # The box along the card's axes: ink coordinates turned back by the card's rotation.
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
@@ -171,10 +193,13 @@ def _find(grey: np.ndarray, colour: np.ndarray | None) -> DrawingBox | None:
     return DrawingBox(centre_x / scale, centre_y / scale, width / scale, height / scale, angle)
 
 
-def _pixels_at(frame: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
-    """The frame's pixels under the searched copy's `mask` (one per masked cell, at its centre): a
-    sample, cheaper than shrinking the whole colour frame."""
+def _pixels_at(frame: np.ndarray, mask: np.ndarray, origin: tuple[int, int], scale: float) -> np.ndarray:
+    """The frame's pixels under `mask`, a window of the searched copy whose top-left cell is `origin`
+    (row, column): one pixel at each masked cell's centre, and of at most PAPER_SAMPLES cells evenly
+    spread. A sample: cheaper than shrinking the whole colour frame, and a median needs no more."""
     ys, xs = np.nonzero(mask)
+    step = -(-len(ys) // PAPER_SAMPLES)
+    ys, xs = ys[::step] + origin[0], xs[::step] + origin[1]
     h, w = frame.shape[:2]
     rows = np.minimum(((ys + 0.5) / scale).astype(np.intp), h - 1)
     cols = np.minimum(((xs + 0.5) / scale).astype(np.intp), w - 1)
@@ -194,19 +219,19 @@ def card_angle(card: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
     card is not seen whole (it touches the frame's edge, so the frame's edge would set the angle) or
     is not rectangular enough to trust. (Not the closing's paper map: the closing fills the narrow
     dark wedges at a turned card's corners and squares the card up.)"""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(card.astype(np.uint8), connectivity=8)
+    # (connectedComponents and one contour: connectedComponentsWithStats costs several times more.)
+    count, labels = cv2.connectedComponents(card.astype(np.uint8), connectivity=8)
     holding = np.bincount(labels[ys, xs], minlength=count)
     holding[0] = 0
     if count < 2 or holding.max() == 0:
         return 0.0
-    label = int(holding.argmax())
-    left, top, width, height, area = stats[label]
+    region = (labels == int(holding.argmax())).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    left, top, width, height = cv2.boundingRect(np.concatenate(contours))
     h, w = card.shape
     if left == 0 or top == 0 or left + width >= w or top + height >= h:
         return 0.0
-    contours, _ = cv2.findContours(
-        (labels == label).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
+    area = np.count_nonzero(region)
     (_, _), (rw, rh), angle = cv2.minAreaRect(max(contours, key=cv2.contourArea))
     if rw * rh <= 0 or area / (rw * rh) < CARD_FILL:
         return 0.0
@@ -245,10 +270,15 @@ def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
     h, w = grey.shape
     factor = min(int(k), h // 2, w // 2)  # never to less than 2 x 2 pixels
     if factor >= 2:  # shrink by a whole factor first: an area average, as a camera's optics would
-        h, w = grey.shape
+        # Only the part of the frame the square reads, in whole blocks of the shrink, with a margin.
+        top, left, bottom, right = _reach(matrix, side_out, factor, (h - h % factor, w - w % factor))
         grey = cv2.resize(
-            grey[: h - h % factor, : w - w % factor], (w // factor, h // factor), interpolation=cv2.INTER_AREA
+            grey[top:bottom, left:right],
+            ((right - left) // factor, (bottom - top) // factor),
+            interpolation=cv2.INTER_AREA,
         )
+        matrix = matrix.copy()
+        matrix[:, 2] -= (left, top)
         matrix = matrix / factor
         matrix[:, 2] += (1 - factor) / (2 * factor)  # pixel centres of the shrunk frame
     # The square may reach past the frame: the frame's edge pixels repeat there.
@@ -267,6 +297,27 @@ def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
     floor = min(2.0 * max(quartile, 0.0) + 0.02, level / 2)
     white = 255.0 * (1.0 - np.clip((contrast - floor) / (level - floor), 0.0, 1.0))
     return cv2.resize(white, (size, size), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
+
+
+def _reach(matrix: np.ndarray, side: int, block: int, bounds: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right): the frame pixels that a side x side view through `matrix` (view ->
+    frame) reads by linear interpolation, widened by two blocks, on multiples of `block`, within
+    `bounds` (height, width; multiples of `block`). Where the view reaches past the frame, the frame's
+    edge stays the window's edge, so that edge pixels repeat as they would have."""
+    ends = (-0.5, side - 0.5)
+    corners = matrix @ np.array([[x, y, 1.0] for x in ends for y in ends]).T
+    (x_min, y_min), (x_max, y_max) = corners.min(axis=1), corners.max(axis=1)
+    margin = 2 * block
+    height, width = bounds
+
+    def span(low: float, high: float, limit: int) -> tuple[int, int]:
+        start = min(max(0, math.floor(low) - margin) // block * block, limit - block)
+        stop = max(min(limit, -(-(math.ceil(high) + margin) // block) * block), start + block)
+        return start, stop
+
+    top, bottom = span(y_min, y_max, height)
+    left, right = span(x_min, x_max, width)
+    return top, left, bottom, right
 
 
 def framed_drawing(bgr: np.ndarray, size: int) -> tuple[DrawingBox | None, np.ndarray]:

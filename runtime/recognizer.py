@@ -250,11 +250,9 @@ class Recognizer:
                 note = "no classes enrolled yet"
                 empty = Prediction(None, float("nan"), {}, note, note)
                 return empty if single else [empty] * len(feats)
-            scores = self._classify_scores(feats)
+            scores, own = self._scores_and_own(feats)
         scores = self._smooth(names, scores)
         contrast = [gate_contrast(f, v, pre) for f, v in zip(frames, views)]
-        # The frame's own score divides the best one; an absolute threshold has no use for it.
-        own = own_scores(self.backend, feats) if self.threshold is None else np.ones(len(feats))
         predictions = [self._decide(names, *args) for args in zip(scores, contrast, own)]
         return predictions[0] if single else predictions
 
@@ -464,6 +462,21 @@ class Recognizer:
                 feats[i : i + 1], lambda rows, sub=sub: {k: sub[k][rows] for k in CLASS_BANK}, size
             )[0]
         return out
+
+    def _scores_and_own(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(`_classify_scores`, each frame's own score [B]). The own score divides the best one; an
+        absolute threshold has no use for it (ones). A lone frame against a gallery scored exactly has
+        its own class scored in the same head calls, as one more column: one call fewer per frame."""
+        if self.threshold is not None:
+            return self._classify_scores(feats), np.ones(len(feats))
+        n = len(self.gallery)
+        if len(feats) > 1 or self.shortlist_size(n) is not None:
+            return self._classify_scores(feats), own_scores(self.backend, feats)
+        own_bank = self.backend.run(SUPPORT, {"prototypes": feats})
+        banks = self.gallery.bank_rows(slice(0, n))
+        both = {k: np.concatenate([banks[k], own_bank[k]]) for k in CLASS_BANK}
+        scores = self._head(feats, lambda rows: {k: v[rows] for k, v in both.items()}, n + 1)
+        return scores[:, :n], scores[:, n]
 
     def _smooth(self, names: tuple[str, ...], scores: np.ndarray) -> np.ndarray:
         if not self.smoothing:
