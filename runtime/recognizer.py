@@ -536,13 +536,15 @@ class Enrollment:
     def __init__(self, rec: Recognizer, name: str) -> None:
         self.rec, self.name = rec, name
         self.shots = 0
+        self.offered = 0  # frames given to `add`, refused ones included: they are numbered by it
         self._sum: np.ndarray | None = None
         self._thumbnail: np.ndarray | None = None
 
     def add(self, frame: np.ndarray) -> None:
         """Compute one frame's features and add them. InvalidFrame, with nothing added, for a frame that
         is not one or that is blank to the model (as `Recognizer.enroll`)."""
-        checked, images = self.rec._enrollment_inputs([frame], first=self.shots)
+        self.offered += 1
+        checked, images = self.rec._enrollment_inputs([frame], first=self.offered - 1)
         features = self.rec.backend.run(BACKBONE, {"images": images})["features"][0].astype(np.float64)
         self._sum = features if self._sum is None else self._sum + features
         if self._thumbnail is None:

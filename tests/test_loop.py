@@ -91,3 +91,59 @@ def test_a_refused_frame_says_why_in_its_json_line():
     rec.enroll("ring", [ring()])
     record = prediction_record(0, rec.classify(np.full((64, 64, 3), 255, np.uint8)), 1.0)
     assert record["label"] is None and record["reason"].startswith("blank frame")
+
+
+def test_a_pending_enrol_skips_blank_frames_and_keeps_its_shots(tmp_path):
+    """A card that leaves the view for a frame (blank paper) costs that frame, not the enrolment."""
+    path = tmp_path / "frames"
+    path.mkdir()
+    blank = np.full((105, 105, 3), 230, np.uint8)
+    for i, image in enumerate([ring(), blank, blank, ring(), ring(), cross()]):
+        cv2.imwrite(str(path / f"frame{i}.png"), image)
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    output = Recorder(holds_last_frame=False)
+    session = session_for(rec, output, tmp_path, "enroll ring 3\nwait 1\n")
+    run_loop(rec, open_source(source=str(path)), session, output)
+    assert output.shown == ["(enrolled)"] * 5 + [None]  # the cross is not the ring
+    kinds = [e["event"] for e in output.events]
+    assert kinds == ["skipped", "skipped", "enrolled", "end_of_source"]
+    # Frames are numbered by the enrolment's frames, refused ones included (the 2nd and 3rd).
+    assert output.events[0]["message"].startswith("frame 1 is blank to the model")
+    assert output.events[1]["message"].startswith("frame 2 is blank to the model")
+    assert output.events[2]["shots"] == 3 and "requested" not in output.events[2]
+    assert rec.gallery.shots("ring") == 3
+
+
+def test_a_pending_enrol_gives_up_after_too_many_blank_frames(tmp_path):
+    from dmf_deploy.runtime.app.commands import MIN_SKIPS
+
+    path = tmp_path / "frames"
+    path.mkdir()
+    images = [ring()] + [np.full((105, 105, 3), 230, np.uint8)] * (MIN_SKIPS + 2)
+    for i, image in enumerate(images):
+        cv2.imwrite(str(path / f"frame{i:03d}.png"), image)
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    output = Recorder(holds_last_frame=False)
+    session = session_for(rec, output, tmp_path, "enroll ring 2\n")
+    run_loop(rec, open_source(source=str(path)), session, output)
+    kinds = [e["event"] for e in output.events]
+    assert kinds == ["skipped"] * MIN_SKIPS + ["enrolled", "end_of_source"]
+    assert output.events[MIN_SKIPS]["shots"] == 1 and output.events[MIN_SKIPS]["requested"] == 2
+    assert output.shown == ["(enrolled)"] * (1 + MIN_SKIPS) + [None, None]  # classified once given up
+
+    # With no shot at all, the enrolment is an error and the gallery stays empty.
+    for i in range(len(images)):
+        cv2.imwrite(str(path / f"frame{i:03d}.png"), images[-1])
+    rec = Recognizer.open("demo", backend="onnxruntime")
+    output = Recorder(holds_last_frame=False)
+    session = session_for(rec, output, tmp_path, "enroll nothing 2\n")
+    run_loop(rec, open_source(source=str(path)), session, output)
+    errors = [e for e in output.events if e["event"] == "error"]
+    assert errors == [
+        {
+            "event": "error",
+            "command": "enroll nothing",
+            "message": f"{MIN_SKIPS} frames were blank to the model before any frame could be enrolled",
+        }
+    ]
+    assert rec.classes == []

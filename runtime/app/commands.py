@@ -34,6 +34,9 @@ from dmf_deploy.runtime.app.lines import MAX_LINE_BYTES, LineReader, RefusedLine
 from dmf_deploy.runtime.recognizer import Enrollment, Recognizer, RemovedClass
 
 MAX_SHOTS = 1000  # per enroll command: a typo like "enroll mug 50000" must not swallow a whole video
+# A pending `enroll` skips frames the model sees as blank (the card moved out of view, a blur), each
+# reported as a `skipped` event, and gives up after this many: max(MIN_SKIPS, SKIPS_PER_SHOT x K).
+MIN_SKIPS, SKIPS_PER_SHOT = 30, 3
 QUEUE_LINES = 1000  # command lines a live source's reader holds before it stops reading stdin
 Event = dict[str, Any]
 
@@ -166,6 +169,11 @@ class PendingEnrollment:
 
     enrollment: Enrollment
     wanted: int
+    skipped: int = 0
+
+    @property
+    def gives_up(self) -> bool:
+        return self.skipped >= max(MIN_SKIPS, SKIPS_PER_SHOT * self.wanted)
 
 
 class Session:
@@ -248,13 +256,17 @@ class Session:
             if self.waiting:
                 self.waiting -= 1
             return False
+        pending = self.pending
         try:
-            self.pending.enrollment.add(frame)
-        except ValueError as exc:  # InvalidFrame: the enrolment is dropped, as `enroll` with it would be
-            pending, self.pending = self.pending, None
-            self._error(f"enroll {pending.enrollment.name}", exc)
+            pending.enrollment.add(frame)
+        except ValueError as exc:  # InvalidFrame: blank to the model; the shots taken so far are kept
+            pending.skipped += 1
+            command = f"enroll {pending.enrollment.name}"
+            self.emit({"event": "skipped", "command": command, "message": str(exc)})
+            if pending.gives_up:
+                self.finish_enrollment(f"{pending.skipped} frames were blank to the model")
             return True
-        if self.pending.enrollment.shots >= self.pending.wanted:
+        if pending.enrollment.shots >= pending.wanted:
             self.finish_enrollment()
         return True
 
@@ -267,10 +279,11 @@ class Session:
         if source_ended:
             self.emit({"event": "end_of_source", "frames": frames})
         self.waiting = 0
-        self.finish_enrollment()
+        self.finish_enrollment("the source ended")
 
-    def finish_enrollment(self) -> None:
-        """Enrol what a pending `enroll` collected (fewer frames than asked if the source ended)."""
+    def finish_enrollment(self, cut_short: str = "") -> None:
+        """Enrol what a pending `enroll` collected: fewer frames than asked when it was `cut_short`
+        (why: the source ended, too many blank frames)."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
@@ -280,7 +293,7 @@ class Session:
                 {
                     "event": "error",
                     "command": f"enroll {enrollment.name}",
-                    "message": "the source ended before any frame could be enrolled",
+                    "message": f"{cut_short} before any frame could be enrolled",
                 }
             )
             return

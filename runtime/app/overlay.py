@@ -358,6 +358,8 @@ class Window:
             text = f"saved {event['classes']} classes to {event['path']}"
         elif kind == "error":
             text = f"error: {event['message']}"
+        elif kind == "skipped":
+            text = f"skipped a frame: {event['message']}"
         else:
             text = kind
         log.info("%s", text) if kind != "error" else log.warning("%s", text)

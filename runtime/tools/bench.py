@@ -102,9 +102,7 @@ def peak_rss_mb() -> float:
 def bank_bytes_per_class(manifest: Manifest) -> dict[str, int]:
     """Bytes of each class-bank tensor per class, from the manifest's support outputs and dtypes."""
     dtypes = manifest.bank_dtypes
-    return {
-        k: np.dtype(dtypes[k]).itemsize * math.prod(shape) for k, shape in manifest.bank_shapes.items()
-    }
+    return {k: np.dtype(dtypes[k]).itemsize * math.prod(shape) for k, shape in manifest.bank_shapes.items()}
 
 
 def memory_floor(manifest: Manifest, n: int, shortlist: int | None) -> dict[str, int]:
