@@ -474,6 +474,16 @@ def on_card(drawing: np.ndarray, margin: float = 1.0) -> np.ndarray:
     return cv2.copyMakeBorder(drawing, side, side, side, side, cv2.BORDER_CONSTANT, value=paper)
 
 
+def pen_frame(seed: int) -> np.ndarray:
+    """Three pen strokes on grey paper, 160x120: a frame the demo model takes for a drawing, one class
+    a seed."""
+    rng = np.random.default_rng(seed)
+    frame = np.full((120, 160, 3), 200, np.uint8)
+    for a, b in rng.integers(15, 105, (3, 2, 2)):
+        cv2.line(frame, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), (30, 30, 30), 3)
+    return frame
+
+
 class Recorder:
     """An Output that keeps what it is shown; as the window does, it can hold the last frame."""
 

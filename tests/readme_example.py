@@ -1,6 +1,6 @@
 """The README's embedding example, as code: shared by tests/test_readme.py and .ci/run.
 
-    python tests/readme_example.py > embed.py    # the block, to run from any folder
+python tests/readme_example.py > embed.py    # the block, to run from any folder
 """
 
 from __future__ import annotations

@@ -14,10 +14,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from bundles import dmf_run_command  # tests/bundles.py
+from bundles import dmf_run_command, pen_frame  # tests/bundles.py
 
 from dmf_deploy.manifest import read_manifest
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed
@@ -29,15 +27,6 @@ pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bu
 CLASSES = [f"class {i}" for i in range(5)]
 DATA = Path(__file__).parent / "data" / "demo-0.2"
 TIMEOUT = 60
-
-
-def pen_frame(seed: int) -> np.ndarray:
-    """Three pen strokes on grey paper: a frame the demo model takes for a drawing."""
-    rng = np.random.default_rng(seed)
-    frame = np.full((120, 120, 3), 200, np.uint8)
-    for a, b in rng.integers(10, 110, (3, 2, 2)):
-        cv2.line(frame, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), (20, 20, 20), 4)
-    return frame
 
 
 @pytest.fixture(scope="module")

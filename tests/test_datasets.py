@@ -62,8 +62,11 @@ def test_omniglot_duplicates_are_identical_and_dropped(omniglot):
     # The finding behind the dedup rule: Greek and Latin are byte-identical in both small zips.
     def digests(name: str) -> dict[str, str]:
         with zipfile.ZipFile(OMNIGLOT_DIR / name) as zf:
-            return {n.split("/", 1)[1]: hashlib.sha256(zf.read(n)).hexdigest()
-                    for n in zf.namelist() if n.endswith(".png")}
+            return {
+                n.split("/", 1)[1]: hashlib.sha256(zf.read(n)).hexdigest()
+                for n in zf.namelist()
+                if n.endswith(".png")
+            }
 
     d1, d2 = digests(SMALL_ZIPS[0]), digests(SMALL_ZIPS[1])
     shared = set(d1) & set(d2)
@@ -223,8 +226,11 @@ def _nn_accuracy(glyphs: GlyphSet, n: int, queries: int) -> float:
         return v / np.linalg.norm(v)
 
     support = np.stack([feature(glyphs.render(c, 0)) for c in range(n)])
-    hits = [np.argmax(support @ feature(glyphs.render(c, q))) == c
-            for c in range(n) for q in range(1, queries + 1)]
+    hits = [
+        np.argmax(support @ feature(glyphs.render(c, q))) == c
+        for c in range(n)
+        for q in range(1, queries + 1)
+    ]
     return float(np.mean(hits))
 
 
@@ -279,8 +285,9 @@ def test_make_example_train_is_seeded_and_respects_flips():
     flip = AugmentConfig(hflip=True).without("crop", "color", "erase")
     mirrored = 0
     for seed in range(20):
-        assert np.array_equal(make_example(image, pre, np.random.default_rng(seed), True, plain),
-                              preprocess_frame(image, pre))
+        assert np.array_equal(
+            make_example(image, pre, np.random.default_rng(seed), True, plain), preprocess_frame(image, pre)
+        )
         out = make_example(image, pre, np.random.default_rng(seed), True, flip)
         mirrored += bool(out[0, :, -1].mean() > out[0, :, 0].mean())
     assert 3 < mirrored < 17

@@ -45,8 +45,10 @@ def _check(ep: Episode, data: FewShotDataset, n: int, k: int, q: int) -> None:
 
 
 def _same(a: Episode, b: Episode) -> bool:
-    return all(np.array_equal(getattr(a, f), getattr(b, f))
-               for f in ("support_indices", "support_labels", "query_indices", "query_labels", "class_ids"))
+    return all(
+        np.array_equal(getattr(a, f), getattr(b, f))
+        for f in ("support_indices", "support_labels", "query_indices", "query_labels", "class_ids")
+    )
 
 
 def test_episode_sizes_and_labels():

@@ -143,7 +143,7 @@ DEMO_MANIFEST = (DEMO_BUNDLE / MANIFEST_NAME).read_bytes() if demo_bundle_instal
 
 
 @FUZZ
-@given(data=st.binary(max_size=4096) | st.text(alphabet="{}[]\":,0123456789eE.-truefalsn ").map(str.encode))
+@given(data=st.binary(max_size=4096) | st.text(alphabet='{}[]":,0123456789eE.-truefalsn ').map(str.encode))
 def test_any_bytes_give_a_manifest_or_a_bundle_error(reader, workdir, data: bytes) -> None:
     check(reader, workdir / "bytes", data)
 

@@ -55,9 +55,12 @@ def lines_of(data: bytes, tmp_path: Path) -> list[str | RefusedLine]:
 
 
 @FUZZ
-@given(data=st.binary(max_size=3 * MAX_LINE_BYTES) | st.lists(st.text(max_size=60), max_size=20).map(
-    lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")
-))
+@given(
+    data=st.binary(max_size=3 * MAX_LINE_BYTES)
+    | st.lists(st.text(max_size=60), max_size=20).map(
+        lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")
+    )
+)
 def test_any_bytes_give_lines_or_refusals(tmp_path_factory, data: bytes) -> None:
     lines = lines_of(data, tmp_path_factory.mktemp("lines"))
     for line in lines:

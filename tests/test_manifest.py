@@ -194,7 +194,7 @@ def test_oversized_and_deeply_nested_manifests_are_refused_before_parsing(tmp_pa
 
 def test_not_json_or_not_utf8_is_a_bundle_error(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not valid JSON"):
-        Manifest.read(bundle_with(tmp_path / "a", "{\"format\": "))
+        Manifest.read(bundle_with(tmp_path / "a", '{"format": '))
     bundle = bundle_with(tmp_path / "b", "{}")
     (bundle / MANIFEST_NAME).write_bytes(b"\xff\xfe{}")
     with pytest.raises(BundleError, match="UTF-8"):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from bundles import pen_frame  # tests/bundles.py
 
 from dmf_deploy.packaged import DEMO_BUNDLE, demo_bundle_installed
 from dmf_deploy.runtime import Recognizer
@@ -19,14 +19,6 @@ from dmf_deploy.runtime.app.overlay import View, class_strip, render, strip_slot
 from dmf_deploy.runtime.gallery import decode_thumbnail
 
 pytestmark = pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
-
-
-def pen_frame(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    frame = np.full((120, 160, 3), 200, np.uint8)
-    for a, b in rng.integers(15, 105, (3, 2, 2)):
-        cv2.line(frame, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), (30, 30, 30), 3)
-    return frame
 
 
 def test_the_class_strip_decodes_only_the_thumbnails_it_shows(tmp_path: Path) -> None:

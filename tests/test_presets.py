@@ -90,9 +90,7 @@ def official_validation_epochs(max_epoch: int, stepsize: int) -> list[int]:
     `if epoch == 0 or epoch > (args.stepsize[0]-1) or (epoch + 1) % 10 == 0` over
     range(max_epoch + warmup_epoch) (train.py:84 / train_tiered.py:85)."""
     return [
-        e + 1
-        for e in range(max_epoch + WARMUP_EPOCHS)
-        if e == 0 or e > stepsize - 1 or (e + 1) % 10 == 0
+        e + 1 for e in range(max_epoch + WARMUP_EPOCHS) if e == 0 or e > stepsize - 1 or (e + 1) % 10 == 0
     ]
 
 
