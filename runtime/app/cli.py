@@ -295,7 +295,8 @@ def main(
     and JSON events; commands on stdin: enroll NAME [K], remove NAME, rename OLD NEW, list, save,
     wait N, quit. With a file or folder source and piped stdin, the commands run in order between
     frames, each line read when it is due (the loop waits for it), so runs are reproducible. Lines over
-    4 KB are refused. The end of the source is the event end_of_source. SIGTERM, SIGINT, SIGHUP or
+    4 KB are refused. A frame that enroll takes and the model sees as blank is skipped (the event
+    skipped). The end of the source is the event end_of_source. SIGTERM, SIGINT, SIGHUP or
     SIGQUIT: stop, save the gallery, exit.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="dmf-run: %(message)s")

@@ -3,7 +3,8 @@
 One command a line; names with spaces are quoted shell-style (``enroll "coffee mug" 5``); blank lines
 and ``#`` comments are ignored.
 
-    enroll NAME [K]   take the next K frames (default --shots) as shots of NAME (new or existing)
+    enroll NAME [K]   take the next K frames (default --shots) as shots of NAME (new or existing);
+                      a frame the model sees as blank is skipped (a ``skipped`` event)
     remove NAME       forget a class
     rename OLD NEW    rename a class
     list              report the classes and their shot counts
