@@ -473,9 +473,14 @@ class Recognizer:
         if len(feats) > 1 or self.shortlist_size(n) is not None:
             return self._classify_scores(feats), own_scores(self.backend, feats)
         own_bank = self.backend.run(SUPPORT, {"prototypes": feats})
-        banks = self.gallery.bank_rows(slice(0, n))
-        both = {k: np.concatenate([banks[k], own_bank[k]]) for k in CLASS_BANK}
-        scores = self._head(feats, lambda rows: {k: v[rows] for k, v in both.items()}, n + 1)
+
+        def with_own(rows: slice) -> dict[str, np.ndarray]:  # the gallery's rows, then the frame's own
+            banks = self.gallery.bank_rows(slice(rows.start, min(rows.stop, n)))
+            if rows.stop <= n:
+                return banks
+            return {k: np.concatenate([banks[k], own_bank[k]]) for k in CLASS_BANK}
+
+        scores = self._head(feats, with_own, n + 1)
         return scores[:, :n], scores[:, n]
 
     def _smooth(self, names: tuple[str, ...], scores: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from dmf_deploy.drawing import (
     DRAWING_FILL,
     SEARCH_SIDE,
     _enlargement,
+    _shrink,
     drawing_view_matrix,
     find_drawing,
     locate_drawing,
@@ -598,3 +599,16 @@ def test_small_frames_are_enlarged_within_a_bound():
         assert factor >= 1 and max(h, w) * factor <= max(max(h, w), 8 * SEARCH_SIDE), (h, w, factor)
     strip = np.full((2, 30000, 3), 200, np.uint8)
     assert (locate_drawing(strip, 56) == 255).all()
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 6, 7])
+def test_the_search_copy_is_the_area_average(factor):
+    """`_shrink` takes the whole-factor area average, whichever way it computes it (a box filter at odd
+    factors): pixel for pixel what cv2.INTER_AREA gives."""
+    rng = np.random.default_rng(factor)
+    h, w = SEARCH_SIDE * factor + 3, SEARCH_SIDE * factor * 4 // 3 + 1
+    frame = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    small, scale = _shrink(frame)
+    cut = frame[: h - h % factor, : w - w % factor]
+    expected = cv2.resize(cut, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    assert scale == 1.0 / factor and np.array_equal(small, expected)

@@ -334,3 +334,22 @@ def test_a_cohort_of_blank_or_copied_images_is_refused():
     drawn = [glyph(int(c), i % 3) for i, c in enumerate(labels)]
     rule = fit_rule(graphs, manifest.model.preprocess, drawn, labels, "drawings", draws=20)
     assert rule.known_quantiles[-1] > rule.known_quantiles[5]
+
+
+@pytest.mark.skipif(not demo_bundle_installed(), reason="the demo bundle is not installed")
+def test_classify_scores_the_frames_own_class_in_the_head_call_across_chunks():
+    """classify scores a lone frame's own class as one more column of the head calls; with more
+    classes than one call takes (HEAD_CHUNK), the column falls in the last chunk. Its scores and own
+    score are those of scoring the gallery and the own class apart (float32 rounding of ~20: 1e-4)."""
+    from dmf_deploy.open_set import own_scores
+    from dmf_deploy.runtime.recognizer import HEAD_CHUNK
+
+    rec = Recognizer.open(DEMO_BUNDLE, backend="onnxruntime", shortlist=None)
+    glyphs = GlyphSet(HEAD_CHUNK + 4, seed=3, image_size=96)
+    for c in range(HEAD_CHUNK + 4):
+        rec.enroll(f"g{c}", [on_card(glyphs.render(c, 0))])
+    feats = rec.features([on_card(glyphs.render(7, 1))])
+    scores, own = rec._scores_and_own(feats)
+    assert scores.shape == (1, HEAD_CHUNK + 4)
+    np.testing.assert_allclose(scores, rec._classify_scores(feats), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(own, own_scores(rec.backend, feats), rtol=0, atol=1e-4)

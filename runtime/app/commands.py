@@ -280,7 +280,7 @@ class Session:
         if source_ended:
             self.emit({"event": "end_of_source", "frames": frames})
         self.waiting = 0
-        self.finish_enrollment("the source ended")
+        self.finish_enrollment("the source ended" if source_ended else "the run stopped")
 
     def finish_enrollment(self, cut_short: str = "") -> None:
         """Enrol what a pending `enroll` collected: fewer frames than asked when it was `cut_short`
