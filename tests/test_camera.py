@@ -508,8 +508,8 @@ def test_headless_run_with_a_roi_classifies_only_the_box(tmp_path):
 
 
 def test_headless_enrol_of_a_drawing_outside_the_box_is_an_error_event(tmp_path):
-    """`enroll NAME K` on frames whose drawing lies outside the guide box: one error event that says what
-    to do, no class, nothing saved."""
+    """`enroll NAME K` on frames whose drawing lies outside the guide box: each frame skipped with an
+    event that says what to do; when the source ends, one error event, no class, nothing saved."""
     from bundles import dmf_run_command, parse_lines
 
     outside = on_paper(letter(160, 8), 210, 30, (60, 150))  # left of the box, the right half
@@ -523,11 +523,18 @@ def test_headless_enrol_of_a_drawing_outside_the_box_is_an_error_event(tmp_path)
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     _, events = parse_lines(proc.stdout)
-    assert [e["event"] for e in events] == ["started", "error", "list", "stopped"], events
-    error = events[1]
-    assert error["command"] == "enroll A" and "frame 0 is blank to the model" in error["message"]
-    assert "hold the drawing inside the guide box" in error["message"]
-    assert events[2]["classes"] == []
+    kinds = [e["event"] for e in events]
+    assert kinds == ["started"] + ["skipped"] * 6 + ["end_of_source", "error", "list", "stopped"], events
+    for i, skipped in enumerate(events[1:7]):
+        assert skipped["command"] == "enroll A"
+        assert skipped["message"].startswith(f"frame {i} is blank to the model")
+        assert "hold the drawing inside the guide box" in skipped["message"]
+    assert events[8] == {
+        "event": "error",
+        "command": "enroll A",
+        "message": "the source ended before any frame could be enrolled",
+    }
+    assert events[9]["classes"] == []
     assert not Path(db).exists()  # nothing changed, so nothing was saved
 
 
