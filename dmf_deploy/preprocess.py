@@ -155,7 +155,10 @@ class Roi:
         if self.x < 0 or self.y < 0 or self.w <= 0 or self.h <= 0:
             raise ValueError(f"roi x, y must be >= 0 and w, h > 0 (fractions of the frame), got {values}")
         if self.x + self.w > 1 + 1e-9 or self.y + self.h > 1 + 1e-9:
-            raise ValueError(f"roi must lie inside the frame: x + w and y + h at most 1, got {values}")
+            raise ValueError(
+                "roi must lie inside the frame: x + w and y + h at most 1 (fractions of the frame), "
+                f"got {values}"
+            )
 
     @classmethod
     def of(cls, value: Roi | Sequence[float] | str | None) -> Roi | None:

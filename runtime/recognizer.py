@@ -545,11 +545,13 @@ class Enrollment:
         self._sum: np.ndarray | None = None
         self._thumbnail: np.ndarray | None = None
 
-    def add(self, frame: np.ndarray) -> None:
+    def add(self, frame: np.ndarray, number: int | None = None) -> None:
         """Compute one frame's features and add them. InvalidFrame, with nothing added, for a frame that
-        is not one or that is blank to the model (as `Recognizer.enroll`)."""
+        is not one or that is blank to the model (as `Recognizer.enroll`); its message names the frame
+        by `number` (a video's frame number), or else by how many frames were offered before it."""
         self.offered += 1
-        checked, images = self.rec._enrollment_inputs([frame], first=self.offered - 1)
+        first = self.offered - 1 if number is None else number
+        checked, images = self.rec._enrollment_inputs([frame], first=first)
         features = self.rec.backend.run(BACKBONE, {"images": images})["features"][0].astype(np.float64)
         self._sum = features if self._sum is None else self._sum + features
         if self._thumbnail is None:

@@ -526,13 +526,14 @@ def test_headless_enrol_of_a_drawing_outside_the_box_is_an_error_event(tmp_path)
     kinds = [e["event"] for e in events]
     assert kinds == ["started"] + ["skipped"] * 6 + ["end_of_source", "error", "list", "stopped"], events
     for i, skipped in enumerate(events[1:7]):
-        assert skipped["command"] == "enroll A"
+        assert skipped["command"] == "enroll A" and skipped["frame"] == i
         assert skipped["message"].startswith(f"frame {i} is blank to the model")
         assert "hold the drawing inside the guide box" in skipped["message"]
     assert events[8] == {
         "event": "error",
         "command": "enroll A",
-        "message": "the source ended before any frame could be enrolled",
+        "message": "the source ended before any frame could be enrolled: nothing was enrolled; "
+        "show the drawing to the camera and enrol again",
     }
     assert events[9]["classes"] == []
     assert not Path(db).exists()  # nothing changed, so nothing was saved

@@ -111,6 +111,9 @@ def test_a_pending_enrol_skips_blank_frames_and_keeps_its_shots(tmp_path):
     assert output.events[0]["message"].startswith("frame 1 is blank to the model")
     assert output.events[1]["message"].startswith("frame 2 is blank to the model")
     assert output.events[2]["shots"] == 3 and "requested" not in output.events[2]
+    # Which source frames became shots, and how many were skipped on the way.
+    assert (output.events[2]["first_frame"], output.events[2]["last_frame"]) == (0, 4)
+    assert output.events[2]["skipped"] == 2 and [e["frame"] for e in output.events[:2]] == [1, 2]
     assert rec.gallery.shots("ring") == 3
 
 
@@ -143,7 +146,8 @@ def test_a_pending_enrol_gives_up_after_too_many_blank_frames(tmp_path):
         {
             "event": "error",
             "command": "enroll nothing",
-            "message": f"{MIN_SKIPS} frames were blank to the model before any frame could be enrolled",
+            "message": f"{MIN_SKIPS} frames were blank to the model before any frame could be enrolled: "
+            "nothing was enrolled; show the drawing to the camera and enrol again",
         }
     ]
     assert rec.classes == []

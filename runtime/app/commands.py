@@ -24,7 +24,7 @@ import queue
 import shlex
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,7 +89,7 @@ def parse_command(line: str, default_shots: int) -> Command | None:
     form = USAGE[verb]
     if verb == "enroll":
         if len(args) not in (1, 2):
-            raise CommandError(f"usage: {form}")
+            raise CommandError(f'usage: {form} (quote a name with spaces: enroll "coffee mug" 5)')
         shots = _positive_int(args[1], "K", form) if len(args) == 2 else default_shots
         if shots > MAX_SHOTS:
             raise CommandError(f"K = {shots} is more than {MAX_SHOTS} shots for one command")
@@ -171,6 +171,7 @@ class PendingEnrollment:
     enrollment: Enrollment
     wanted: int
     skipped: int = 0
+    taken: list[int] = field(default_factory=list)  # the source's numbers of the frames enrolled
 
     @property
     def gives_up(self) -> bool:
@@ -251,22 +252,27 @@ class Session:
         elif verb == "quit":
             self.stopped = True
 
-    def take_frame(self, frame: np.ndarray) -> bool:
-        """Give a frame to a pending enrolment; True if it was used (and so is not to be predicted)."""
+    def take_frame(self, frame: np.ndarray, number: int | None = None) -> bool:
+        """Give a frame (the source's frame `number`) to a pending enrolment; True if it was used (and so
+        is not to be predicted)."""
         if self.pending is None:
             if self.waiting:
                 self.waiting -= 1
             return False
         pending = self.pending
         try:
-            pending.enrollment.add(frame)
+            pending.enrollment.add(frame, number)
         except ValueError as exc:  # InvalidFrame: blank to the model; the shots taken so far are kept
             pending.skipped += 1
-            command = f"enroll {pending.enrollment.name}"
-            self.emit({"event": "skipped", "command": command, "message": str(exc)})
+            event: Event = {"event": "skipped", "command": f"enroll {pending.enrollment.name}"}
+            if number is not None:
+                event["frame"] = number
+            self.emit({**event, "message": str(exc)})
             if pending.gives_up:
                 self.finish_enrollment(f"{pending.skipped} frames were blank to the model")
             return True
+        if number is not None:
+            pending.taken.append(number)
         if pending.enrollment.shots >= pending.wanted:
             self.finish_enrollment()
         return True
@@ -294,7 +300,8 @@ class Session:
                 {
                     "event": "error",
                     "command": f"enroll {enrollment.name}",
-                    "message": f"{cut_short} before any frame could be enrolled",
+                    "message": f"{cut_short} before any frame could be enrolled: nothing was enrolled; "
+                    "show the drawing to the camera and enrol again",
                 }
             )
             return
@@ -303,7 +310,12 @@ class Session:
         except ValueError as exc:
             self._error(f"enroll {enrollment.name}", exc)
             return
-        self._enrolled(enrollment.name, enrollment.shots, pending.wanted)
+        event = self._enrolled(enrollment.name, enrollment.shots, pending.wanted, emit=False)
+        if pending.taken:  # which frames became shots: a card shown late may not be the one meant
+            event["first_frame"], event["last_frame"] = pending.taken[0], pending.taken[-1]
+        if pending.skipped:
+            event["skipped"] = pending.skipped
+        self.emit(event)
 
     # ----- operations (also used by the window's keys) ----------------------------------------------
     def enroll(self, name: str, frames: list[np.ndarray]) -> Event:
@@ -313,7 +325,7 @@ class Session:
             return self._error(f"enroll {name}", exc)
         return self._enrolled(name, len(frames), len(frames))
 
-    def _enrolled(self, name: str, shots: int, requested: int) -> Event:
+    def _enrolled(self, name: str, shots: int, requested: int, emit: bool = True) -> Event:
         self._changed()
         event: Event = {
             "event": "enrolled",
@@ -324,7 +336,8 @@ class Session:
         }
         if requested != shots:
             event["requested"] = requested
-        self.emit(event)
+        if emit:
+            self.emit(event)
         return event
 
     def remove(self, name: str, line: str = "") -> Event:

@@ -58,10 +58,14 @@ class Stats:
         return (self.frames - 1) / self.seconds if self.frames > 1 and self.seconds > 0 else 0.0
 
     def summary(self, backend: str) -> str:
-        mean = 1000 * self.classify_seconds / self.classified if self.classified else float("nan")
+        if self.classified:
+            mean = 1000 * self.classify_seconds / self.classified
+            classify = f"classify {mean:.1f} ms mean over {self.classified} frames"
+        else:
+            classify = "no frame classified"
         return (
             f"dmf-run: {self.frames} frames in {self.seconds:.2f} s: {self.fps:.1f} fps end to end "
-            f"(classify {mean:.1f} ms mean over {self.classified} frames; backend {backend})"
+            f"({classify}; backend {backend})"
         )
 
 
@@ -115,7 +119,8 @@ def run_loop(
                 continue  # commands that came with the end still run, then the output decides
             stats.tick()
             result.last_frame = frame
-            prediction = None if session.take_frame(frame) else classify(rec, frame, stats)
+            taken = session.take_frame(frame, stats.frames - 1)
+            prediction = None if taken else classify(rec, frame, stats)
             if prediction is not None:
                 result.last_prediction, predicted_at = prediction, session.version
             keep_going = output.show(frame, prediction, session, stats)
