@@ -129,6 +129,22 @@ def check_feature_sum(path: object, name: str, total: np.ndarray, shots: int) ->
     return total
 
 
+def check_feature_sums(path: object, names: list[str], sums: np.ndarray, counts: list[int]) -> None:
+    """`check_feature_sum` of every row of `sums` [N, ...] (row i: class names[i], counts[i] shots), a
+    block of rows at a time: one numpy call per block rather than per class. The error names the first
+    class that fails."""
+    block = 1024
+    for start in range(0, len(names), block):
+        rows = sums[start : start + block].reshape(min(block, len(names) - start), -1)
+        shots = np.asarray(counts[start : start + block], np.float64)
+        finite = np.isfinite(rows).all(axis=1)
+        peaks = np.abs(np.nan_to_num(rows)).max(axis=1, initial=0.0) / shots
+        bad = np.flatnonzero(~finite | (peaks > MAX_PROTOTYPE_ABS))
+        if len(bad):
+            i = start + int(bad[0])
+            check_feature_sum(path, names[i], sums[i], counts[i])  # raises, with the class's message
+
+
 def encode_thumbnail(frame: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
     """JPEG of a BGR uint8 (HxWx3) or grey (HxW) frame, its longest side scaled to `size`."""
     frame = np.asarray(frame)

@@ -34,7 +34,7 @@ from dmf_deploy.runtime.gallery_checks import (
     another_model,
     check_bank_dtypes,
     check_class_entry,
-    check_feature_sum,
+    check_feature_sums,
     check_shape,
     checked_thumbnail,
 )
@@ -146,8 +146,7 @@ def _from_npz(path: Path, npz: _Archive, fingerprint: str, description: str) -> 
     for what, array in banks.items():
         if not np.all(np.isfinite(array)):
             raise GalleryError(f"{path}: {what} contains NaN or infinity")
-    for name, total, shots in zip(names, sums, counts):
-        check_feature_sum(path, name, total, shots)
+    check_feature_sums(path, names, sums, counts)
     blob = _read_member(npz, "thumbnail_bytes", np.uint8, None).tobytes()
     offsets = _read_member(npz, "thumbnail_offsets", np.int64, (n + 1,))
     if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):

@@ -823,3 +823,24 @@ def test_bad_bank_dtypes_are_refused(tmp_path: Path, bank_dtypes) -> None:
         Gallery.load(path, FP)
     with pytest.raises(GalleryError, match="bank_dtypes|bank dtype"):
         Gallery(FP, FEATURE_SHAPE, BANK_SHAPES, "", bank_dtypes)
+
+
+def test_feature_sums_are_checked_a_block_at_a_time_and_the_first_bad_class_named():
+    """A version 1/2 file's sums are checked a block of rows at a time; the error is the one the first
+    failing class alone gives (a bad row past the first block of 1,024 included)."""
+    from dmf_deploy.runtime.gallery_checks import MAX_PROTOTYPE_ABS, check_feature_sums
+
+    names = [f"c{i}" for i in range(3000)]
+    counts = [2] * 3000
+    sums = np.ones((3000, 2, 3), np.float64)
+    check_feature_sums("g.dmfg", names, sums, counts)  # all sound: no error
+    sums[2500, 1, 2] = 2.5 * MAX_PROTOTYPE_ABS  # 1.25 x the bound once divided by its 2 shots
+    sums[2900, 0, 0] = np.nan
+    with pytest.raises(GalleryError, match=r"g.dmfg: the features of 'c2500' reach .* beyond any backbone"):
+        check_feature_sums("g.dmfg", names, sums, counts)
+    sums[1200, 0, 1] = np.inf
+    with pytest.raises(GalleryError, match=r"the feature sum of 'c1200' contains NaN or infinity"):
+        check_feature_sums("g.dmfg", names, sums, counts)
+    counts[2500] = 3  # the same sum over 3 shots is within the bound
+    sums[1200, 0, 1] = sums[2900, 0, 0] = 1.0
+    check_feature_sums("g.dmfg", names, sums, counts)
