@@ -255,9 +255,12 @@ def test_class_list_longer_than_the_stored_rows_is_refused_first(
 
 def test_many_classes_load_in_linear_time(tmp_path: Path, reader: BoundedReader) -> None:
     path = tiny_gallery_file(tmp_path / "many.dmfg", [f"c{i}" for i in range(50_000)])
-    answer = reader.load(path)
-    assert answer["outcome"] == "ok", answer["message"]
-    assert answer["cpu_s"] < CPU_BOUND_S, answer  # a list-based duplicate check took minutes here
+    # The least of three loads: the first also pays one-time warm-up, and on a 2-core CI machine a
+    # test running on the sibling core inflates CPU time (1.2-1.3 s seen there; 0.4-0.7 s alone).
+    answers = [reader.load(path) for _ in range(3)]
+    assert all(a["outcome"] == "ok" for a in answers), answers
+    fastest = min(a["cpu_s"] for a in answers)
+    assert fastest < CPU_BOUND_S, answers  # a list-based duplicate check took minutes here
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
