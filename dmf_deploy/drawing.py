@@ -103,6 +103,18 @@ def _median(values: np.ndarray) -> float:
     return (float(part[half - 1]) + float(part[half])) / 2
 
 
+def _block_means(image: np.ndarray, factor: int) -> np.ndarray:
+    """The mean of each factor x factor block of an image whose sides are multiples of `factor`:
+    INTER_AREA's pixels. At odd factors a box filter read at every factor-th pixel gives them exactly
+    (an odd block's mean has no ties to round) at about half INTER_AREA's cost; at even factors it
+    would round ties differently, and cost more."""
+    h, w = image.shape[:2]
+    if factor % 2 == 0:
+        return cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    means = cv2.boxFilter(image, -1, (factor, factor), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(means[::factor, ::factor])
+
+
 def _shrink(image: np.ndarray) -> tuple[np.ndarray, float]:
     """A copy whose short side is about SEARCH_SIDE, and the scale from frame to copy. Large frames
     shrink by a whole factor (edge rows cut to a multiple of it): an area average.
@@ -110,13 +122,7 @@ def _shrink(image: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = image.shape[:2]
     factor = min(h, w) // SEARCH_SIDE
     if factor >= 2:
-        cut = image[: h - h % factor, : w - w % factor]
-        if factor % 2 == 0:  # OpenCV's fast area average
-            return cv2.resize(cut, (w // factor, h // factor), interpolation=cv2.INTER_AREA), 1.0 / factor
-        # An odd block's mean has no ties to round: a box filter read at every factor-th pixel gives
-        # INTER_AREA's pixels exactly, at about half its cost (at even factors it costs more).
-        means = cv2.boxFilter(cut, -1, (factor, factor), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
-        return np.ascontiguousarray(means[::factor, ::factor]), 1.0 / factor
+        return _block_means(image[: h - h % factor, : w - w % factor], factor), 1.0 / factor
     # A small frame is enlarged to SEARCH_SIDE, but a long thin one no further than 4 x SEARCH_SIDE
     # along its long side: a 2 x 30000 strip must not become 160 x 2,400,000 pixels.
     scale = min(SEARCH_SIDE / min(h, w), 4 * SEARCH_SIDE / max(h, w))
@@ -156,12 +162,13 @@ def _find(grey: np.ndarray, colour: np.ndarray | None) -> DrawingBox | None:
     brightest = max(_quantiles(paper, 0.95)[0], PAPER_FLOOR)
     # Each cluster's score: its ink's contrast, weighted by how bright the paper under it is.
     at_ink = np.flatnonzero(ink)
+    ink_labels = labels.ravel()[at_ink]
     weight = contrast.ravel()[at_ink] * (paper.ravel()[at_ink] / brightest) ** 2
-    score = np.bincount(labels.ravel()[at_ink], weights=weight, minlength=count)
+    score = np.bincount(ink_labels, weights=weight, minlength=count)
     score[0] = 0.0
     best = int(score.argmax())
     # The rest looks only inside the chosen cluster's bounding box: its ink's, widened by the merging.
-    rows, cols = np.divmod(at_ink[labels.ravel()[at_ink] == best], small.shape[1])
+    rows, cols = np.divmod(at_ink[ink_labels == best], small.shape[1])
     reach = _square(kernel).shape[0] // 2
     top, left = max(0, int(rows.min()) - reach), max(0, int(cols.min()) - reach)
     window = np.s_[top : int(rows.max()) + reach + 1, left : int(cols.max()) + reach + 1]
@@ -275,11 +282,7 @@ def redraw(grey: np.ndarray, box: DrawingBox | None, size: int) -> np.ndarray:
     if factor >= 2:  # shrink by a whole factor first: an area average, as a camera's optics would
         # Only the part of the frame the square reads, in whole blocks of the shrink, with a margin.
         top, left, bottom, right = _reach(matrix, side_out, factor, (h - h % factor, w - w % factor))
-        grey = cv2.resize(
-            grey[top:bottom, left:right],
-            ((right - left) // factor, (bottom - top) // factor),
-            interpolation=cv2.INTER_AREA,
-        )
+        grey = _block_means(grey[top:bottom, left:right], factor)
         matrix = matrix.copy()
         matrix[:, 2] -= (left, top)
         matrix = matrix / factor

@@ -310,12 +310,12 @@ class Session:
         except ValueError as exc:
             self._error(f"enroll {enrollment.name}", exc)
             return
-        event = self._enrolled(enrollment.name, enrollment.shots, pending.wanted, emit=False)
+        details: Event = {}
         if pending.taken:  # which frames became shots: a card shown late may not be the one meant
-            event["first_frame"], event["last_frame"] = pending.taken[0], pending.taken[-1]
+            details["first_frame"], details["last_frame"] = pending.taken[0], pending.taken[-1]
         if pending.skipped:
-            event["skipped"] = pending.skipped
-        self.emit(event)
+            details["skipped"] = pending.skipped
+        self._enrolled(enrollment.name, enrollment.shots, pending.wanted, details)
 
     # ----- operations (also used by the window's keys) ----------------------------------------------
     def enroll(self, name: str, frames: list[np.ndarray]) -> Event:
@@ -325,7 +325,7 @@ class Session:
             return self._error(f"enroll {name}", exc)
         return self._enrolled(name, len(frames), len(frames))
 
-    def _enrolled(self, name: str, shots: int, requested: int, emit: bool = True) -> Event:
+    def _enrolled(self, name: str, shots: int, requested: int, details: Event | None = None) -> Event:
         self._changed()
         event: Event = {
             "event": "enrolled",
@@ -336,8 +336,8 @@ class Session:
         }
         if requested != shots:
             event["requested"] = requested
-        if emit:
-            self.emit(event)
+        event.update(details or {})
+        self.emit(event)
         return event
 
     def remove(self, name: str, line: str = "") -> Event:
